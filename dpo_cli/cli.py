@@ -1,0 +1,231 @@
+"""The dpo-cli command line: parse flags, load the recipe, open the run dir, call the stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpo_cli import __version__, ui
+from dpo_cli.errors import RunInterrupted, UserError
+from dpo_cli.recipe_loader import load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
+from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, RecipeBase
+from dpo_cli.rundir import RunDir
+
+app = typer.Typer(
+    name="dpo-cli",
+    help=(
+        "Align language models with human preferences, from pretraining to RLHF and DPO.\n\n"
+        "Each stage reads a YAML recipe and writes a run dir: recipe.yaml, metrics.jsonl, checkpoints/, final/, summary.json.\n\n"
+        "Example: dpo-cli sft recipes/demo/sft.yaml --set train.max_steps=50"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STAGE_HELP = {
+    "pretrain": "Next-token training on raw text, from scratch (model.init + a trained tokenizer) or continued.",
+    "sft": "Supervised fine-tuning on prompt/completion or chat messages; loss on completions only.",
+    "collect-prefs": "Sample pairs of responses and have people, a reward model or a judge pick the better one.",
+    "rm-train": "Train a reward model on preference pairs (Bradley-Terry).",
+    "ppo": "RLHF: PPO against the reward model with a KL penalty to the reference.",
+    "dpo": "Direct Preference Optimization on preference pairs.",
+}
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="The stage's YAML recipe.", show_default=False)]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir, else runs/RECIPE-NAME).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key, value parsed as YAML (repeatable): --set train.learning_rate=1e-4"),
+]
+FreshOpt = Annotated[bool, typer.Option("--fresh", help="Start over in an existing run dir (the old run is moved to RUN.prev-TIME).")]
+SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Cap steps, rows and lengths so the recipe runs end to end in seconds (run dir RUN-smoke).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", envvar="DPO_CLI_DEBUG")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dpo-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """dpo-cli."""
+
+
+def guarded(debug: bool, action: Callable[[], None]) -> None:
+    """Bad input is one readable line and a non-zero exit; tracebacks only with --debug."""
+    try:
+        action()
+    except UserError as exc:
+        if debug:
+            raise
+        ui.error(str(exc))
+        raise typer.Exit(2 if "not implemented yet" in str(exc) else 1) from None
+    except RunInterrupted as exc:
+        ui.note(f"{exc}. Run the same command again to resume.")
+        raise typer.Exit(EXIT_CODES.get(exc.signal_name, 1)) from None
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # an internal error: still one line unless --debug
+        if debug:
+            raise
+        ui.error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def default_run_dir(recipe: RecipeBase, recipe_path: Path, run_dir: Path | None, smoke: bool) -> Path:
+    if run_dir is not None:
+        return run_dir.expanduser().resolve()
+    base = Path(recipe.run_dir) if recipe.run_dir else Path.cwd() / "runs" / recipe_path.stem
+    return base.with_name(base.name + "-smoke") if smoke else base
+
+
+def _mark_failed(run: RunDir, stage: str, status: str, message: str) -> None:
+    summary = run.summary() or {}
+    if summary.get("status") != "completed":
+        run.write_summary({"stage": stage, "status": status, "error": message})
+
+
+def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool) -> None:
+    if stage in PLANNED_STAGES:
+        raise UserError(f"stage `{stage}` is not implemented yet")
+    recipe = load_recipe(recipe_path, stage, overrides, smoke)
+    path = default_run_dir(recipe, recipe_path, run_dir, smoke)
+    recipe.run_dir = str(path)
+    resolved = recipe_to_dict(recipe)
+    with RunDir.open(path) as run:
+        saved = run.saved_recipe()
+        if saved is not None and not fresh:
+            changed = recipe_diff(saved, resolved)
+            if changed:
+                raise UserError(
+                    f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
+                    "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
+                )
+            if run.is_complete():
+                ui.note(f"{run.path} is already complete (use --fresh to train again)")
+                ui.summary_table(run.summary())
+                return
+        if run.has_content() and (fresh or saved is None):
+            if saved is None and not fresh:
+                raise UserError(f"run dir {run.path} is not empty and holds no dpo-cli run; choose another --run-dir")
+            ui.note(f"--fresh: moved the previous run to {run.archive()}")
+        run.write_recipe(recipe_to_yaml(recipe))
+        run.clean_partial()
+        from dpo_cli.stages import stage_runner
+
+        try:
+            stage_runner(stage)(recipe, run)
+        except RunInterrupted as exc:
+            _mark_failed(run, stage, "interrupted", str(exc))
+            raise
+        except UserError as exc:
+            if run.checkpoints() or run.final_dir.exists():
+                _mark_failed(run, stage, "failed", str(exc))
+            elif saved is None:
+                run.discard()  # nothing trained yet: leave no half-made run behind
+            raise
+        except BaseException as exc:
+            _mark_failed(run, stage, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+
+
+def _stage_command(stage: str) -> Callable[..., None]:
+    def command(
+        recipe: RecipeArg,
+        run_dir: RunDirOpt = None,
+        overrides: SetOpt = None,
+        fresh: FreshOpt = False,
+        smoke: SmokeOpt = False,
+        debug: DebugOpt = False,
+    ) -> None:
+        guarded(debug, lambda: run_stage(stage, recipe, run_dir, overrides or [], fresh, smoke))
+
+    example = f"recipes/demo/{stage}.yaml"
+    command.__doc__ = (
+        f"{STAGE_HELP[stage]}\n\n"
+        f"Example: dpo-cli {stage} {example} --set train.max_steps=100\n\n"
+        f"A stopped run resumes from its newest checkpoint when started again with the same recipe."
+    )
+    return command
+
+
+for _stage in ALL_STAGES:
+    app.command(_stage, help=None)(_stage_command(_stage))
+
+
+@app.command()
+def validate(
+    recipe: RecipeArg,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to validate for (default: the recipe's `stage:` or its file name).")] = None,
+    overrides: SetOpt = None,
+    smoke: SmokeOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the fully resolved recipe (every default filled in), or every error in it.
+
+    Example: dpo-cli validate recipes/demo/sft.yaml --set model.lora.r=8
+    """
+
+    def action() -> None:
+        which = stage_of(recipe, read_recipe_file(recipe), stage)
+        typer.echo(recipe_to_yaml(load_recipe(recipe, which, overrides or [], smoke)), nl=False)
+
+    guarded(debug, action)
+
+
+@app.command()
+def schema(
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALL_STAGES)}.", show_default=False)],
+    debug: DebugOpt = False,
+) -> None:
+    """Print the JSON Schema of a stage's recipe (for editors with a YAML language server).
+
+    Example: dpo-cli schema sft > .sft.schema.json, then put
+    `# yaml-language-server: $schema=.sft.schema.json` at the top of your recipe.
+    """
+    guarded(debug, lambda: typer.echo(json.dumps(schema_for(stage).model_json_schema(), indent=2)))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_libraries()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `dpo-cli schema sft | head` must not trace back
+    app(prog_name="dpo-cli")
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

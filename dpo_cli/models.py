@@ -1,0 +1,266 @@
+"""The one place models are built: pretrained or new, full weights / LoRA / 4-bit + LoRA, and saved to final/.
+
+A model given as another run (or its final/) that holds a LoRA adapter is that adapter merged into its
+base in full precision, before any quantization - never silently the bare base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_cli.errors import UserError
+from dpo_cli.recipes import ModelSection, QuantizationSection, TokenizerSection
+from dpo_cli.tokenization import ensure_pad_token, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: a hub id or folder, possibly an adapter over a base."""
+
+    path: str  # hub id or absolute folder of the full model, or of the adapter
+    adapter_base: str | None = None  # set when `path` is a PEFT adapter: the base it was trained on
+    revision: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter_base is not None
+
+
+@dataclass
+class ModelBundle:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    base_ref: str | None  # loadable location of the frozen base when the model is base + new LoRA
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_source(name_or_path: str, revision: str | None = None) -> ModelSource:
+    """A hub id, a model folder, an adapter folder, or a dpo-cli run dir (its final/)."""
+    path = Path(name_or_path)
+    if not path.is_absolute() and not name_or_path.startswith((".", "~")) and not path.exists():
+        return ModelSource(name_or_path, revision=revision)  # a hub id
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise UserError(f"model.name_or_path: {path} does not exist")
+    if (path / "recipe.yaml").is_file() and not (path / "config.json").exists():
+        if not (path / "final").is_dir():
+            raise UserError(f"model.name_or_path: run {path} has no final/ (it has not finished); finish it or point at a checkpointed model")
+        path = path / "final"
+    if (path / "adapter_config.json").is_file():
+        config = json.loads((path / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"model.name_or_path: adapter {path} does not record its base model (base_model_name_or_path)")
+        return ModelSource(str(path), adapter_base=base, revision=config.get("revision"))
+    if (path / "config.json").is_file():
+        return ModelSource(str(path))
+    raise UserError(f"model.name_or_path: {path} is neither a model folder (config.json), a LoRA adapter nor a dpo-cli run")
+
+
+def weight_dtype(cfg: ModelSection, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cuda" and cfg.lora is not None:  # a frozen base: half precision halves memory
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # trained weights stay float32 masters; autocast does the fast math
+
+
+def quantization_config(cfg: QuantizationSection, device: torch.device) -> BitsAndBytesConfig:
+    if cfg.compute_dtype != "auto":
+        compute = DTYPES[cfg.compute_dtype]
+    elif device.type == "cuda":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute = torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def _from_pretrained(auto_cls, path: str, revision: str | None, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
+    try:
+        return auto_cls.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {path!r}: not a local model folder and not reachable on the hub ({first})") from None
+
+
+def _load_unquantized(auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype) -> PreTrainedModel:
+    """Full-precision weights; an adapter source is merged into its (recursively resolved) base."""
+    if not source.is_adapter:
+        return _from_pretrained(
+            auto_cls, source.path, source.revision, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+    from peft import PeftModel
+
+    base = _load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype)
+    return PeftModel.from_pretrained(base, source.path).merge_and_unload()
+
+
+def _materialize_merged(auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype, folder: Path) -> Path:
+    """Save base+adapter merged to `folder` once (reused on resume) so it can be quantized or referenced."""
+    marker = folder / "dpo_cli_merged_from.json"
+    wanted = {"adapter": source.path, "base": source.adapter_base, "dtype": str(dtype)}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return folder
+    merged = _load_unquantized(auto_cls, source, cfg, dtype)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    (tmp / marker.name).write_text(json.dumps(wanted))
+    del merged
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def build_tokenizer(model_cfg: ModelSection, tok_cfg: TokenizerSection) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """The recipe's tokenizer, else the model's (an adapter folder's own copy first, then its base)."""
+    if tok_cfg.name_or_path is not None:
+        tokenizer = load_tokenizer(tok_cfg.name_or_path, None, model_cfg.trust_remote_code)
+    else:
+        source = resolve_source(model_cfg.name_or_path, model_cfg.revision)
+        where = source.path
+        if source.is_adapter and not (Path(source.path) / "tokenizer_config.json").is_file():
+            where = resolve_source(source.adapter_base).path
+        tokenizer = load_tokenizer(where, source.revision, model_cfg.trust_remote_code)
+    if tok_cfg.chat_template is not None:
+        tokenizer.chat_template = tok_cfg.chat_template
+    note = ensure_pad_token(tokenizer)
+    return tokenizer, [note] if note else []
+
+
+def new_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase):
+    init = cfg.init
+    try:
+        config = AutoConfig.for_model(init.model_type)
+    except ValueError:
+        raise UserError(f"model.init.model_type: unknown model type {init.model_type!r} (e.g. llama, qwen2, mistral)") from None
+    for key in init.config:
+        if not hasattr(config, key):
+            raise UserError(f"model.init.config.{key}: {init.model_type} configs have no attribute {key!r}")
+    values = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": init.hidden_size,
+        "num_hidden_layers": init.num_hidden_layers,
+        "num_attention_heads": init.num_attention_heads,
+        "num_key_value_heads": init.num_key_value_heads or init.num_attention_heads,
+        "intermediate_size": init.intermediate_size or 4 * init.hidden_size,
+        "max_position_embeddings": init.max_position_embeddings,
+        "tie_word_embeddings": init.tie_word_embeddings,
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **init.config,
+    }
+    return AutoConfig.for_model(init.model_type, **values)
+
+
+def apply_lora(model: PreTrainedModel, cfg: ModelSection, task_type: str) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"model.lora: {str(exc).splitlines()[0]}") from None
+
+
+def build_causal_lm(
+    cfg: ModelSection,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    seed: int,
+    cache_dir: Path | None = None,
+) -> ModelBundle:
+    """The policy for a gradient stage: new or pretrained, then 4-bit and/or LoRA as the recipe says."""
+    notes: list[str] = []
+    dtype = weight_dtype(cfg, device)
+    torch.manual_seed(seed)  # the same seed gives the same fresh weights and LoRA init
+    base_ref: str | None = None
+    if cfg.init is not None:
+        model = AutoModelForCausalLM.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
+    else:
+        source = resolve_source(cfg.name_or_path, cfg.revision)
+        base_ref = source.path
+        if source.is_adapter:
+            notes.append(f"{source.path} is a LoRA adapter: merged into its base {source.adapter_base} before training")
+        if source.is_adapter and (cfg.quantization is not None or cfg.lora is not None):
+            folder = cache_dir / "base" if cache_dir is not None else Path(tempfile.mkdtemp(prefix="dpo-cli-base-"))
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            source = ModelSource(str(_materialize_merged(AutoModelForCausalLM, source, cfg, dtype, folder)))
+            base_ref = source.path
+        if cfg.quantization is not None:
+            model = _from_pretrained(
+                AutoModelForCausalLM,
+                source.path,
+                source.revision,
+                cfg.trust_remote_code,
+                quantization_config=quantization_config(cfg.quantization, device),
+                dtype=dtype,
+                device_map={"": device},
+                attn_implementation=cfg.attn_implementation,
+            )
+        else:
+            model = _load_unquantized(AutoModelForCausalLM, source, cfg, dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+        notes.append(f"resized the embeddings to the tokenizer's {len(tokenizer)} tokens")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        torch.manual_seed(seed)
+        model = apply_lora(model, cfg, "CAUSAL_LM")
+    if cfg.quantization is None:
+        model.to(device)
+    return ModelBundle(model=model, tokenizer=tokenizer, base_ref=base_ref if cfg.lora is not None else None, notes=notes)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, base_ref: str | None) -> None:
+    """Plain Hugging Face format: a full model, or a PEFT adapter whose config points at its loadable base."""
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    adapter_config = out_dir / "adapter_config.json"
+    if adapter_config.is_file() and base_ref is not None:
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = base_ref
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,356 @@
+"""Reading recipes: YAML (safe_load only), --set overrides, path resolution, --smoke caps,
+validation with errors that name the key path, and the diff between two resolved recipes."""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dpo_cli.errors import UserError
+from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, STAGE_SCHEMAS, PathMarker, RecipeBase
+
+# Keys that only change what is logged or kept, never the numbers: a resumed run may change them.
+RESUME_SAFE_KEYS = ("run_dir", "train.log_every", "train.keep_checkpoints", "train.tensorboard", "generation.batch_size")
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".arrow")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path} (give the path to a YAML recipe, e.g. recipes/demo/sft.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: malformed YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe is empty")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def stage_of(path: Path, raw: dict[str, Any], stage: str | None) -> str:
+    """The stage a recipe is for: the subcommand, else its `stage:` key, else its file name."""
+    declared = raw.get("stage")
+    if stage is not None:
+        if declared is not None and declared != stage:
+            raise UserError(f"{path}: this recipe says `stage: {declared}`, but it was given to `{stage}`")
+        return stage
+    if isinstance(declared, str) and declared in ALL_STAGES:
+        return declared
+    if path.stem in ALL_STAGES:
+        return path.stem
+    raise UserError(f"{path}: cannot tell which stage this recipe is for: add `stage: sft` (or another stage) or pass --stage")
+
+
+def schema_for(stage: str) -> type[RecipeBase]:
+    if stage in PLANNED_STAGES:
+        raise UserError(f"stage `{stage}` is not implemented yet")
+    if stage not in STAGE_SCHEMAS:
+        raise UserError(f"unknown stage `{stage}`; stages: {', '.join(ALL_STAGES)}")
+    return STAGE_SCHEMAS[stage]
+
+
+# ----------------------------------------------------------------------------- schema walking
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `ModelSection | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _path_marker(field: Any) -> PathMarker | None:
+    for meta in field.metadata:
+        if isinstance(meta, PathMarker):
+            return meta
+    for arg in _flatten_union(field.annotation):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, PathMarker):
+                return meta
+        for inner in typing.get_args(arg):  # list[PathOrHubId]
+            for meta in getattr(inner, "__metadata__", ()):
+                if isinstance(meta, PathMarker):
+                    return meta
+    return None
+
+
+def _flatten_union(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for arg in typing.get_args(annotation) for a in _flatten_union(arg)]
+    return [annotation]
+
+
+def path_fields(schema: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], PathMarker]:
+    """Dotted key paths of every path-valued field in a schema."""
+    found: dict[tuple[str, ...], PathMarker] = {}
+    for name, field in schema.model_fields.items():
+        marker = _path_marker(field)
+        if marker is not None:
+            found[(*prefix, name)] = marker
+        section = _section_class(field.annotation)
+        if section is not None:
+            found.update(path_fields(section, (*prefix, name)))
+    return found
+
+
+def resolve_path_value(value: str, base: Path, always: bool) -> str:
+    """A relative local path becomes absolute against `base`; a hub id or demo:NAME is left alone."""
+    if value.startswith("demo:") or "://" in value:
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    candidate = os.path.normpath(base / expanded)
+    looks_local = (
+        always
+        or value.startswith(("./", "../"))
+        or os.path.exists(candidate)
+        or any(ch in value for ch in "*?[")
+        or value.lower().endswith(_DATA_SUFFIXES)
+        or bool(glob.glob(candidate))
+    )
+    return candidate if looks_local else value
+
+
+def _resolve_paths(raw: dict[str, Any], fields: dict[tuple[str, ...], PathMarker], base: Path, only: set | None = None) -> None:
+    for keys, marker in fields.items():
+        if only is not None and keys not in only:
+            continue
+        parent: Any = raw
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or keys[-1] not in parent:
+            continue
+        value = parent[keys[-1]]
+        if isinstance(value, str):
+            parent[keys[-1]] = resolve_path_value(value, base, marker.always)
+        elif isinstance(value, list):
+            parent[keys[-1]] = [resolve_path_value(v, base, marker.always) if isinstance(v, str) else v for v in value]
+
+
+# ----------------------------------------------------------------------------- overrides and smoke
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, value = text.partition("=")
+    keys = tuple(part.strip() for part in key.strip().split("."))
+    if not sep or not all(keys):
+        raise UserError(f"--set {text!r}: expected key.sub=value, e.g. --set train.learning_rate=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: take it as the plain string it is
+    return keys, parsed
+
+
+def apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None or child is True or child is False:
+            child = node[key] = {}  # e.g. --set model.lora.r=8 on a recipe without lora
+        if not isinstance(child, dict):
+            where = ".".join(keys[: depth + 1])
+            raise UserError(f"--set {'.'.join(keys)}: `{where}` is a value ({child!r}), not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _cap(section: Any, key: str, limit: int) -> None:
+    if isinstance(section, dict):
+        current = section.get(key)
+        section[key] = min(current, limit) if isinstance(current, int) and not isinstance(current, bool) else limit
+
+
+def apply_smoke(raw: dict[str, Any]) -> None:
+    """Caps that let any recipe run end to end in seconds (what a CI smoke test wants)."""
+    train = raw.setdefault("train", {})
+    if isinstance(train, dict):
+        train.pop("epochs", None)
+        _cap(train, "max_steps", 3)
+        _cap(train, "batch_size", 4)
+        _cap(train, "grad_accum", 2)
+        train["log_every"] = 1
+        train["eval_every"] = None
+        train["save_every"] = None
+    data = raw.get("data")
+    _cap(data, "max_rows", 32)
+    _cap(data, "max_eval_rows", 8)
+    _cap(data, "max_length", 128)
+    _cap(raw.setdefault("generation", {}), "max_new_tokens", 16)
+    for section in raw.values():
+        if isinstance(section, dict) and "show_samples" in section:
+            _cap(section, "show_samples", 2)
+
+
+# ----------------------------------------------------------------------------- validation errors
+
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a section (a mapping of keys)",
+    "model_attributes_type": "a section (a mapping of keys)",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _clean_loc(schema: type[BaseModel], loc: tuple) -> tuple[list[str | int], type[BaseModel] | None]:
+    """Drop pydantic's union-member tags from an error location; return the section owning the last key."""
+    path: list[str | int] = []
+    section: type[BaseModel] | None = schema  # the section we are inside, None once at a leaf value
+    owner: type[BaseModel] | None = schema
+    leaf_is_mapping = False
+    for part in loc:
+        if isinstance(part, int):
+            path.append(part)
+        elif section is not None:
+            path.append(part)
+            owner = section
+            field = section.model_fields.get(part)
+            if field is None:  # an unknown key: nothing below it matters
+                break
+            section = _section_class(field.annotation)
+            leaf_is_mapping = any(typing.get_origin(a) is dict for a in _flatten_union(field.annotation))
+        elif leaf_is_mapping:
+            path.append(part)  # a key of a free-form mapping such as data.columns
+            leaf_is_mapping = False
+        # else: a union-member tag such as 'str' or 'list[str]'
+    return path, owner
+
+
+def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> list[str]:
+    by_key: dict[str, list[str]] = {}
+    for err in exc.errors(include_url=False):
+        path, owner = _clean_loc(schema, err["loc"])
+        key = ".".join(str(p) for p in path) or "(recipe)"
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        if kind == "missing":
+            message = "required key is missing"
+        elif kind == "extra_forbidden":
+            name = str(path[-1]) if path else ""
+            known = list(owner.model_fields) if owner is not None else []
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            message = f"unknown key; {hint}"
+        elif kind in _EXPECTED:
+            message = f"expected {_EXPECTED[kind]}, got {_show(value)}"
+        elif kind == "literal_error":
+            message = f"expected one of {ctx.get('expected', '')}, got {_show(value)}"
+        elif kind in _BOUNDS:
+            bound = next(iter(ctx.values()), "")
+            message = f"must be {_BOUNDS[kind]} {bound}, got {_show(value)}"
+        elif kind == "value_error":
+            message = str(ctx.get("error", err["msg"]))
+        else:
+            message = f"{err['msg']}, got {_show(value)}" if value is not None else err["msg"]
+        by_key.setdefault(key, [])
+        if message not in by_key[key]:
+            by_key[key].append(message)
+    lines = []
+    for key, messages in by_key.items():
+        expected = [m.removeprefix("expected ").split(", got ")[0] for m in messages if m.startswith("expected ")]
+        if len(expected) > 1 and len(expected) == len(messages):
+            got = messages[0].split(", got ", 1)[-1]
+            lines.append(f"{key}: expected {' or '.join(expected)}, got {got}")
+        else:
+            lines.extend(f"{key}: {m}" for m in messages)
+    return lines
+
+
+# ----------------------------------------------------------------------------- the whole load
+
+
+def load_recipe(
+    path: Path,
+    stage: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    smoke: bool = False,
+) -> RecipeBase:
+    """Read, override, resolve and validate a recipe; every problem is one UserError listing each bad key."""
+    path = Path(path)
+    raw = read_recipe_file(path)
+    stage = stage_of(path, raw, stage)
+    schema = schema_for(stage)
+    fields = path_fields(schema)
+    _resolve_paths(raw, fields, path.resolve().parent)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+        _resolve_paths(raw, fields, Path.cwd(), only={keys})  # a path given on the command line is relative to cwd
+    if smoke:
+        apply_smoke(raw)
+    raw["stage"] = stage
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        lines = format_validation_error(exc, schema)
+        noun = "error" if len(lines) == 1 else "errors"
+        raise UserError(f"{path}: {len(lines)} recipe {noun}:\n  " + "\n  ".join(lines)) from None
+
+
+def recipe_to_dict(recipe: RecipeBase) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")
+
+
+def recipe_to_yaml(recipe: RecipeBase) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def recipe_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
+    """Human-readable `key: old -> new` lines for every setting that changed (ignoring log-only keys)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key in ignore or any(key.startswith(f"{i}.") for i in ignore):
+            continue
+        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if a != b:
+            lines.append(f"{key}: {_show(a)} -> {_show(b)}")
+    return lines

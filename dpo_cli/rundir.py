@@ -1,0 +1,274 @@
+"""Run directories: the lock, the resolved recipe, metrics.jsonl, checkpoints, final/ and summary.json.
+
+Layout of RUN/:
+    .lock                  held (flock) while a stage runs; released by the kernel even on kill -9
+    recipe.yaml            the resolved recipe, every default filled in
+    metrics.jsonl          one JSON object per logged step (eval lines carry "split": "eval")
+    checkpoints/step-N/    everything needed to resume; written as .tmp-step-N-PID, renamed when complete
+    final/                 plain Hugging Face format (model or PEFT adapter, tokenizer)
+    summary.json           stage, status, wall time, throughput, memory, final metrics, versions
+
+Nothing that exists is overwritten in place: files are written to a temporary name, fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_cli.errors import UserError
+
+CHECKPOINT_MARKER = "trainer_state.json"  # written last: a checkpoint without it is not complete
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder below `path` (before the rename that publishes it)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; each line is flushed as it is written."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._handle = open(path, "a", encoding="utf-8") if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def sync(self) -> None:
+        if self._handle is not None:
+            os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.final_dir = self.path / "final"
+        self.recipe_path = self.path / "recipe.yaml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self._lock_handle: Any = None
+        self._created = False
+
+    # ------------------------------------------------------------------ locking
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: Path) -> Iterator[RunDir]:
+        """Lock the run dir for the duration of a stage; a second run into it is refused."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"run dir {run.path} exists and is not a directory; choose another --run-dir")
+        run._created = not run.path.exists()
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run dir {run.path}: {exc.strerror}") from None
+        handle = open(run.path / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"run dir {run.path} is in use by {holder}; wait for it to finish or choose another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        run._lock_handle = handle
+        try:
+            yield run
+        finally:
+            run._release()
+
+    def _release(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+        if self._created and {p.name for p in self.path.iterdir()} <= {".lock"}:
+            shutil.rmtree(self.path, ignore_errors=True)  # a run that failed before writing anything leaves no trace
+
+    # ------------------------------------------------------------------ recipe and status
+
+    def saved_recipe(self) -> dict[str, Any] | None:
+        if not self.recipe_path.exists():
+            return None
+        return yaml.safe_load(self.recipe_path.read_text(encoding="utf-8"))
+
+    def has_content(self) -> bool:
+        return any(p.name != ".lock" for p in self.path.iterdir())
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def is_complete(self) -> bool:
+        summary = self.summary()
+        return bool(summary and summary.get("status") == "completed" and self.final_dir.is_dir())
+
+    def archive(self) -> Path:
+        """Move everything but the lock to a sibling RUN.prev-TIMESTAMP folder (what --fresh does)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.prev-{stamp}")
+        suffix = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.prev-{stamp}-{suffix}")
+            suffix += 1
+        target.mkdir()
+        for entry in self.path.iterdir():
+            if entry.name != ".lock":
+                os.replace(entry, target / entry.name)
+        fsync_dir(self.path)
+        fsync_dir(target)
+        return target
+
+    def discard(self) -> None:
+        """Remove everything but the lock (a run that failed on bad input before training)."""
+        for entry in self.path.iterdir():
+            if entry.name != ".lock":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def write_recipe(self, recipe_yaml: str) -> None:
+        atomic_write_text(self.recipe_path, recipe_yaml)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def clean_partial(self) -> None:
+        """Remove half-written checkpoints and finals left by a crash (never complete ones)."""
+        for parent in (self.path, self.checkpoints_dir):
+            if parent.is_dir():
+                for entry in parent.glob(".tmp-*"):
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        found = []
+        if self.checkpoints_dir.is_dir():
+            for entry in self.checkpoints_dir.iterdir():
+                if entry.name.startswith("step-") and (entry / CHECKPOINT_MARKER).is_file():
+                    try:
+                        found.append((int(entry.name.removeprefix("step-")), entry))
+                    except ValueError:
+                        continue
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    @contextlib.contextmanager
+    def new_checkpoint(self, step: int, keep: int) -> Iterator[Path]:
+        """Yield a temporary folder to fill; on success it becomes checkpoints/step-N, and old ones are pruned."""
+        self.checkpoints_dir.mkdir(exist_ok=True)
+        tmp = self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if not (tmp / CHECKPOINT_MARKER).is_file():
+            raise RuntimeError(f"checkpoint {tmp} was written without {CHECKPOINT_MARKER}")
+        fsync_tree(tmp)
+        final = self.checkpoints_dir / f"step-{step}"
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.checkpoints_dir)
+        for _step, old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ final
+
+    @contextlib.contextmanager
+    def new_final(self) -> Iterator[Path]:
+        """Yield a temporary folder; on success it becomes final/ (an older final/ is moved aside first)."""
+        tmp = self.path / f".tmp-final-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_tree(tmp)
+        if self.final_dir.exists():
+            os.replace(self.final_dir, self.path / f"final.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(tmp, self.final_dir)
+        fsync_dir(self.path)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics_log(self, resume_step: int, enabled: bool = True) -> MetricsLog:
+        """Open metrics.jsonl for appending, first dropping lines logged after the checkpoint we resume from."""
+        if enabled and self.metrics_path.exists():
+            kept = [line for line in read_metrics(self.metrics_path) if line.get("step", 0) <= resume_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
+        return MetricsLog(self.metrics_path, enabled=enabled)

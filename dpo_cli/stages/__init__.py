@@ -1,0 +1,18 @@
+"""One module per subcommand; each reads top to bottom: model, data, step, the shared loop, final/."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def stage_runner(stage: str) -> Callable[[Any, Any], dict]:
+    if stage == "pretrain":
+        from dpo_cli.stages.pretrain import run_pretrain
+
+        return run_pretrain
+    if stage == "sft":
+        from dpo_cli.stages.sft import run_sft
+
+        return run_sft
+    raise KeyError(stage)

@@ -1,0 +1,104 @@
+"""Pieces every gradient stage shares: the language-model step, samples, final/ and summary.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from dpo_cli.data import DataReport
+from dpo_cli.generate import generate
+from dpo_cli.losses import causal_lm_loss
+from dpo_cli.loop import LoopResult
+from dpo_cli.models import ModelBundle, count_parameters, save_final
+from dpo_cli.recipes import GenerationSection
+from dpo_cli.rundir import RunDir, atomic_write_text
+from dpo_cli.runtime import Runtime, library_versions, peak_memory
+from dpo_cli import ui
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Next-token loss on the batch's labels (pretrain and sft)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    loss, _ = causal_lm_loss(logits, batch["labels"])
+    return loss, {}
+
+
+def write_samples(
+    run: RunDir,
+    runtime: Runtime,
+    bundle: ModelBundle,
+    prompts: list[tuple[str, list[int]]],
+    cfg: GenerationSection,
+    seed: int,
+) -> list[dict[str, str]]:
+    """Sample a response per (display text, token ids) prompt; saved to RUN/samples.jsonl."""
+    if not prompts:
+        return []
+    model = runtime.accelerator.unwrap_model(bundle.model)
+    generations = generate(model, bundle.tokenizer, [ids for _, ids in prompts], cfg, seed, runtime.device)
+    samples = [{"prompt": text, "response": g.text} for (text, _), g in zip(prompts, generations)]
+    if runtime.is_main:
+        atomic_write_text(run.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    return samples
+
+
+def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle) -> None:
+    if runtime.is_main:
+        with run.new_final() as folder:
+            save_final(runtime.accelerator.unwrap_model(bundle.model), bundle.tokenizer, folder, bundle.base_ref)
+
+
+def summarize(
+    *,
+    stage: str,
+    run: RunDir,
+    runtime: Runtime,
+    bundle: ModelBundle,
+    result: LoopResult,
+    report: DataReport,
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write summary.json (status completed) and print the summary table."""
+    trainable, total = count_parameters(bundle.model)
+    peak, peak_kind = peak_memory(runtime.device)
+    state = result.state
+    summary = {
+        "stage": stage,
+        "status": "completed",
+        "run_dir": str(run.path),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": round(time.time() - started, 3),
+        "train_time_s": round(state.train_seconds, 3),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "items": state.items,
+        "tokens_per_sec": state.tokens / max(state.train_seconds, 1e-9),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "device": runtime.device_name(),
+        "mixed_precision": runtime.mixed_precision,
+        "parameters": {"trainable": trainable, "total": total},
+        "final_metrics": {k: v for k, v in result.last_train_metrics.items() if k in ("loss", "lr", "grad_norm", "epoch")},
+        "eval_metrics": result.eval_metrics,
+        "data": report.as_dict(),
+        "final_dir": str(run.final_dir),
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+    if runtime.is_main:
+        run.write_summary(summary)
+    ui.summary_table(summary)
+    return summary
+
+
+def announce(notes: list[str]) -> None:
+    for message in notes:
+        ui.note(message)

@@ -1,0 +1,91 @@
+"""`dpo-cli sft`: supervised fine-tuning on prompt/completion or messages; loss on completions only."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+from datasets import Dataset
+
+from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
+from dpo_cli.encoding import collate_causal, pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
+from dpo_cli.loop import BatchStream, train
+from dpo_cli.models import build_causal_lm, build_tokenizer
+from dpo_cli.recipes import SftRecipe
+from dpo_cli.rundir import RunDir
+from dpo_cli.runtime import setup_runtime
+from dpo_cli.stages.common import announce, lm_step, save_final_model, summarize, write_samples
+from dpo_cli.tokenization import ensure_chat_template
+from dpo_cli.ui import samples_table
+
+
+def sample_prompts(rows: Dataset, fmt: str, count: int) -> list[str | list[dict]]:
+    """The prompt part of the first `count` rows: the prompt, or a conversation up to its last assistant turn."""
+    prompts: list[str | list[dict]] = []
+    for row in rows.select(range(min(count, len(rows)))):
+        if fmt == "messages":
+            messages = row["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+            prompts.append(messages[:last])
+        else:
+            prompts.append(row["prompt"])
+    return prompts
+
+
+def _is_conversational(rows: Dataset, fmt: str) -> bool:
+    return fmt == "messages" or isinstance(rows[0]["prompt"], list)
+
+
+def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
+    started = time.time()
+    runtime = setup_runtime(recipe.train, recipe.seed)
+
+    # Data: rows -> input_ids with labels = -100 on every prompt position.
+    report = DataReport()
+    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
+    require_columns(train_rows, [("messages",), ("prompt", "completion")], "data.train")
+    fmt = sft_format(train_rows.column_names)
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    if _is_conversational(train_rows, fmt):
+        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
+        notes += [template_note] if template_note else []
+    encoder = sft_encoder(tokenizer, fmt, recipe.data.max_length)
+    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
+    eval_set = encode_rows(eval_rows, encoder, "data.eval", recipe.data, report, "eval") if eval_rows is not None else None
+    if recipe.sft.packing:
+        examples = len(train_set)
+        train_set = pack_examples(train_set, recipe.data.max_length)
+        notes.append(f"packed {examples} examples into {len(train_set)} rows of at most {recipe.data.max_length} tokens")
+
+    # Model: pretrained weights (or a previous run), full / LoRA / 4-bit + LoRA.
+    bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
+    announce(notes + bundle.notes)
+
+    collate = partial(collate_causal, pad_id=tokenizer.pad_token_id)
+    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    result = train(
+        stage="sft",
+        model=bundle.model,
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
+        step_fn=lm_step,
+        cfg=recipe.train,
+        run=run,
+        runtime=runtime,
+    )
+    save_final_model(run, runtime, bundle)
+
+    # Samples: answer a few held-out prompts.
+    source = eval_rows if eval_rows is not None else train_rows
+    prompts = [
+        (p if isinstance(p, str) else p[-1]["content"], prompt_ids_for_generation(tokenizer, p))
+        for p in sample_prompts(source, fmt, recipe.sft.show_samples)
+    ]
+    samples = write_samples(run, runtime, bundle, prompts, recipe.generation, recipe.seed)
+    extra = {"data_format": "conversational" if _is_conversational(train_rows, fmt) else "prompt_completion"}
+    if result.eval_metrics:
+        extra["eval_perplexity"] = math.exp(min(result.eval_metrics["loss"], 50.0))
+    summary = summarize(stage="sft", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
+    samples_table(samples, "sft samples")
+    return summary

@@ -1,0 +1,123 @@
+"""What people see: the progress bar, summary and sample tables, notes and errors (rich)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def note(message: str) -> None:
+    err_console.print(f"[cyan]note:[/cyan] {message}", markup=True, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, soft_wrap=True, highlight=False)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return str(count)
+
+
+def human_count(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(int(count))
+
+
+class TrainProgress:
+    """A rich progress bar over optimizer steps with loss, lr and tokens/s; silent off the main process."""
+
+    def __init__(self, stage: str, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        if enabled:
+            self._progress = Progress(
+                TextColumn(f"[bold]{stage}[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=not err_console.is_terminal,
+            )
+            self._task = self._progress.add_task(stage, total=total, completed=start, loss="-", lr="-", speed="-")
+
+    def __enter__(self) -> TrainProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=human_count(tokens_per_sec))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_table(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['stage']} · {summary['status']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("run dir", summary.get("run_dir")),
+        ("steps", summary.get("steps")),
+        ("wall time", f"{summary.get('wall_time_s', 0):.1f} s"),
+        ("tokens", human_count(summary.get("tokens", 0))),
+        ("tokens/s", human_count(summary.get("tokens_per_sec", 0))),
+        ("peak memory", f"{human_bytes(summary.get('peak_memory_bytes', 0))} ({summary.get('peak_memory_kind')})"),
+        ("device", summary.get("device")),
+        ("parameters", f"{human_count(summary['parameters']['trainable'])} trainable of {human_count(summary['parameters']['total'])}")
+        if "parameters" in summary
+        else None,
+    ]
+    for key, value in (summary.get("final_metrics") or {}).items():
+        rows.append((f"train {key}", _fmt(value)))
+    for key, value in (summary.get("eval_metrics") or {}).items():
+        rows.append((f"eval {key}", _fmt(value)))
+    data = summary.get("data") or {}
+    for kind in ("dropped", "truncated"):
+        for key, value in (data.get(kind) or {}).items():
+            rows.append((f"{kind} {key}", str(value)))
+    if summary.get("final_dir"):
+        rows.append(("final", summary["final_dir"]))
+    for row in rows:
+        if row is not None and row[1] is not None:
+            table.add_row(row[0], str(row[1]))
+    console.print(table)
+
+
+def samples_table(samples: list[dict[str, str]], title: str) -> None:
+    if not samples:
+        return
+    table = Table(title=title, title_justify="left", show_lines=True)
+    table.add_column("prompt", ratio=1, overflow="fold")
+    table.add_column("response", ratio=2, overflow="fold")
+    for sample in samples:
+        table.add_row(sample["prompt"], sample["response"])
+    console.print(table)
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
