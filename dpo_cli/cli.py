@@ -63,6 +63,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """dpo-cli."""
+    _quiet_libraries()
 
 
 def guarded(debug: bool, action: Callable[[], None]) -> None:
@@ -206,7 +207,6 @@ def schema(
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    _quiet_libraries()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `dpo-cli schema sft | head` must not trace back
     app(prog_name="dpo-cli")
 

@@ -184,7 +184,7 @@ def _cap(section: Any, key: str, limit: int) -> None:
         section[key] = min(current, limit) if isinstance(current, int) and not isinstance(current, bool) else limit
 
 
-def apply_smoke(raw: dict[str, Any]) -> None:
+def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
     """Caps that let any recipe run end to end in seconds (what a CI smoke test wants)."""
     train = raw.setdefault("train", {})
     if isinstance(train, dict):
@@ -200,9 +200,10 @@ def apply_smoke(raw: dict[str, Any]) -> None:
     _cap(data, "max_eval_rows", 8)
     _cap(data, "max_length", 128)
     _cap(raw.setdefault("generation", {}), "max_new_tokens", 16)
-    for section in raw.values():
-        if isinstance(section, dict) and "show_samples" in section:
-            _cap(section, "show_samples", 2)
+    for name, field in schema.model_fields.items():
+        section = _section_class(field.annotation)
+        if section is not None and "show_samples" in section.model_fields:
+            _cap(raw.setdefault(name, {}), "show_samples", 2)
 
 
 # ----------------------------------------------------------------------------- validation errors
@@ -311,12 +312,12 @@ def load_recipe(
     schema = schema_for(stage)
     fields = path_fields(schema)
     _resolve_paths(raw, fields, path.resolve().parent)
+    if smoke:
+        apply_smoke(raw, schema)  # before --set, so an explicit override still wins
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(raw, keys, value)
         _resolve_paths(raw, fields, Path.cwd(), only={keys})  # a path given on the command line is relative to cwd
-    if smoke:
-        apply_smoke(raw)
     raw["stage"] = stage
     try:
         return schema.model_validate(raw)

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny real models and tokenizers built in-process, data files, recipes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 320-token byte-level BPE trained on demo reviews (what `pretrain` would train)."""
+    from dpo_cli.demo import demo_rows
+    from dpo_cli.tokenization import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    texts = [r["text"] for r in demo_rows("demo:reviews?n=300")]
+    train_bpe_tokenizer(texts, 320, model_max_length=256).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A 2-layer Llama saved with its tokenizer, as a hub model would be (hidden 64 suits 4-bit blocks)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture()
+def sft_rows() -> list[dict[str, str]]:
+    from dpo_cli.demo import demo_rows
+
+    return demo_rows("demo:sft?n=48")
+
+
+@pytest.fixture()
+def sft_recipe(tmp_path, tiny_model_dir, sft_rows):
+    """Build an sft recipe file over a tiny model and local jsonl data; keyword sections override."""
+
+    def make(name: str = "sft.yaml", **sections: Any) -> Path:
+        write_jsonl(tmp_path / "data" / "train.jsonl", sft_rows)
+        recipe: dict[str, Any] = {
+            "stage": "sft",
+            "seed": 7,
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": "data/train.jsonl", "eval": 8, "max_length": 96},
+            "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3, "log_every": 1, "save_every": 2, "warmup_steps": 1},
+            "generation": {"max_new_tokens": 8},
+            "sft": {"show_samples": 1},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+                recipe[key] = {**recipe[key], **value}
+            else:
+                recipe[key] = value
+        return write_recipe(tmp_path / name, recipe)
+
+    return make
+
+
+@pytest.fixture()
+def cli(monkeypatch):
+    """Run the dpo-cli app in-process; returns (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from dpo_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke

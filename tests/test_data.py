@@ -1,0 +1,121 @@
+"""Data sources, column mapping, eval splits and row checks: clear errors naming file, line or row."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+
+from conftest import write_jsonl
+from dpo_cli.data import DataReport, encode_rows, load_source, load_splits, rename_columns, require_columns
+from dpo_cli.encoding import sft_encoder
+from dpo_cli.errors import UserError
+from dpo_cli.recipes import DataSection
+
+
+def section(**values) -> DataSection:
+    return DataSection(**{"train": "unused", **values})
+
+
+ROWS = [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(10)]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_local_formats(tmp_path, suffix):
+    path = tmp_path / f"rows.{suffix}"
+    ds = Dataset.from_list(ROWS)
+    {"jsonl": lambda: ds.to_json(path), "json": lambda: ds.to_json(path), "csv": lambda: ds.to_csv(path), "parquet": lambda: ds.to_parquet(path)}[suffix]()
+    loaded = load_source(str(path), section(), "data.train", "train")
+    assert loaded["prompt"] == [r["prompt"] for r in ROWS]
+
+
+def test_text_files_globs_folders_and_lists(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.txt").write_text("three\n")
+    assert load_source(str(tmp_path / "*.txt"), section(), "data.train", "train")["text"] == ["one", "two", "three"]
+    assert len(load_source(str(tmp_path), section(), "data.train", "train")) == 3
+    assert len(load_source([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], section(), "data.train", "train")) == 3
+
+
+def test_demo_source():
+    rows = load_source("demo:sft?n=5", section(), "data.train", "train")
+    assert len(rows) == 5 and set(rows.column_names) == {"prompt", "completion"}
+    with pytest.raises(UserError, match="unknown demo dataset"):
+        load_source("demo:nope", section(), "data.train", "train")
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(UserError, match=r"data.train: no file matches .*missing.jsonl"):
+        load_source(str(tmp_path / "missing.jsonl"), section(), "data.train", "train")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty.jsonl is empty"):
+        load_source(str(tmp_path / "empty.jsonl"), section(), "data.train", "train")
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    with pytest.raises(UserError, match=r"bad.jsonl line 2: invalid JSON"):
+        load_source(str(path), section(), "data.train", "train")
+
+
+def test_unreachable_hub_dataset_is_one_clear_error():
+    with pytest.raises(UserError, match=r"cannot load 'no-such-org/no-such-dataset'"):
+        load_source("no-such-org/no-such-dataset", section(), "data.train", "train")
+
+
+def test_column_mapping(tmp_path):
+    ds = Dataset.from_list([{"question": "q", "answer": "a"}])
+    mapped = rename_columns(ds, {"prompt": "question", "completion": "answer"}, "data.train")
+    assert mapped.column_names == ["prompt", "completion"]
+    with pytest.raises(UserError, match="data.columns.prompt: data.train has no column 'query'"):
+        rename_columns(ds, {"prompt": "query"}, "data.train")
+    with pytest.raises(UserError, match="expected columns messages or prompt/completion, found question, answer"):
+        require_columns(ds, [("messages",), ("prompt", "completion")], "data.train")
+
+
+def test_eval_split_by_fraction_count_and_file(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "eval.jsonl", ROWS[:3])
+    report = DataReport()
+    train, evaluation = load_splits(section(train=str(tmp_path / "train.jsonl"), eval=0.2), seed=1, report=report)
+    assert (len(train), len(evaluation)) == (8, 2) and report.rows == {"train": 8, "eval": 2}
+    assert not set(train["prompt"]) & set(evaluation["prompt"])
+    train, evaluation = load_splits(section(train=str(tmp_path / "train.jsonl"), eval=3), seed=1, report=DataReport())
+    assert (len(train), len(evaluation)) == (7, 3)
+    train, evaluation = load_splits(section(train=str(tmp_path / "train.jsonl"), eval=str(tmp_path / "eval.jsonl"), max_rows=4), seed=1, report=DataReport())
+    assert (len(train), len(evaluation)) == (4, 3)
+    with pytest.raises(UserError, match="leaves none to train on"):
+        load_splits(section(train=str(tmp_path / "train.jsonl"), eval=10), seed=1, report=DataReport())
+
+
+def test_bad_row_is_an_error_naming_the_row(tiny_tokenizer):
+    ds = Dataset.from_list([{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": ""}])
+    with pytest.raises(UserError, match=r"data.train row 3: 'completion' is empty"):
+        encode_rows(ds, sft_encoder(tiny_tokenizer, "prompt_completion", 64), "data.train", section(), DataReport(), "train")
+
+
+def test_bad_rows_dropped_and_counted_when_allowed(tiny_tokenizer):
+    ds = Dataset.from_list([{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": ""}, {"prompt": "x", "completion": " y"}])
+    report = DataReport()
+    out = encode_rows(ds, sft_encoder(tiny_tokenizer, "prompt_completion", 64), "data.train", section(bad_rows="drop"), report, "train")
+    assert len(out) == 2 and report.dropped == {"train/malformed": 1}
+
+
+def test_long_rows_truncate_drop_or_error(tiny_tokenizer):
+    long_row = {"prompt": "a", "completion": " the acting is superb and the story is great and the score is lovely"}
+    ds = Dataset.from_list([{"prompt": "a", "completion": " b"}, long_row])
+    encoder = sft_encoder(tiny_tokenizer, "prompt_completion", 10)
+    report = DataReport()
+    out = encode_rows(ds, encoder, "data.train", section(max_length=10), report, "train")
+    assert len(out) == 2 and max(len(x) for x in out["input_ids"]) == 10 and report.truncated == {"train": 1}
+    report = DataReport()
+    assert len(encode_rows(ds, encoder, "data.train", section(max_length=10, truncation="drop"), report, "train")) == 1
+    assert report.dropped == {"train/too_long": 1}
+    with pytest.raises(UserError, match=r"data.train row 2: longer than data.max_length=10"):
+        encode_rows(ds, encoder, "data.train", section(max_length=10, truncation="error"), DataReport(), "train")
+
+
+def test_nothing_left_is_an_error(tiny_tokenizer):
+    ds = Dataset.from_list([{"prompt": "a", "completion": ""}])
+    with pytest.raises(UserError, match="no usable rows left"):
+        encode_rows(ds, sft_encoder(tiny_tokenizer, "prompt_completion", 64), "data.train", section(bad_rows="drop"), DataReport(), "train")

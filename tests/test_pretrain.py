@@ -1,0 +1,65 @@
+"""`dpo-cli pretrain` end to end: from scratch with a trained tokenizer, continued with LoRA / 4-bit,
+and the shipped demo recipes (what `make demo` runs) under --smoke."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, read_jsonl, write_jsonl, write_recipe
+
+SHRINK = [
+    "--set", "model.init.hidden_size=32",
+    "--set", "model.init.num_hidden_layers=1",
+    "--set", "model.init.num_attention_heads=2",
+    "--set", "tokenizer.train_vocab_size=300",
+    "--set", "data.train=demo:reviews?n=200",
+]  # fmt: skip
+
+
+def test_pretrain_from_scratch_with_trained_tokenizer(tmp_path, cli):
+    run = tmp_path / "pretrain"
+    code, out, err = cli("pretrain", REPO / "recipes/demo/pretrain.yaml", "--smoke", "--run-dir", run, *SHRINK, "--set", "train.save_every=2")
+    assert code == 0, err
+    assert "byte-level BPE tokenizer" in err
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert len(tokenizer) == 300 and tokenizer.eos_token == "<|endoftext|>"
+    assert (run / "checkpoints" / "step-2" / "tokenizer" / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.vocab_size == 300 and model.config.hidden_size == 32
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["data"]["rows"]["train_blocks"] > 0
+    assert "eval_perplexity" in summary
+    assert len(read_jsonl(run / "samples.jsonl")) == 2
+
+
+@pytest.mark.parametrize("extra", [{"lora": {"r": 4}}, {"lora": {"r": 4}, "quantization": {}}], ids=["lora", "qlora"])
+def test_continued_pretraining(extra, tmp_path, cli, tiny_model_dir):
+    from dpo_cli.demo import demo_rows
+
+    write_jsonl(tmp_path / "corpus.jsonl", demo_rows("demo:reviews?n=60"))
+    recipe = write_recipe(
+        tmp_path / "pretrain.yaml",
+        {
+            "model": {"name_or_path": str(tiny_model_dir), **extra},
+            "data": {"train": "corpus.jsonl", "eval": 0.1, "max_length": 64},
+            "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "save_every": None},
+            "pretrain": {"show_samples": 1},
+        },
+    )
+    code, _, err = cli("pretrain", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+
+
+def test_demo_recipes_chain_under_smoke(tmp_path, cli):
+    """The demo's pretrain -> sft chain, as `make demo` runs it, in seconds."""
+    code, _, err = cli("pretrain", REPO / "recipes/demo/pretrain.yaml", "--smoke", "--run-dir", tmp_path / "pretrain", *SHRINK)
+    assert code == 0, err
+    code, out, err = cli(
+        "sft", REPO / "recipes/demo/sft.yaml", "--smoke", "--run-dir", tmp_path / "sft", "--set", f"model.name_or_path={tmp_path / 'pretrain'}"
+    )
+    assert code == 0, err
+    assert "sft samples" in out

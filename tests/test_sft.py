@@ -1,0 +1,90 @@
+"""`dpo-cli sft` end to end on a tiny model: full, LoRA, 4-bit + LoRA, chat data, packing, chained runs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import read_jsonl, write_jsonl
+
+MODES = {
+    "full": {},
+    "lora": {"lora": {"r": 4}},
+    "qlora": {"lora": {"r": 4}, "quantization": {"load_in_4bit": True}},
+}
+
+
+def load_final(final):
+    if (final / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(final)
+    return AutoModelForCausalLM.from_pretrained(final)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sft_end_to_end(mode, tmp_path, cli, sft_recipe, tiny_model_dir):
+    recipe = sft_recipe(model={"name_or_path": str(tiny_model_dir), **MODES[mode]})
+    code, out, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert summary["eval_metrics"]["loss"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["versions"]["transformers"]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "split" not in m] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metrics if m.get("split") == "eval"] == [6]
+    assert (run / "recipe.yaml").exists() and read_jsonl(run / "samples.jsonl")
+    assert "sft · completed" in out
+
+    # final/ is plain Hugging Face format: loads without dpo-cli and generates
+    final = run / "final"
+    model = load_final(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("The Golden Road is", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    if mode == "full":
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    else:
+        assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+        assert not (final / "model.safetensors").exists()
+
+
+def test_sft_on_chat_messages_uses_default_template(tmp_path, cli, sft_recipe, sft_rows):
+    rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"].strip()}]} for r in sft_rows]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe = sft_recipe(data={"train": "chat.jsonl", "eval": 4, "max_length": 96})
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "no chat template" in err
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert tokenizer.chat_template  # saved, so later stages format conversations the same way
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data_format"] == "conversational"
+
+
+def test_sft_packing(tmp_path, cli, sft_recipe):
+    recipe = sft_recipe(sft={"packing": True, "show_samples": 0}, data={"train": "data/train.jsonl", "max_length": 128})
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert re.search(r"packed 40 examples into \d+ rows of at most 128 tokens", err)
+
+
+def test_sft_from_a_lora_run_starts_from_base_plus_adapter(tmp_path, cli, sft_recipe):
+    first = sft_recipe("first.yaml", model={"lora": {"r": 4}}, train={"learning_rate": 5e-2})
+    assert cli("sft", first, "--run-dir", tmp_path / "first")[0] == 0
+    second = sft_recipe("second.yaml", model={"name_or_path": str(tmp_path / "first"), "lora": {"r": 4}}, train={"max_steps": 2})
+    code, _, err = cli("sft", second, "--run-dir", tmp_path / "second")
+    assert code == 0, err
+    assert "merged into its base" in err
+    # The second adapter's base is the first run's merged model, saved in the run dir and loadable as is.
+    base = json.loads((tmp_path / "second" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tmp_path / "second" / "base")
+    assert load_final(tmp_path / "second" / "final") is not None
