@@ -122,3 +122,12 @@ def test_smoke_uses_its_own_run_dir(cli, sft_recipe, tmp_path):
     code, _, err = cli("sft", recipe, "--smoke")
     assert code == 0, err
     assert (tmp_path / "runs" / "sft-smoke" / "final").is_dir() and not (tmp_path / "runs" / "sft").exists()
+
+
+def test_debug_shows_the_real_exception(cli, tmp_path):
+    import pytest
+
+    from dpo_cli.errors import UserError
+
+    with pytest.raises(UserError, match="recipe not found"):
+        cli("sft", tmp_path / "missing.yaml", "--debug")

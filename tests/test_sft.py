@@ -88,3 +88,28 @@ def test_sft_from_a_lora_run_starts_from_base_plus_adapter(tmp_path, cli, sft_re
     base = json.loads((tmp_path / "second" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == str(tmp_path / "second" / "base")
     assert load_final(tmp_path / "second" / "final") is not None
+
+
+@pytest.mark.parametrize("mode", ["full", "qlora"])
+def test_gradient_checkpointing_gives_the_same_loss(mode, tmp_path, cli, sft_recipe, tiny_model_dir):
+    losses = {}
+    for checkpointing in (False, True):
+        recipe = sft_recipe(
+            f"gc-{checkpointing}.yaml",
+            model={"name_or_path": str(tiny_model_dir), "gradient_checkpointing": checkpointing, **MODES[mode]},
+            train={"max_steps": 2, "save_every": None},
+            sft={"show_samples": 0},
+        )
+        code, _, err = cli("sft", recipe, "--run-dir", tmp_path / f"gc-{checkpointing}")
+        assert code == 0, err
+        losses[checkpointing] = [m["loss"] for m in read_jsonl(tmp_path / f"gc-{checkpointing}" / "metrics.jsonl") if "split" not in m]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_bf16_autocast_and_tensorboard(tmp_path, cli, sft_recipe):
+    recipe = sft_recipe(train={"max_steps": 2, "mixed_precision": "bf16", "tensorboard": True}, sft={"show_samples": 0})
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
