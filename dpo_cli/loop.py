@@ -151,76 +151,86 @@ def train(
     result = LoopResult(state=state, total_steps=total_steps)
     interval_start, interval_tokens = time.perf_counter(), 0
     model.train()
-    with StopSignals() as stop, TrainProgress(stage, total_steps, state.step, runtime.is_main) as progress:
-        while state.step < total_steps:
-            step_started = time.perf_counter()
-            window = [train_stream[state.micro_batches + j] for j in range(cfg.grad_accum)]
-            window_items = sum(batch["num_items"] for batch in window)
-            step_loss = torch.zeros((), device=runtime.device)
-            step_metrics: dict[str, float] = {}
-            for batch in window:
-                share = batch["num_items"] / max(window_items, 1)  # exact big-batch mean under accumulation
-                with accelerator.autocast():
-                    loss, metrics = step_fn(model, _to_device(batch, runtime.device))
-                accelerator.backward(loss * share)
-                step_loss += loss.detach().float() * share
-                for key, value in metrics.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + _scalar(value) * share
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    try:
+        with StopSignals() as stop, TrainProgress(stage, total_steps, state.step, runtime.is_main) as progress:
+            while state.step < total_steps:
+                step_started = time.perf_counter()
+                window = [train_stream[state.micro_batches + j] for j in range(cfg.grad_accum)]
+                step_loss, step_metrics = accumulate_gradients(model, window, step_fn, runtime)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(step_loss):
+                    raise UserError(
+                        f"the loss became {step_loss} at step {state.step + 1}; lower train.learning_rate or check the data "
+                        "(the last good checkpoint is kept)"
+                    )
+                step_tokens = sum(batch["num_tokens"] for batch in window)
+                state.step += 1
+                state.micro_batches += cfg.grad_accum
+                state.tokens += step_tokens
+                state.items += sum(batch["num_items"] for batch in window)
+                state.train_seconds += time.perf_counter() - step_started
+                interval_tokens += step_tokens
 
-            loss_value = _scalar(step_loss)
-            if not math.isfinite(loss_value):
-                raise UserError(
-                    f"the loss became {loss_value} at step {state.step + 1}; lower train.learning_rate or check the data "
-                    f"(the last good checkpoint is kept)"
-                )
-            step_tokens = sum(batch["num_tokens"] for batch in window)
-            state.step += 1
-            state.micro_batches += cfg.grad_accum
-            state.tokens += step_tokens
-            state.items += window_items
-            state.train_seconds += time.perf_counter() - step_started
-            interval_tokens += step_tokens
+                logged = state.step % cfg.log_every == 0 or state.step == total_steps
+                speed = 0.0
+                if logged:
+                    speed = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
+                    record = {
+                        "step": state.step,
+                        "epoch": round(state.micro_batches / train_stream.per_epoch, 4),
+                        "loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": _scalar(grad_norm),
+                        **step_metrics,
+                        "tokens": state.tokens,
+                        "tokens_per_sec": speed,
+                    }
+                    metrics_log.log(record)
+                    _write_scalars(writer, record, "train")
+                    result.last_train_metrics = {k: v for k, v in record.items() if k not in ("step", "tokens", "tokens_per_sec")}
+                    interval_start, interval_tokens = time.perf_counter(), 0
+                progress.update(state.step, step_loss, lr, speed, logged=logged)
 
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - interval_start
-                record = {
-                    "step": state.step,
-                    "epoch": round(state.micro_batches / train_stream.per_epoch, 4),
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": _scalar(grad_norm),
-                    **step_metrics,
-                    "tokens": state.tokens,
-                    "tokens_per_sec": interval_tokens / max(elapsed, 1e-9),
-                }
-                metrics_log.log(record)
-                _write_scalars(writer, record, "train")
-                result.last_train_metrics = {k: v for k, v in record.items() if k not in ("step", "tokens")}
-                progress.update(state.step, loss_value, lr, record["tokens_per_sec"])
-                interval_start, interval_tokens = time.perf_counter(), 0
-            else:
-                progress.update(state.step, loss_value, lr, 0.0)
+                unfinished = state.step < total_steps
+                if eval_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and unfinished:
+                    _log_eval(evaluate(model, eval_stream, step_fn, runtime), state.step, metrics_log, writer)
+                if cfg.save_every and state.step % cfg.save_every == 0 and unfinished:
+                    save_checkpoint()
+                if stop.received is not None and unfinished:
+                    raise RunInterrupted(state.step, save_checkpoint(), stop.received)
 
-            if eval_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                _log_eval(evaluate(model, eval_stream, step_fn, runtime), state.step, metrics_log, writer)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                save_checkpoint()
-            if stop.received is not None and state.step < total_steps:
-                where = save_checkpoint()
-                raise RunInterrupted(state.step, where, stop.received)
-
-    if eval_stream is not None:
-        result.eval_metrics = evaluate(model, eval_stream, step_fn, runtime)
-        _log_eval(result.eval_metrics, state.step, metrics_log, writer)
-    metrics_log.close()
-    if writer is not None:
-        writer.close()
+        if eval_stream is not None:
+            result.eval_metrics = evaluate(model, eval_stream, step_fn, runtime)
+            _log_eval(result.eval_metrics, state.step, metrics_log, writer)
+    finally:
+        metrics_log.close()
+        if writer is not None:
+            writer.close()
     return result
+
+
+def accumulate_gradients(
+    model: torch.nn.Module, window: list[dict[str, Any]], step_fn: StepFn, runtime: Runtime
+) -> tuple[float, dict[str, float]]:
+    """Forward and backward over one step's micro-batches, each weighted by its share of the step's items,
+    so the gradient and the returned loss are those of one batch holding them all."""
+    window_items = sum(batch["num_items"] for batch in window)
+    step_loss = torch.zeros((), device=runtime.device)  # summed on the device: one sync per step, not per micro-batch
+    sums: dict[str, Any] = {}
+    for batch in window:
+        share = batch["num_items"] / max(window_items, 1)
+        with runtime.accelerator.autocast():
+            loss, metrics = step_fn(model, _to_device(batch, runtime.device))
+        runtime.accelerator.backward(loss * share)
+        step_loss += loss.detach().float() * share
+        for key, value in metrics.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else value
+            sums[key] = sums.get(key, 0.0) + value * share
+    return _scalar(step_loss), {key: _scalar(value) for key, value in sums.items()}
 
 
 def _log_eval(metrics: dict[str, float], step: int, metrics_log: Any, writer: Any) -> None:

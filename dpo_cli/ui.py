@@ -65,9 +65,17 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=human_count(tokens_per_sec))
+    def update(self, step: int, loss: float, lr: float, tokens_per_sec: float, logged: bool) -> None:
+        """Move the bar; without a terminal (CI, batch jobs), print a plain line at each logged step instead."""
+        if self._progress is None:
+            return
+        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if logged:
+            fields["speed"] = human_count(tokens_per_sec)
+        self._progress.update(self._task, completed=step, **fields)
+        if logged and not err_console.is_terminal:
+            total = self._progress.tasks[0].total
+            err_console.print(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {human_count(tokens_per_sec)} tok/s", highlight=False)
 
 
 def _fmt(value: Any) -> str:

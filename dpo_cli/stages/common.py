@@ -86,7 +86,7 @@ def summarize(
         "device": runtime.device_name(),
         "mixed_precision": runtime.mixed_precision,
         "parameters": {"trainable": trainable, "total": total},
-        "final_metrics": {k: v for k, v in result.last_train_metrics.items() if k in ("loss", "lr", "grad_norm", "epoch")},
+        "final_metrics": result.last_train_metrics,
         "eval_metrics": result.eval_metrics,
         "data": report.as_dict(),
         "final_dir": str(run.final_dir),
