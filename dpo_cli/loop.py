@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,12 +142,15 @@ def train(
     writer = _tensorboard(run, cfg) if runtime.is_main else None
 
     def save_checkpoint() -> str:
+        where = str(run.checkpoints_dir / f"step-{state.step}")
+        if run.latest_checkpoint() == Path(where):  # e.g. a signal right after a periodic save
+            return where
         with run.new_checkpoint(state.step, keep=cfg.keep_checkpoints) as folder:
             if on_checkpoint is not None:
                 on_checkpoint(folder)
             save_training_state(folder, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=asdict(state))
         metrics_log.sync()
-        return str(run.checkpoints_dir / f"step-{state.step}")
+        return where
 
     result = LoopResult(state=state, total_steps=total_steps)
     interval_start, interval_tokens = time.perf_counter(), 0

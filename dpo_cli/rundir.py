@@ -69,6 +69,20 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
+@contextlib.contextmanager
+def _staging(tmp: Path) -> Iterator[Path]:
+    """A fresh temporary folder to fill; removed if filling fails, fsynced (ready to rename) if it succeeds."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_tree(tmp)
+
+
 class MetricsLog:
     """Append-only metrics.jsonl; each line is flushed as it is written."""
 
@@ -224,18 +238,10 @@ class RunDir:
     def new_checkpoint(self, step: int, keep: int) -> Iterator[Path]:
         """Yield a temporary folder to fill; on success it becomes checkpoints/step-N, and old ones are pruned."""
         self.checkpoints_dir.mkdir(exist_ok=True)
-        tmp = self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with _staging(self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}") as tmp:
             yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if not (tmp / CHECKPOINT_MARKER).is_file():
-            raise RuntimeError(f"checkpoint {tmp} was written without {CHECKPOINT_MARKER}")
-        fsync_tree(tmp)
+            if not (tmp / CHECKPOINT_MARKER).is_file():
+                raise RuntimeError(f"checkpoint {tmp} was written without {CHECKPOINT_MARKER}")
         final = self.checkpoints_dir / f"step-{step}"
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
@@ -249,16 +255,8 @@ class RunDir:
     @contextlib.contextmanager
     def new_final(self) -> Iterator[Path]:
         """Yield a temporary folder; on success it becomes final/ (an older final/ is moved aside first)."""
-        tmp = self.path / f".tmp-final-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with _staging(self.path / f".tmp-final-{os.getpid()}") as tmp:
             yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_tree(tmp)
         if self.final_dir.exists():
             os.replace(self.final_dir, self.path / f"final.prev-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(tmp, self.final_dir)

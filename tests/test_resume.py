@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpo_cli.loop
-import dpo_cli.stages.sft
+import dpo_cli.stages.common
 from conftest import read_jsonl
 
 TOLERANCE = 1e-6
@@ -46,7 +46,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 def signal_at_call(monkeypatch, call: int, signum: int) -> None:
     """Deliver a real signal to this process during the given training step (handlers are installed then)."""
     calls = {"n": 0}
-    real_step = dpo_cli.stages.sft.lm_step
+    real_step = dpo_cli.stages.common.lm_step
 
     def step(model, batch):
         calls["n"] += 1
@@ -54,7 +54,7 @@ def signal_at_call(monkeypatch, call: int, signum: int) -> None:
             signal.raise_signal(signum)
         return real_step(model, batch)
 
-    monkeypatch.setattr(dpo_cli.stages.sft, "lm_step", step)
+    monkeypatch.setattr(dpo_cli.stages.common, "lm_step", step)
 
 
 @pytest.fixture()

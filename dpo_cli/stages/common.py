@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from datasets import Dataset
 
 from dpo_cli.data import DataReport
 from dpo_cli.generate import generate
 from dpo_cli.losses import causal_lm_loss
-from dpo_cli.loop import LoopResult
+from dpo_cli.encoding import collate_causal
+from dpo_cli.loop import BatchStream, LoopResult, train
 from dpo_cli.models import ModelBundle, count_parameters, save_final
-from dpo_cli.recipes import GenerationSection
+from dpo_cli.recipes import GenerationSection, RecipeBase
 from dpo_cli.rundir import RunDir, atomic_write_text
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
 from dpo_cli import ui
@@ -28,6 +32,32 @@ def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
     logits = model(**inputs, use_cache=False).logits  # (B, T, V)
     loss, _ = causal_lm_loss(logits, batch["labels"])
     return loss, {}
+
+
+def train_language_model(
+    stage: str,
+    recipe: RecipeBase,
+    bundle: ModelBundle,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    run: RunDir,
+    runtime: Runtime,
+    on_checkpoint: Callable[[Any], None] | None = None,
+) -> LoopResult:
+    """The shared loop with the next-token step, over tokenised rows (pretrain and sft)."""
+    collate = partial(collate_causal, pad_id=bundle.tokenizer.pad_token_id)
+    eval_batch_size = recipe.train.eval_batch_size or recipe.train.batch_size
+    return train(
+        stage=stage,
+        model=bundle.model,
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        eval_stream=BatchStream(eval_set, eval_batch_size, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
+        step_fn=lm_step,
+        cfg=recipe.train,
+        run=run,
+        runtime=runtime,
+        on_checkpoint=on_checkpoint,
+    )
 
 
 def write_samples(

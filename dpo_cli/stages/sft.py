@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 
 from datasets import Dataset
 
 from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
-from dpo_cli.encoding import collate_causal, pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
-from dpo_cli.loop import BatchStream, train
+from dpo_cli.encoding import pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
 from dpo_cli.models import build_causal_lm, build_tokenizer
 from dpo_cli.recipes import SftRecipe
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import setup_runtime
-from dpo_cli.stages.common import announce, lm_step, save_final_model, summarize, write_samples
+from dpo_cli.stages.common import announce, save_final_model, summarize, train_language_model, write_samples
 from dpo_cli.tokenization import ensure_chat_template
 from dpo_cli.ui import samples_table
 
@@ -62,18 +60,7 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     announce(notes + bundle.notes)
 
-    collate = partial(collate_causal, pad_id=tokenizer.pad_token_id)
-    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
-    result = train(
-        stage="sft",
-        model=bundle.model,
-        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
-        eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
-        step_fn=lm_step,
-        cfg=recipe.train,
-        run=run,
-        runtime=runtime,
-    )
+    result = train_language_model("sft", recipe, bundle, train_set, eval_set, run, runtime)
     save_final_model(run, runtime, bundle)
 
     # Samples: answer a few held-out prompts.
