@@ -215,15 +215,15 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "huggingface_hub", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
-    try:
-        from transformers.utils import logging as hf_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    hub_logging.set_verbosity_error()  # connection retries are summed up in our one error line
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

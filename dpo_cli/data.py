@@ -54,6 +54,16 @@ def _local_files(value: str, what: str) -> list[str]:
     return files
 
 
+def _is_blank(name: str) -> bool:
+    """True for an empty file, or a text file with nothing but blank lines (read up to the first content)."""
+    if os.path.getsize(name) == 0:
+        return True
+    if Path(name).suffix.lower() not in (".jsonl", ".json", ".csv", ".txt"):
+        return False
+    with open(name, encoding="utf-8", errors="replace") as handle:
+        return all(not line.strip() for line in handle)
+
+
 def _first_bad_json_line(files: list[str]) -> str | None:
     for name in files:
         if not name.endswith(".jsonl"):
@@ -80,7 +90,7 @@ def _load_local(files: list[str], what: str) -> Dataset:
     if len(builders) > 1:
         raise UserError(f"{what}: mixed file types ({', '.join(sorted(suffixes))}); give files of one type")
     for name in files:
-        if os.path.getsize(name) == 0:
+        if _is_blank(name):
             raise UserError(f"{what}: {name} is empty")
     try:
         return datasets.load_dataset(builders.pop(), data_files=files, split="train")

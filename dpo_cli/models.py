@@ -137,7 +137,10 @@ def build_tokenizer(model_cfg: ModelSection, tok_cfg: TokenizerSection) -> tuple
         where = source.path
         if source.is_adapter and not (Path(source.path) / "tokenizer_config.json").is_file():
             where = resolve_source(source.adapter_base).path
-        tokenizer = load_tokenizer(where, source.revision, model_cfg.trust_remote_code)
+        try:
+            tokenizer = load_tokenizer(where, source.revision, model_cfg.trust_remote_code)
+        except UserError as exc:
+            raise UserError(f"model.name_or_path: {exc}") from None
     if tok_cfg.chat_template is not None:
         tokenizer.chat_template = tok_cfg.chat_template
     note = ensure_pad_token(tokenizer)

@@ -110,6 +110,8 @@ def summary_table(summary: dict[str, Any]) -> None:
             rows.append((f"{kind} {key}", str(value)))
     if summary.get("final_dir"):
         rows.append(("final", summary["final_dir"]))
+    if summary.get("plot"):
+        rows.append(("plot", summary["plot"]))
     for row in rows:
         if row is not None and row[1] is not None:
             table.add_row(row[0], str(row[1]))

@@ -40,6 +40,7 @@ def test_sft_end_to_end(mode, tmp_path, cli, sft_recipe, tiny_model_dir):
     assert [m["step"] for m in metrics if "split" not in m] == [1, 2, 3, 4, 5, 6]
     assert [m["step"] for m in metrics if m.get("split") == "eval"] == [6]
     assert (run / "recipe.yaml").exists() and read_jsonl(run / "samples.jsonl")
+    assert (run / "training.png").read_bytes().startswith(b"\x89PNG") and summary["plot"] == str(run / "training.png")
     assert "sft · completed" in out
 
     # final/ is plain Hugging Face format: loads without dpo-cli and generates

@@ -19,7 +19,8 @@ from dpo_cli.encoding import collate_causal
 from dpo_cli.loop import BatchStream, LoopResult, train
 from dpo_cli.models import ModelBundle, count_parameters, save_final
 from dpo_cli.recipes import GenerationSection, RecipeBase
-from dpo_cli.rundir import RunDir, atomic_write_text
+from dpo_cli.plots import plot_training
+from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
 from dpo_cli import ui
 
@@ -124,6 +125,8 @@ def summarize(
         **(extra or {}),
     }
     if runtime.is_main:
+        plot = plot_training(read_metrics(run.metrics_path), run.path / "training.png", f"{stage} · {run.path.name}")
+        summary["plot"] = str(plot) if plot else None
         run.write_summary(summary)
     ui.summary_table(summary)
     return summary
