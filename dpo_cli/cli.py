@@ -136,14 +136,11 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
         except RunInterrupted as exc:
             _mark_failed(run, stage, "interrupted", str(exc))
             raise
-        except UserError as exc:
-            if run.checkpoints() or run.final_dir.exists():
-                _mark_failed(run, stage, "failed", str(exc))
-            elif saved is None:
-                run.discard()  # nothing trained yet: leave no half-made run behind
-            raise
         except BaseException as exc:
-            _mark_failed(run, stage, "failed", f"{type(exc).__name__}: {exc}")
+            if run.checkpoints() or run.final_dir.exists():
+                _mark_failed(run, stage, "failed", str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+            else:
+                run.discard()  # nothing resumable was made: a corrected rerun starts clean
             raise
 
 

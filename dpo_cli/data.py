@@ -21,6 +21,7 @@ from dpo_cli.recipes import DataSection
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
 
+ROW_NUMBER = "__row__"  # the row's number in its file (from 1), kept through splits so errors point at the file
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 
 
@@ -29,6 +30,7 @@ class DataReport:
     """Counts a stage reports about its data (dropped and truncated rows are never silent)."""
 
     rows: dict[str, int] = field(default_factory=dict)
+    eval_source: str = "data.eval"  # "data.train" when the eval rows were carved off the training data
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -130,17 +132,23 @@ def rename_columns(ds: Dataset, columns: dict[str, str], what: str) -> Dataset:
     return ds
 
 
+def _numbered(ds: Dataset) -> Dataset:
+    return ds.add_column(ROW_NUMBER, list(range(1, len(ds) + 1))) if ROW_NUMBER not in ds.column_names else ds
+
+
 def load_splits(cfg: DataSection, seed: int, report: DataReport) -> tuple[Dataset, Dataset | None]:
     """The training rows and the eval rows (given, carved off train, or none)."""
-    train = rename_columns(load_source(cfg.train, cfg, "data.train", cfg.split), cfg.columns, "data.train")
+    train = _numbered(rename_columns(load_source(cfg.train, cfg, "data.train", cfg.split), cfg.columns, "data.train"))
     if len(train) == 0:
         raise UserError("data.train: the dataset is empty")
     evaluation: Dataset | None = None
     if isinstance(cfg.eval, str):
         evaluation = rename_columns(load_source(cfg.eval, cfg, "data.eval", cfg.eval_split or cfg.split), cfg.columns, "data.eval")
+        evaluation = _numbered(evaluation)
         if len(evaluation) == 0:
             raise UserError("data.eval: the dataset is empty")
     elif cfg.eval is not None:
+        report.eval_source = "data.train"
         count = int(cfg.eval) if cfg.eval >= 1 else max(1, round(cfg.eval * len(train)))
         if count >= len(train):
             raise UserError(f"data.eval: carving {count} eval rows off {len(train)} training rows leaves none to train on")
@@ -163,7 +171,8 @@ def require_columns(ds: Dataset, options: list[tuple[str, ...]], what: str) -> t
             return option
     wanted = " or ".join("/".join(o) for o in options)
     raise UserError(
-        f"{what}: expected columns {wanted}, found {', '.join(ds.column_names)} (map yours with data.columns, e.g. data.columns.prompt=question)"
+        f"{what}: expected columns {wanted}, found {', '.join(c for c in ds.column_names if c != ROW_NUMBER)} "
+        "(map yours with data.columns, e.g. data.columns.prompt=question)"
     )
 
 
@@ -180,16 +189,19 @@ def encode_rows(
     A malformed row stops the stage naming the row (counted from 1), or is dropped and counted with
     data.bad_rows: drop. Over-long rows are truncated, dropped or refused per data.truncation.
     """
+    numbers = ds[ROW_NUMBER] if ROW_NUMBER in ds.column_names else list(range(1, len(ds) + 1))
     encoded = ds.map(encode, remove_columns=ds.column_names, desc=None)
+    if ROW_NUMBER not in encoded.column_names:
+        encoded = encoded.add_column(ROW_NUMBER, numbers)
     problems = [(i, p) for i, p in enumerate(encoded["problem"]) if p]
     if problems and cfg.bad_rows == "error":
         index, problem = problems[0]
         more = f" ({len(problems) - 1} more bad rows; data.bad_rows: drop skips them)" if len(problems) > 1 else ""
-        raise UserError(f"{what} row {index + 1}: {problem}{more}")
+        raise UserError(f"{what} row {numbers[index]}: {problem}{more}")
     long_rows = [i for i, t in enumerate(encoded["truncated"]) if t]
     if long_rows and cfg.truncation == "error":
         raise UserError(
-            f"{what} row {long_rows[0] + 1}: longer than data.max_length={cfg.max_length} tokens "
+            f"{what} row {numbers[long_rows[0]]}: longer than data.max_length={cfg.max_length} tokens "
             f"({len(long_rows)} such rows); raise max_length or set data.truncation: truncate"
         )
     emptied = set(i for i, e in enumerate(encoded["emptied"]) if e)

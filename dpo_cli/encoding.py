@@ -141,19 +141,29 @@ def sft_encoder(tokenizer: PreTrainedTokenizerBase, fmt: str, max_length: int) -
     return encode
 
 
+def text_problem(row: dict) -> str:
+    """Why a pretraining row is unusable ('' when it is fine)."""
+    text = row.get("text")
+    if text is None:
+        return "'text' is missing"
+    if not isinstance(text, str):
+        return "'text' must be a string"
+    return "" if text.strip() else "'text' is empty"
+
+
+def text_checker(row: dict) -> dict:
+    """A row encoder for data.encode_rows that only validates: keeps good text as it is."""
+    problem = text_problem(row)
+    return {"text": "" if problem else row["text"], "problem": problem, "truncated": False, "emptied": False}
+
+
 def text_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict], dict]:
     """Raw text for pretraining: tokens of the document followed by EOS."""
 
     def encode(row: dict) -> dict:
-        text = row.get("text")
-        out = {"input_ids": [], "problem": "", "truncated": False, "emptied": False}
-        if not isinstance(text, str):
-            out["problem"] = "'text' is missing" if text is None else "'text' must be a string"
-        elif not text.strip():
-            out["problem"] = "'text' is empty"
-        else:
-            out["input_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return out
+        problem = text_problem(row)
+        ids = [] if problem else tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "problem": problem, "truncated": False, "emptied": False}
 
     return encode
 

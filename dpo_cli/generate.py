@@ -18,6 +18,27 @@ class Generation:
     finished: bool  # emitted EOS before max_new_tokens
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
+    """EOS, the model's own end tokens, and the chat template's end-of-turn token (e.g. ChatML's <|im_end|>,
+    which is not the EOS of a base model): generation stops at whichever comes first."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            marker = "\u2063dpo-cli\u2063"
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
+            after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+            if after and after[0] in special:
+                ids.add(after[0])
+        except Exception:  # a template that cannot render this probe simply adds nothing
+            pass
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -30,12 +51,12 @@ def generate(
     """Sample one response per tokenised prompt: left-padded batches, deterministic for a fixed seed."""
     was_training = model.training
     model.eval()
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, model)
     results: list[Generation] = []
-    try:
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):  # sampling must not shift the training RNG streams
+        torch.manual_seed(seed)
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]
             longest = max(len(p) for p in chunk)
@@ -54,20 +75,19 @@ def generate(
                 top_p=cfg.top_p if sampling else None,
                 top_k=cfg.top_k if sampling else None,
                 pad_token_id=pad_id,
-                eos_token_id=eos_id,
+                eos_token_id=stop_ids,
                 use_cache=True,
             )
             for i, ids in enumerate(chunk):
                 new = output[i, longest:].tolist()
-                finished = eos_id in new
+                stop = next((j for j, token in enumerate(new) if token in stop_ids), None)
+                finished = stop is not None
                 if finished:
-                    new = new[: new.index(eos_id) + 1]
+                    new = new[: stop + 1]
                 else:
-                    while new and new[-1] == pad_id and pad_id != eos_id:
+                    while new and new[-1] == pad_id:
                         new.pop()
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 results.append(Generation(prompt_ids=list(ids), response_ids=new, text=text.strip(), finished=finished))
-    finally:
-        torch.set_rng_state(generator_state)  # sampling must not shift the training RNG stream
-        model.train(was_training)
+    model.train(was_training)
     return results

@@ -168,8 +168,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 if not math.isfinite(step_loss):
                     raise UserError(
-                        f"the loss became {step_loss} at step {state.step + 1}; lower train.learning_rate or check the data "
-                        "(the last good checkpoint is kept)"
+                        f"the loss became {step_loss} at step {state.step + 1}: check the data, or lower train.learning_rate "
+                        "and start over with --fresh"
                     )
                 step_tokens = sum(batch["num_tokens"] for batch in window)
                 state.step += 1

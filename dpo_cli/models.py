@@ -41,6 +41,7 @@ class ModelBundle:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     base_ref: str | None  # loadable location of the frozen base when the model is base + new LoRA
+    base_revision: str | None = None  # hub revision of that base
     notes: list[str] = field(default_factory=list)
 
 
@@ -247,23 +248,39 @@ def build_causal_lm(
     if cfg.lora is not None:
         torch.manual_seed(seed)
         model = apply_lora(model, cfg, "CAUSAL_LM")
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:  # float32 masters for all that trains
+                param.data = param.data.float()
     if cfg.quantization is None:
         model.to(device)
-    return ModelBundle(model=model, tokenizer=tokenizer, base_ref=base_ref if cfg.lora is not None else None, notes=notes)
+    lora = cfg.lora is not None
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        base_ref=base_ref if lora else None,
+        base_revision=source.revision if lora and cfg.init is None else None,
+        notes=notes,
+    )
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    quant_state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit weights per byte
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
     return trainable, total
 
 
-def save_final(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, base_ref: str | None) -> None:
+def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path) -> None:
     """Plain Hugging Face format: a full model, or a PEFT adapter whose config points at its loadable base."""
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    bundle.tokenizer.save_pretrained(out_dir)
     adapter_config = out_dir / "adapter_config.json"
-    if adapter_config.is_file() and base_ref is not None:
+    if adapter_config.is_file() and bundle.base_ref is not None:
         config = json.loads(adapter_config.read_text())
-        config["base_model_name_or_path"] = base_ref
+        config["base_model_name_or_path"] = bundle.base_ref
+        config["revision"] = bundle.base_revision
         adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -178,10 +178,16 @@ def apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> No
     node[keys[-1]] = value
 
 
-def _cap(section: Any, key: str, limit: int) -> None:
-    if isinstance(section, dict):
-        current = section.get(key)
-        section[key] = min(current, limit) if isinstance(current, int) and not isinstance(current, bool) else limit
+def _cap(raw: dict[str, Any], section_name: str, key: str, limit: int, schema: type[BaseModel]) -> None:
+    """Lower raw[section][key] (or its schema default) to `limit`; an unset key with a smaller default stays unset."""
+    section = raw.setdefault(section_name, {})
+    if not isinstance(section, dict):
+        return  # a type error the validation reports
+    section_class = _section_class(schema.model_fields[section_name].annotation)
+    default = section_class.model_fields[key].default if section_class is not None else None
+    current = section.get(key, default)
+    if not isinstance(current, int) or isinstance(current, bool) or current > limit:
+        section[key] = limit
 
 
 def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
@@ -189,21 +195,18 @@ def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
     train = raw.setdefault("train", {})
     if isinstance(train, dict):
         train.pop("epochs", None)
-        _cap(train, "max_steps", 3)
-        _cap(train, "batch_size", 4)
-        _cap(train, "grad_accum", 2)
         train["log_every"] = 1
         train["eval_every"] = None
         train["save_every"] = None
-    data = raw.get("data")
-    _cap(data, "max_rows", 32)
-    _cap(data, "max_eval_rows", 8)
-    _cap(data, "max_length", 128)
-    _cap(raw.setdefault("generation", {}), "max_new_tokens", 16)
+    caps = {"train": {"max_steps": 3, "batch_size": 4, "grad_accum": 2}, "data": {"max_rows": 32, "max_eval_rows": 8, "max_length": 128}}
+    caps["generation"] = {"max_new_tokens": 16}
     for name, field in schema.model_fields.items():
         section = _section_class(field.annotation)
         if section is not None and "show_samples" in section.model_fields:
-            _cap(raw.setdefault(name, {}), "show_samples", 2)
+            caps[name] = {"show_samples": 2}
+    for section_name, limits in caps.items():
+        for key, limit in limits.items():
+            _cap(raw, section_name, key, limit, schema)
 
 
 # ----------------------------------------------------------------------------- validation errors

@@ -105,6 +105,8 @@ class ModelSection(Section):
     def _one_source(self) -> ModelSection:
         if (self.name_or_path is None) == (self.init is None):
             raise ValueError("give exactly one of model.name_or_path (pretrained weights) or model.init (a new model)")
+        if self.lora is not None and self.init is not None:
+            raise ValueError("a new model (model.init) trains all its weights: LoRA needs pretrained weights (model.name_or_path)")
         if self.quantization is not None and self.init is not None:
             raise ValueError("model.quantization needs pretrained weights; a model built from model.init cannot be 4-bit")
         if self.quantization is not None and self.lora is None:

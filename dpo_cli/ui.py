@@ -8,17 +8,19 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
 def note(message: str) -> None:
-    err_console.print(f"[cyan]note:[/cyan] {message}", markup=True, soft_wrap=True)
+    err_console.print(Text.assemble(("note:", "cyan"), " ", message), soft_wrap=True)
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, soft_wrap=True, highlight=False)
+    """User text (values, paths, model output) is never read as rich markup."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
 
 
 def human_bytes(count: float) -> str:
@@ -75,7 +77,7 @@ class TrainProgress:
         self._progress.update(self._task, completed=step, **fields)
         if logged and not err_console.is_terminal:
             total = self._progress.tasks[0].total
-            err_console.print(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {human_count(tokens_per_sec)} tok/s", highlight=False)
+            err_console.print(Text(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {human_count(tokens_per_sec)} tok/s"))
 
 
 def _fmt(value: Any) -> str:
@@ -114,7 +116,7 @@ def summary_table(summary: dict[str, Any]) -> None:
         rows.append(("plot", summary["plot"]))
     for row in rows:
         if row is not None and row[1] is not None:
-            table.add_row(row[0], str(row[1]))
+            table.add_row(row[0], Text(str(row[1])))
     console.print(table)
 
 
@@ -125,7 +127,7 @@ def samples_table(samples: list[dict[str, str]], title: str) -> None:
     table.add_column("prompt", ratio=1, overflow="fold")
     table.add_column("response", ratio=2, overflow="fold")
     for sample in samples:
-        table.add_row(sample["prompt"], sample["response"])
+        table.add_row(Text(sample["prompt"]), Text(sample["response"]))
     console.print(table)
 
 

@@ -131,3 +131,27 @@ def test_debug_shows_the_real_exception(cli, tmp_path):
 
     with pytest.raises(UserError, match="recipe not found"):
         cli("sft", tmp_path / "missing.yaml", "--debug")
+
+
+def test_values_that_look_like_markup_are_shown_verbatim(cli):
+    code, _, err = cli("validate", REPO / "recipes/demo/sft.yaml", "--set", "model.lora.bias=[all]", "--set", "train.learning_rate=[/x]")
+    assert code == 1 and "Traceback" not in err
+    assert "model.lora.bias" in err and "[all]" in err and "[/x]" in err
+
+
+def test_samples_table_shows_brackets(capsys):
+    from dpo_cli.ui import samples_table
+
+    samples_table([{"prompt": "[INST] hi [/INST]", "response": "ok [/INST]"}], "samples")
+    assert "[INST] hi [/INST]" in capsys.readouterr().out
+
+
+def test_failed_fresh_run_leaves_nothing_that_blocks_a_corrected_rerun(cli, sft_recipe, tmp_path):
+    recipe = sft_recipe(train={"max_steps": 2})
+    run = tmp_path / "run"
+    assert cli("sft", recipe, "--run-dir", run)[0] == 0
+    code, _, err = cli("sft", recipe, "--run-dir", run, "--fresh", "--set", "data.train=nothere.jsonl")
+    assert code == 1 and "no file matches" in err
+    assert [p.name for p in run.iterdir()] == [".lock"]  # the old run was moved aside, nothing new was left
+    code, _, err = cli("sft", recipe, "--run-dir", run, "--set", "train.learning_rate=1e-3")
+    assert code == 0, err

@@ -62,6 +62,7 @@ def test_full_lora_and_4bit_builds(tiny_model_dir, tiny_tokenizer):
     qlora = build_causal_lm(model_section(name_or_path=str(tiny_model_dir), lora={"r": 4}, quantization={}), tiny_tokenizer, CPU, seed=0)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in qlora.model.modules())
     assert all("lora_" in n for n, p in qlora.model.named_parameters() if p.requires_grad)
+    assert count_parameters(qlora.model)[1] == count_parameters(lora.model)[1]  # 4-bit weights count as weights, not bytes
     # 4-bit is an approximation of the same model, not another model
     assert torch.nn.functional.cosine_similarity(logits_of(qlora.model, IDS).flatten(), logits_of(full.model, IDS).flatten(), dim=0) > 0.95
 
@@ -132,9 +133,27 @@ def test_final_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, tiny_toke
     from peft import AutoPeftModelForCausalLM
 
     bundle = build_causal_lm(model_section(name_or_path=str(tiny_model_dir), lora={"r": 4}), tiny_tokenizer, CPU, seed=0)
-    save_final(bundle.model, tiny_tokenizer, tmp_path, bundle.base_ref)
+    save_final(bundle.model, bundle, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
     out = loaded.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 3)
+
+
+def test_everything_that_trains_is_float32_even_on_a_half_precision_base(tiny_model_dir, tiny_tokenizer):
+    cfg = model_section(name_or_path=str(tiny_model_dir), dtype="bfloat16", lora={"r": 4, "modules_to_save": ["lm_head"], "bias": "all"})
+    bundle = build_causal_lm(cfg, tiny_tokenizer, CPU, seed=0)
+    trainable = {n: p.dtype for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert any(p.dtype == torch.bfloat16 for p in bundle.model.parameters() if not p.requires_grad)
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(tiny_model_dir):
+    from dpo_cli.generate import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert stop_token_ids(tokenizer, model) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})

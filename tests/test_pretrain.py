@@ -63,3 +63,14 @@ def test_demo_recipes_chain_under_smoke(tmp_path, cli):
     )
     assert code == 0, err
     assert "sft samples" in out
+
+
+def test_malformed_text_is_named_before_the_tokenizer_is_trained(tmp_path, cli):
+    from dpo_cli.demo import demo_rows
+
+    rows = demo_rows("demo:reviews?n=20")
+    rows[5] = {"text": None}
+    write_jsonl(tmp_path / "corpus.jsonl", rows)
+    args = ["pretrain", REPO / "recipes/demo/pretrain.yaml", "--smoke", "--run-dir", tmp_path / "run", *SHRINK]
+    code, _, err = cli(*args, "--set", f"data.train={tmp_path / 'corpus.jsonl'}")
+    assert code == 1 and "data.train row 6: 'text' is missing" in err and "Traceback" not in err

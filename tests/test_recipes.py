@@ -86,6 +86,8 @@ def test_cross_field_rules(tmp_path):
     assert "add model.lora" in errors_of(tmp_path, quant_without_lora)
     new_model_no_tokenizer = {"model": {"init": {"hidden_size": 64}}, "data": {"train": "t.txt"}}
     assert "needs a tokenizer" in errors_of(tmp_path, new_model_no_tokenizer, stage="pretrain")
+    new_model_with_lora = {"model": {"init": {"hidden_size": 64}, "lora": {"r": 4}}, "tokenizer": {"train_vocab_size": 300}, "data": {"train": "t.txt"}}
+    assert "LoRA needs pretrained weights" in errors_of(tmp_path, new_model_with_lora, stage="pretrain")
 
 
 def test_malformed_yaml_names_line(tmp_path):
@@ -158,7 +160,7 @@ def test_smoke_caps_steps_rows_and_lengths():
     raw = {"train": {"epochs": 3, "batch_size": 64}, "data": {"max_length": 4096}, "sft": {"show_samples": 5}}
     apply_smoke(raw, SftRecipe)
     assert raw["train"]["max_steps"] == 3 and "epochs" not in raw["train"]
-    assert raw["train"]["batch_size"] == 4
+    assert raw["train"]["batch_size"] == 4 and "grad_accum" not in raw["train"]  # a default of 1 is already small
     assert raw["data"] == {"max_length": 128, "max_rows": 32, "max_eval_rows": 8}
     assert raw["sft"]["show_samples"] == 2
     assert raw["generation"]["max_new_tokens"] == 16

@@ -106,3 +106,15 @@ def test_final_is_replaced_whole(tmp_path):
                 (folder / "model").write_text("half")
                 raise ValueError
         assert (run.final_dir / "model").read_text() == "1"
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    with RunDir.open(tmp_path / "run") as run:
+        log = run.metrics_log(resume_step=0)
+        log.log({"step": 1, "loss": 1.0})
+        log.close()
+        with open(run.metrics_path, "a") as handle:
+            handle.write('{"step": 2, "lo')  # a crash mid-write
+        assert [m["step"] for m in read_metrics(run.metrics_path)] == [1]
+        run.metrics_log(resume_step=1).close()
+        assert run.metrics_path.read_text() == '{"step": 1, "loss": 1.0}\n'

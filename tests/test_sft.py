@@ -114,3 +114,14 @@ def test_bf16_autocast_and_tensorboard(tmp_path, cli, sft_recipe):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["mixed_precision"] == "bf16"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_dropped_rows_are_not_sampled(tmp_path, cli, sft_recipe, sft_rows):
+    rows = [{"prompt": None, "completion": " x"}, *sft_rows]
+    write_jsonl(tmp_path / "dirty.jsonl", rows)
+    recipe = sft_recipe(data={"train": "dirty.jsonl", "eval": None, "bad_rows": "drop"}, train={"max_steps": 2})
+    code, out, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["dropped"] == {"train/malformed": 1}
+    assert read_jsonl(tmp_path / "run" / "samples.jsonl")[0]["prompt"] == sft_rows[0]["prompt"]

@@ -83,7 +83,7 @@ def write_samples(
 def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle) -> None:
     if runtime.is_main:
         with run.new_final() as folder:
-            save_final(runtime.accelerator.unwrap_model(bundle.model), bundle.tokenizer, folder, bundle.base_ref)
+            save_final(runtime.accelerator.unwrap_model(bundle.model), bundle, folder)
 
 
 def summarize(

@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
-from dpo_cli.encoding import pack_blocks, text_encoder
+from dpo_cli.encoding import pack_blocks, text_checker, text_encoder
 from dpo_cli.errors import UserError
 from dpo_cli.models import build_causal_lm, build_tokenizer
 from dpo_cli.recipes import PretrainRecipe
@@ -46,6 +46,10 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
     report = DataReport()
     train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
     require_columns(train_rows, [("text",)], "data.train")
+    train_rows = encode_rows(train_rows, text_checker, "data.train", recipe.data, report, "train")
+    if eval_rows is not None:
+        require_columns(eval_rows, [("text",)], report.eval_source)
+        eval_rows = encode_rows(eval_rows, text_checker, report.eval_source, recipe.data, report, "eval")
     tokenizer, notes = pretrain_tokenizer(recipe, run, train_rows)
     encode = text_encoder(tokenizer)
     train_set = pack_blocks(encode_rows(train_rows, encode, "data.train", recipe.data, report, "train"), block)
@@ -53,7 +57,7 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
         raise UserError(f"data.train: fewer tokens than one block of data.max_length={block}; add text or lower max_length")
     eval_set = None
     if eval_rows is not None:
-        eval_set = pack_blocks(encode_rows(eval_rows, encode, "data.eval", recipe.data, report, "eval"), block)
+        eval_set = pack_blocks(encode_rows(eval_rows, encode, report.eval_source, recipe.data, report, "eval"), block)
         if len(eval_set) == 0:
             notes.append(f"the eval text is shorter than one block of {block} tokens; no eval")
             eval_set = None

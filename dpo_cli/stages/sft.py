@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from datasets import Dataset
 
@@ -18,15 +19,19 @@ from dpo_cli.tokenization import ensure_chat_template
 from dpo_cli.ui import samples_table
 
 
-def sample_prompts(rows: Dataset, fmt: str, count: int) -> list[str | list[dict]]:
-    """The prompt part of the first `count` rows: the prompt, or a conversation up to its last assistant turn."""
+def sample_prompts(rows: Dataset, fmt: str, count: int, encoder: Callable[[dict], dict]) -> list[str | list[dict]]:
+    """The prompt part of the first `count` usable rows: the prompt, or a conversation up to its last assistant turn."""
     prompts: list[str | list[dict]] = []
-    for row in rows.select(range(min(count, len(rows)))):
+    for row in rows:
+        if len(prompts) >= count:
+            break
+        if encoder(row)["problem"]:  # rows dropped from training are not sampled either
+            continue
         if fmt == "messages":
-            messages = row["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-            prompts.append(messages[:last])
-        else:
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            if last > 0:
+                prompts.append(row["messages"][:last])
+        elif row["prompt"]:
             prompts.append(row["prompt"])
     return prompts
 
@@ -50,7 +55,7 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
         notes += [template_note] if template_note else []
     encoder = sft_encoder(tokenizer, fmt, recipe.data.max_length)
     train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
-    eval_set = encode_rows(eval_rows, encoder, "data.eval", recipe.data, report, "eval") if eval_rows is not None else None
+    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
     if recipe.sft.packing:
         examples = len(train_set)
         train_set = pack_examples(train_set, recipe.data.max_length)
@@ -67,7 +72,7 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
     source = eval_rows if eval_rows is not None else train_rows
     prompts = [
         (p if isinstance(p, str) else p[-1]["content"], prompt_ids_for_generation(tokenizer, p))
-        for p in sample_prompts(source, fmt, recipe.sft.show_samples)
+        for p in sample_prompts(source, fmt, recipe.sft.show_samples, encoder)
     ]
     samples = write_samples(run, runtime, bundle, prompts, recipe.generation, recipe.seed)
     extra = {"data_format": "conversational" if _is_conversational(train_rows, fmt) else "prompt_completion"}
