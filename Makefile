@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dpo-cli pretrain recipes/demo/pretrain.yaml
 	$(BIN)/dpo-cli sft recipes/demo/sft.yaml
+	$(BIN)/dpo-cli collect-prefs recipes/demo/collect-prefs.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

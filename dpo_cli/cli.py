@@ -119,7 +119,7 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
                     f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
                     "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
                 )
-            if run.is_complete():
+            if run.is_complete() and not recipe.reopens_complete_run():
                 ui.note(f"{run.path} is already complete (use --fresh to train again)")
                 ui.summary_table(run.summary())
                 return
@@ -144,6 +144,13 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
             raise
 
 
+STAGE_EXAMPLES = {
+    "collect-prefs": "Example: dpo-cli collect-prefs recipes/demo/collect-prefs.yaml\n\n"
+    "Label by hand: dpo-cli collect-prefs RECIPE --set label.by=human --annotator alice\n\n"
+    "Every label is saved the moment it is given; the same command continues where labelling stopped.",
+}
+
+
 def _stage_command(stage: str) -> Callable[..., None]:
     def command(
         recipe: RecipeArg,
@@ -155,17 +162,33 @@ def _stage_command(stage: str) -> Callable[..., None]:
     ) -> None:
         guarded(debug, lambda: run_stage(stage, recipe, run_dir, overrides or [], fresh, smoke))
 
-    example = f"recipes/demo/{stage}.yaml"
-    command.__doc__ = (
-        f"{STAGE_HELP[stage]}\n\n"
-        f"Example: dpo-cli {stage} {example} --set train.max_steps=100\n\n"
-        f"A stopped run resumes from its newest checkpoint when started again with the same recipe."
+    command.__doc__ = f"{STAGE_HELP[stage]}\n\n" + STAGE_EXAMPLES.get(
+        stage,
+        f"Example: dpo-cli {stage} recipes/demo/{stage}.yaml --set train.max_steps=100\n\n"
+        "A stopped run resumes from its newest checkpoint when started again with the same recipe.",
     )
     return command
 
 
-for _stage in ALL_STAGES:
-    app.command(_stage, help=None)(_stage_command(_stage))
+def collect_prefs(
+    recipe: RecipeArg,
+    run_dir: RunDirOpt = None,
+    overrides: SetOpt = None,
+    annotator: Annotated[
+        Optional[str], typer.Option("--annotator", help="Your name, for human labelling (default: $DPO_CLI_ANNOTATOR, $USER).")
+    ] = None,
+    fresh: FreshOpt = False,
+    smoke: SmokeOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    extra = [f"label.annotator={annotator}"] if annotator else []
+    guarded(debug, lambda: run_stage("collect-prefs", recipe, run_dir, [*(overrides or []), *extra], fresh, smoke))
+
+
+collect_prefs.__doc__ = f"{STAGE_HELP['collect-prefs']}\n\n{STAGE_EXAMPLES['collect-prefs']}"
+
+for _stage in ALL_STAGES:  # in pipeline order
+    app.command(_stage)(collect_prefs if _stage == "collect-prefs" else _stage_command(_stage))
 
 
 @app.command()

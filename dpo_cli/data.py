@@ -45,6 +45,8 @@ def _is_local(value: str) -> bool:
 
 def _local_files(value: str, what: str) -> list[str]:
     path = Path(value)
+    if path.is_dir() and (path / "prefs.jsonl").is_file() and (path / "recipe.yaml").is_file():
+        return [str(path / "prefs.jsonl")]  # a collect-prefs run dir
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in BUILDERS and p.is_file())
         if not files:
@@ -176,6 +178,14 @@ def require_columns(ds: Dataset, options: list[tuple[str, ...]], what: str) -> t
     )
 
 
+def check_bad_rows(problems: list[tuple[int, str]], what: str, cfg: DataSection) -> None:
+    """With data.bad_rows: error, the first malformed row (by its number in the file) stops the stage."""
+    if problems and cfg.bad_rows == "error":
+        number, problem = problems[0]
+        more = f" ({len(problems) - 1} more bad rows; data.bad_rows: drop skips them)" if len(problems) > 1 else ""
+        raise UserError(f"{what} row {number}: {problem}{more}")
+
+
 def encode_rows(
     ds: Dataset,
     encode: Callable[[dict[str, Any]], dict[str, Any]],
@@ -194,10 +204,7 @@ def encode_rows(
     if ROW_NUMBER not in encoded.column_names:
         encoded = encoded.add_column(ROW_NUMBER, numbers)
     problems = [(i, p) for i, p in enumerate(encoded["problem"]) if p]
-    if problems and cfg.bad_rows == "error":
-        index, problem = problems[0]
-        more = f" ({len(problems) - 1} more bad rows; data.bad_rows: drop skips them)" if len(problems) > 1 else ""
-        raise UserError(f"{what} row {numbers[index]}: {problem}{more}")
+    check_bad_rows([(numbers[i], p) for i, p in problems], what, cfg)
     long_rows = [i for i, t in enumerate(encoded["truncated"]) if t]
     if long_rows and cfg.truncation == "error":
         raise UserError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from dpo_cli.recipes import GenerationSection
 class Generation:
     prompt_ids: list[int]
     response_ids: list[int]  # without padding; ends with EOS when `finished`
-    text: str  # decoded response, special tokens removed
+    text: str  # decoded response, special tokens removed, spacing kept: prompt + text re-tokenises as sampled
     finished: bool  # emitted EOS before max_new_tokens
 
 
@@ -47,8 +48,10 @@ def generate(
     cfg: GenerationSection,
     seed: int,
     device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
-    """Sample one response per tokenised prompt: left-padded batches, deterministic for a fixed seed."""
+    """Sample one response per tokenised prompt: left-padded batches, deterministic for a fixed seed.
+    `on_batch(n)` is told after each batch how many prompts it finished (for a progress bar)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
@@ -88,6 +91,8 @@ def generate(
                     while new and new[-1] == pad_id:
                         new.pop()
                 text = tokenizer.decode(new, skip_special_tokens=True)
-                results.append(Generation(prompt_ids=list(ids), response_ids=new, text=text.strip(), finished=finished))
+                results.append(Generation(prompt_ids=list(ids), response_ids=new, text=text, finished=finished))
+            if on_batch is not None:
+                on_batch(len(chunk))
     model.train(was_training)
     return results

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dpo_cli.errors import UserError
 from dpo_cli.recipes import ModelSection, QuantizationSection, TokenizerSection
@@ -100,15 +107,18 @@ def _from_pretrained(auto_cls, path: str, revision: str | None, trust_remote_cod
         raise UserError(f"cannot load model {path!r}: not a local model folder and not reachable on the hub ({first})") from None
 
 
-def _load_unquantized(auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype) -> PreTrainedModel:
+def _load_unquantized(
+    auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype, num_labels: int | None = None
+) -> PreTrainedModel:
     """Full-precision weights; an adapter source is merged into its (recursively resolved) base."""
     if not source.is_adapter:
+        labels = {"num_labels": num_labels} if num_labels is not None else {}
         return _from_pretrained(
-            auto_cls, source.path, source.revision, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation
+            auto_cls, source.path, source.revision, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation, **labels
         )
     from peft import PeftModel
 
-    base = _load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype)
+    base = _load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype, num_labels)
     return PeftModel.from_pretrained(base, source.path).merge_and_unload()
 
 
@@ -284,3 +294,41 @@ def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path) -> No
         config["base_model_name_or_path"] = bundle.base_ref
         config["revision"] = bundle.base_revision
         adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_reward_model(
+    name_or_path: str, device: torch.device, what: str = "label.reward_model", trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A frozen scalar reward model: an rm-train run (or its final/, adapter included) or any sequence
+    classifier with exactly one output. The one loader collect-prefs, ppo and compare share."""
+    source = resolve_source(name_or_path)
+    config_source = resolve_source(source.adapter_base).path if source.is_adapter else source.path
+    if source.is_adapter:
+        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise UserError(f"{what}: {name_or_path} is a {task or 'untyped'} adapter, not a reward model (SEQ_CLS)")
+    else:
+        try:
+            config = AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{what}: cannot load {name_or_path!r} ({str(exc).strip().splitlines()[0]})") from None
+        architectures = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+            kind = ", ".join(architectures) or config.model_type
+            raise UserError(
+                f"{what}: {name_or_path} is not a reward model: expected a sequence classifier with one output, "
+                f"found {kind} with {config.num_labels} labels"
+            )
+    cfg = ModelSection(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    model = _load_unquantized(AutoModelForSequenceClassification, source, cfg, dtype, num_labels=1)
+    tokenizer_dir = source.path if (Path(source.path) / "tokenizer_config.json").is_file() else config_source
+    tokenizer = load_tokenizer(tokenizer_dir, source.revision, trust_remote_code)
+    ensure_pad_token(tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    return model.to(device).eval(), tokenizer

@@ -18,7 +18,15 @@ from dpo_cli.errors import UserError
 from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, STAGE_SCHEMAS, PathMarker, RecipeBase
 
 # Keys that only change what is logged or kept, never the numbers: a resumed run may change them.
-RESUME_SAFE_KEYS = ("run_dir", "train.log_every", "train.keep_checkpoints", "train.tensorboard", "generation.batch_size")
+RESUME_SAFE_KEYS = (
+    "run_dir",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "train.tensorboard",
+    "generation.batch_size",
+    "label.annotator",  # several people label into one run
+    "label.batch_size",
+)
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".arrow")
 
@@ -192,21 +200,26 @@ def _cap(raw: dict[str, Any], section_name: str, key: str, limit: int, schema: t
 
 def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
     """Caps that let any recipe run end to end in seconds (what a CI smoke test wants)."""
-    train = raw.setdefault("train", {})
-    if isinstance(train, dict):
-        train.pop("epochs", None)
-        train["log_every"] = 1
-        train["eval_every"] = None
-        train["save_every"] = None
-    caps = {"train": {"max_steps": 3, "batch_size": 4, "grad_accum": 2}, "data": {"max_rows": 32, "max_eval_rows": 8, "max_length": 128}}
-    caps["generation"] = {"max_new_tokens": 16}
+    if "train" in schema.model_fields:
+        train = raw.setdefault("train", {})
+        if isinstance(train, dict):
+            train.pop("epochs", None)
+            train["log_every"] = 1
+            train["eval_every"] = None
+            train["save_every"] = None
+    caps = {
+        "train": {"max_steps": 3, "batch_size": 4, "grad_accum": 2},
+        "data": {"max_rows": 32, "max_eval_rows": 8, "max_length": 128},
+        "generation": {"max_new_tokens": 16},
+    }
     for name, field in schema.model_fields.items():
         section = _section_class(field.annotation)
         if section is not None and "show_samples" in section.model_fields:
             caps[name] = {"show_samples": 2}
     for section_name, limits in caps.items():
-        for key, limit in limits.items():
-            _cap(raw, section_name, key, limit, schema)
+        if section_name in schema.model_fields:
+            for key, limit in limits.items():
+                _cap(raw, section_name, key, limit, schema)
 
 
 # ----------------------------------------------------------------------------- validation errors

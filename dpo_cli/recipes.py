@@ -200,10 +200,52 @@ class SftSection(Section):
     show_samples: int = Field(3, ge=0, description="Responses to eval prompts printed at the end.")
 
 
+class CollectSection(Section):
+    source: Literal["generate", "import"] = Field(
+        "generate", description="generate: sample the policy and label pairs; import: convert an existing preference dataset."
+    )
+    samples_per_prompt: int = Field(2, ge=2, description="Responses sampled per prompt.")
+    pairs_per_prompt: int | None = Field(None, ge=1, description="Pairs formed per prompt (seeded choice); null: every pair of samples.")
+    import_format: Literal["auto", "trl", "hh", "ultrafeedback"] = Field(
+        "auto", description="Format of an imported dataset; auto detects it from the columns."
+    )
+
+
+class LabelSection(Section):
+    by: Literal["human", "reward-model", "judge"] = Field("judge", description="Who picks the better response.")
+    judge: str = Field("sentiment", description="Built-in judge (sentiment, length) or a user function 'module:function'.")
+    reward_model: PathOrHubId | None = Field(None, description="An rm-train run dir or any sequence-classification checkpoint with one output.")
+    noise: float | None = Field(
+        None, gt=0, description="Bradley-Terry temperature T: sample A with probability sigmoid((s_A - s_B) / T) (simulated noisy raters)."
+    )
+    tie_margin: float = Field(0.0, ge=0.0, description="Scores closer than this are a tie.")
+    ties: Literal["drop", "keep"] = Field("drop", description="Ties are left out of prefs.jsonl, or kept with tie: true.")
+    aggregate: Literal["majority", "all"] = Field(
+        "majority", description="Several annotators on one pair: one record with the majority choice, or one record per label."
+    )
+    annotator: str | None = Field(None, description="Name of the human annotator (default: --annotator, $DPO_CLI_ANNOTATOR, $USER).")
+    batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> LabelSection:
+        if self.by == "reward-model" and self.reward_model is None:
+            raise ValueError("label.by: reward-model needs label.reward_model (an rm-train run or a sequence classifier)")
+        if self.by == "judge" and ":" not in self.judge and self.judge not in ("sentiment", "length"):
+            raise ValueError(f"label.judge: {self.judge!r} is not a built-in judge (sentiment, length) nor 'module:function'")
+        return self
+
+
 class RecipeBase(Section):
     stage: str | None = Field(None, description="The stage this recipe is for; checked against the subcommand.")
     run_dir: LocalPath | None = Field(None, description="Where checkpoints, metrics and final/ go (--run-dir wins).")
     seed: int = 42
+
+    def reopens_complete_run(self) -> bool:
+        """Whether running again into a complete run dir has work to do (e.g. a second annotator)."""
+        return False
+
+
+class TrainingRecipe(RecipeBase):
     model: ModelSection
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: DataSection
@@ -211,7 +253,7 @@ class RecipeBase(Section):
     generation: GenerationSection = Field(default_factory=GenerationSection)
 
 
-class PretrainRecipe(RecipeBase):
+class PretrainRecipe(TrainingRecipe):
     stage: Literal["pretrain"] | None = "pretrain"
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
 
@@ -224,7 +266,7 @@ class PretrainRecipe(RecipeBase):
         return self
 
 
-class SftRecipe(RecipeBase):
+class SftRecipe(TrainingRecipe):
     stage: Literal["sft"] | None = "sft"
     sft: SftSection = Field(default_factory=SftSection)
 
@@ -235,6 +277,27 @@ class SftRecipe(RecipeBase):
         return self
 
 
-STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {"pretrain": PretrainRecipe, "sft": SftRecipe}
-PLANNED_STAGES = ("collect-prefs", "rm-train", "ppo", "dpo")
-ALL_STAGES = ("pretrain", "sft", *PLANNED_STAGES)
+class CollectPrefsRecipe(RecipeBase):
+    stage: Literal["collect-prefs"] | None = "collect-prefs"
+    model: ModelSection | None = Field(None, description="The policy to sample (not needed to import).")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: DataSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    collect: CollectSection = Field(default_factory=CollectSection)
+    label: LabelSection = Field(default_factory=LabelSection)
+
+    @model_validator(mode="after")
+    def _policy(self) -> CollectPrefsRecipe:
+        if self.collect.source == "generate" and self.model is None:
+            raise ValueError("collect.source: generate samples a policy: set model.name_or_path (e.g. an sft run)")
+        if self.data.eval is not None:
+            raise ValueError("data.eval: collect-prefs labels every prompt of data.train; it has no eval split")
+        return self
+
+    def reopens_complete_run(self) -> bool:
+        return self.collect.source == "generate" and self.label.by == "human"
+
+
+STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {"pretrain": PretrainRecipe, "sft": SftRecipe, "collect-prefs": CollectPrefsRecipe}
+PLANNED_STAGES = ("rm-train", "ppo", "dpo")
+ALL_STAGES = ("pretrain", "sft", "collect-prefs", *PLANNED_STAGES)

@@ -80,6 +80,38 @@ class TrainProgress:
             err_console.print(Text(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {human_count(tokens_per_sec)} tok/s"))
 
 
+class TaskProgress:
+    """A progress bar over a count of items (generation, scoring); silent when disabled."""
+
+    def __init__(self, description: str, total: int, enabled: bool = True):
+        self._progress = None
+        if enabled and total > 0:
+            self._progress = Progress(
+                TextColumn(f"[bold]{description}[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=not err_console.is_terminal,
+            )
+            self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self) -> TaskProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, count: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, count)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -94,14 +126,18 @@ def summary_table(summary: dict[str, Any]) -> None:
         ("run dir", summary.get("run_dir")),
         ("steps", summary.get("steps")),
         ("wall time", f"{summary.get('wall_time_s', 0):.1f} s"),
-        ("tokens", human_count(summary.get("tokens", 0))),
-        ("tokens/s", human_count(summary.get("tokens_per_sec", 0))),
-        ("peak memory", f"{human_bytes(summary.get('peak_memory_bytes', 0))} ({summary.get('peak_memory_kind')})"),
+        ("tokens", human_count(summary["tokens"])) if "tokens" in summary else None,
+        ("tokens/s", human_count(summary["tokens_per_sec"])) if "tokens_per_sec" in summary else None,
+        ("peak memory", f"{human_bytes(summary['peak_memory_bytes'])} ({summary.get('peak_memory_kind')})")
+        if "peak_memory_bytes" in summary
+        else None,
         ("device", summary.get("device")),
         ("parameters", f"{human_count(summary['parameters']['trainable'])} trainable of {human_count(summary['parameters']['total'])}")
         if "parameters" in summary
         else None,
     ]
+    for key, value in (summary.get("highlights") or {}).items():
+        rows.append((key, _fmt(value)))
     for key, value in (summary.get("final_metrics") or {}).items():
         rows.append((f"train {key}", _fmt(value)))
     for key, value in (summary.get("eval_metrics") or {}).items():

@@ -15,4 +15,8 @@ def stage_runner(stage: str) -> Callable[[Any, Any], dict]:
         from dpo_cli.stages.sft import run_sft
 
         return run_sft
+    if stage == "collect-prefs":
+        from dpo_cli.stages.collect_prefs import run_collect_prefs
+
+        return run_collect_prefs
     raise KeyError(stage)

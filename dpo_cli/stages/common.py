@@ -18,7 +18,7 @@ from dpo_cli.losses import causal_lm_loss
 from dpo_cli.encoding import collate_causal
 from dpo_cli.loop import BatchStream, LoopResult, train
 from dpo_cli.models import ModelBundle, count_parameters, save_final
-from dpo_cli.recipes import GenerationSection, RecipeBase
+from dpo_cli.recipes import GenerationSection, TrainingRecipe
 from dpo_cli.plots import plot_training
 from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
@@ -37,7 +37,7 @@ def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
 
 def train_language_model(
     stage: str,
-    recipe: RecipeBase,
+    recipe: TrainingRecipe,
     bundle: ModelBundle,
     train_set: Dataset,
     eval_set: Dataset | None,
@@ -74,7 +74,7 @@ def write_samples(
         return []
     model = runtime.accelerator.unwrap_model(bundle.model)
     generations = generate(model, bundle.tokenizer, [ids for _, ids in prompts], cfg, seed, runtime.device)
-    samples = [{"prompt": text, "response": g.text} for (text, _), g in zip(prompts, generations)]
+    samples = [{"prompt": text, "response": g.text.strip()} for (text, _), g in zip(prompts, generations)]
     if runtime.is_main:
         atomic_write_text(run.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     return samples

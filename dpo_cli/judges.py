@@ -1,0 +1,155 @@
+"""Score-based labelers: built-in judges, user functions named in a recipe, and reward models;
+and the Bradley-Terry choice between two scores (optionally noisy, to simulate human raters)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from dpo_cli.errors import UserError
+
+Prompt = Any  # a string, or a list of {role, content} messages
+
+
+@dataclass
+class Scores:
+    values: list[float | None]  # None where scoring failed
+    errors: dict[int, str] = field(default_factory=dict)  # index -> why
+
+
+class Judge(Protocol):
+    name: str
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> Scores: ...
+
+
+def bradley_terry_choice(score_a: float, score_b: float, noise: float | None, tie_margin: float, rng: random.Random) -> str:
+    """'A', 'B' or 'tie'. Scores within tie_margin tie; otherwise A wins outright on the higher score, or,
+    with noise T, with probability sigmoid((score_a - score_b) / T) - the Bradley-Terry model of a rater."""
+    difference = score_a - score_b
+    if abs(difference) <= tie_margin:
+        return "tie"
+    if noise is None:
+        return "A" if difference > 0 else "B"
+    probability_a = 1.0 / (1.0 + math.exp(-max(min(difference / noise, 60.0), -60.0)))
+    return "A" if rng.random() < probability_a else "B"
+
+
+def _checked(value: Any) -> tuple[float | None, str | None]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"the judge returned {type(value).__name__} {value!r}, not a number"
+    if not math.isfinite(value):
+        return None, f"the judge returned {value}"
+    return float(value), None
+
+
+class FunctionJudge:
+    """A function (prompt, response) -> float, called once per response; failures are reported, never labels."""
+
+    def __init__(self, name: str, function: Callable[[Prompt, str], float]):
+        self.name = name
+        self.function = function
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> Scores:
+        scores = Scores(values=[])
+        for index, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:
+                value, problem = _checked(self.function(prompt, response))
+            except Exception as exc:  # user code: any failure skips this response's pairs
+                value, problem = None, f"the judge raised {type(exc).__name__}: {exc}"
+            scores.values.append(value)
+            if problem:
+                scores.errors[index] = problem
+        return scores
+
+
+def sentiment(_prompt: Prompt, response: str) -> float:
+    """VADER compound sentiment of the response, in [-1, 1]: the demo's stand-in for human raters."""
+    return _vader().polarity_scores(response)["compound"]
+
+
+def length(_prompt: Prompt, response: str) -> float:
+    """Words in the response: longer is better (a judge that rewards verbosity, to study length bias)."""
+    return float(len(response.split()))
+
+
+_ANALYZER: Any = None
+
+
+def _vader() -> Any:
+    global _ANALYZER
+    if _ANALYZER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _ANALYZER = SentimentIntensityAnalyzer()
+    return _ANALYZER
+
+
+BUILT_IN = {"sentiment": sentiment, "length": length}
+
+
+def load_user_function(spec: str) -> Callable[[Prompt, str], float]:
+    """`module:function`, imported from the current directory or the Python path (user code runs only here)."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise UserError(f"label.judge: {spec!r} is not 'module:function'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UserError(f"label.judge: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"label.judge: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def build_judge(spec: str) -> FunctionJudge:
+    if spec in BUILT_IN:
+        return FunctionJudge(f"judge:{spec}", BUILT_IN[spec])
+    return FunctionJudge(f"judge:{spec}", load_user_function(spec))
+
+
+class RewardModelJudge:
+    """Scores (prompt, response) with a scalar sequence classifier, in batches."""
+
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer: Any, batch_size: int, device: torch.device, max_length: int):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = device
+        self.max_length = max_length
+
+    def text(self, prompt: Prompt, response: str) -> str:
+        if isinstance(prompt, list):
+            from dpo_cli.encoding import render_chat
+
+            return render_chat(self.tokenizer, [*prompt, {"role": "assistant", "content": response}], add_generation_prompt=False)
+        return prompt + response
+
+    @torch.no_grad()
+    def score(self, prompts: list[Prompt], responses: list[str]) -> Scores:
+        texts = [self.text(p, r) for p, r in zip(prompts, responses)]
+        values: list[float | None] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=not isinstance(prompts[0], list),
+            ).to(self.device)
+            logits = self.model(**batch).logits[:, 0]  # (B,) the score at the last real token
+            values.extend(float(v) for v in logits.float().cpu())
+        return Scores(values=values)

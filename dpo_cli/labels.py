@@ -1,0 +1,123 @@
+"""The label log: every preference label is an event appended to RUN/labels.jsonl and fsynced before the
+next pair is shown. Nothing is rewritten in place: an undo is a new event that retracts an earlier one.
+A line torn by a crash (kill -9, power loss) is detected when the log is opened and cut off.
+
+Events:
+    {"event": "label", "id": "ann-7", "pair_id": "12-0-1", "annotator": "ann", "choice": "A"|"B"|"tie"|"skip",
+     "swapped": false, "labeler": "human", "scores": [sA, sB] | null, "time": "..."}
+    {"event": "undo", "id": "ann-8", "target": "ann-7", "annotator": "ann", "time": "..."}
+Choices are in the pair's own order (A = the pair's first response), whatever side it was shown on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class LabelLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.repaired_bytes = self._repair()
+        self.events: list[dict[str, Any]] = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    self.events.append(json.loads(line))
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _repair(self) -> int:
+        """Cut a torn last line (no newline, or not JSON); returns how many bytes were dropped."""
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        keep = len(data)
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+        lines = data[:keep].splitlines(keepends=True)
+        while lines:  # a complete-looking line that does not parse is torn too
+            try:
+                json.loads(lines[-1])
+                break
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                keep -= len(lines.pop())
+        if keep == len(data):
+            return 0
+        with open(self.path, "r+b") as handle:
+            handle.truncate(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return len(data) - keep
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _next_id(self, annotator: str) -> str:
+        return f"{annotator}-{sum(1 for e in self.events if e.get('annotator') == annotator) + 1}"
+
+    def _append(self, event: dict[str, Any], sync: bool) -> dict[str, Any]:
+        self._handle.write(json.dumps(event) + "\n")
+        self._handle.flush()
+        if sync:
+            os.fsync(self._handle.fileno())
+        self.events.append(event)
+        return event
+
+    def sync(self) -> None:
+        os.fsync(self._handle.fileno())
+
+    def label(
+        self,
+        pair_id: str,
+        annotator: str,
+        choice: str,
+        labeler: str,
+        swapped: bool = False,
+        scores: tuple[float, float] | None = None,
+        sync: bool = True,
+    ) -> dict[str, Any]:
+        event = {
+            "event": "label",
+            "id": self._next_id(annotator),
+            "pair_id": pair_id,
+            "annotator": annotator,
+            "choice": choice,
+            "swapped": swapped,
+            "labeler": labeler,
+            "scores": list(scores) if scores is not None else None,
+            "time": now(),
+        }
+        return self._append(event, sync)
+
+    def undo_last(self, annotator: str) -> dict[str, Any] | None:
+        """Retract this annotator's most recent label that still stands; returns it, or None."""
+        standing = [e for e in self.active_events() if e["annotator"] == annotator]
+        if not standing:
+            return None
+        target = standing[-1]
+        self._append({"event": "undo", "id": self._next_id(annotator), "target": target["id"], "annotator": annotator, "time": now()}, True)
+        return target
+
+    def active_events(self) -> list[dict[str, Any]]:
+        """Label events not retracted, in the order they were given; a relabelled pair keeps its last label."""
+        undone = {e["target"] for e in self.events if e["event"] == "undo"}
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for event in self.events:
+            if event["event"] == "label" and event["id"] not in undone:
+                key = (event["pair_id"], event["annotator"])
+                latest.pop(key, None)
+                latest[key] = event
+        return list(latest.values())
+
+    def active(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """(pair_id, annotator) -> the label that stands."""
+        return {(e["pair_id"], e["annotator"]): e for e in self.active_events()}

@@ -1,0 +1,248 @@
+"""`dpo-cli collect-prefs`: sample the policy, form pairs, have a person, a reward model or a judge pick the
+better response, and write prefs.jsonl + stats.json. Or import an existing preference dataset.
+
+Phases: prompts -> candidates (sampled once, saved) -> pairs -> labels (an fsynced, append-only log) -> records.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+from dpo_cli import ui
+from dpo_cli.data import DataReport, check_bad_rows, load_splits, require_columns
+from dpo_cli.encoding import check_messages, prompt_ids_for_generation
+from dpo_cli.errors import UserError
+from dpo_cli.generate import generate
+from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
+from dpo_cli.judges import Judge, RewardModelJudge, bradley_terry_choice, build_judge
+from dpo_cli.labels import LabelLog, now
+from dpo_cli.models import build_causal_lm, build_tokenizer, load_reward_model
+from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
+from dpo_cli.prefs_import import convert_rows, detect_format
+from dpo_cli.recipes import CollectPrefsRecipe, TrainSection
+from dpo_cli.rundir import RunDir, atomic_write_json, atomic_write_text
+from dpo_cli.runtime import Runtime, library_versions, setup_runtime
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _read_jsonl(path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_prompts(recipe: CollectPrefsRecipe, report: DataReport) -> list[Any]:
+    """Prompts from data.train: a `prompt` column (text or messages) or a `messages` column (a conversation
+    that does not end with an assistant turn)."""
+    rows, _ = load_splits(recipe.data, recipe.seed, report)
+    column = require_columns(rows, [("prompt",), ("messages",)], "data.train")[0]
+    prompts, problems = [], []
+    for position, row in enumerate(rows):
+        value = row[column]
+        if isinstance(value, list):
+            problem = check_messages(value, column)
+            if problem is None and value[-1]["role"] == "assistant":
+                problem = f"'{column}' ends with an assistant turn: nothing is left to answer"
+        elif not isinstance(value, str):
+            problem = f"'{column}' is missing" if value is None else f"'{column}' must be a string or a list of messages"
+        else:
+            problem = None if value.strip() else f"'{column}' is empty"
+        if problem:
+            problems.append((row.get("__row__", position + 1), problem))
+        else:
+            prompts.append(value)
+    check_bad_rows(problems, "data.train", recipe.data)
+    if problems:
+        report.dropped["prompts/malformed"] = len(problems)
+    if not prompts:
+        raise UserError("data.train: no usable prompts")
+    return prompts
+
+
+def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime, prompts: list[Any], report: DataReport) -> list[dict]:
+    """`samples_per_prompt` responses per prompt, saved to candidates.jsonl before any labelling (reused on rerun)."""
+    path = run.path / "candidates.jsonl"
+    if path.exists():
+        return _read_jsonl(path)
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
+    for message in notes + bundle.notes:
+        ui.note(message)
+    encoded, kept, too_long = [], [], 0
+    for prompt in prompts:
+        ids = prompt_ids_for_generation(tokenizer, prompt)
+        if len(ids) > recipe.data.max_length:
+            too_long += 1
+            if recipe.data.truncation == "error":
+                raise UserError(f"data.train: a prompt is {len(ids)} tokens, over data.max_length={recipe.data.max_length}")
+            if recipe.data.truncation == "drop":
+                continue
+            ids = ids[-recipe.data.max_length :]  # keep the end of the prompt, next to the response
+        encoded.append(ids)
+        kept.append(prompt)
+    if too_long:
+        (report.dropped if recipe.data.truncation == "drop" else report.truncated)["prompts/too_long"] = too_long
+    n = recipe.collect.samples_per_prompt
+    repeated = [ids for ids in encoded for _ in range(n)]
+    with ui.TaskProgress("sampling", len(repeated), runtime.is_main) as progress:
+        generations = generate(bundle.model, tokenizer, repeated, recipe.generation, recipe.seed, runtime.device, progress.advance)
+    candidates = [
+        {
+            "prompt_index": index,
+            "prompt": prompt,
+            "responses": [g.text for g in generations[index * n : (index + 1) * n]],
+            "finished": [g.finished for g in generations[index * n : (index + 1) * n]],
+        }
+        for index, prompt in enumerate(kept)
+    ]
+    atomic_write_text(path, _jsonl(candidates))
+    return candidates
+
+
+def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime) -> Judge:
+    if recipe.label.by == "judge":
+        return build_judge(recipe.label.judge)
+    model, tokenizer = load_reward_model(recipe.label.reward_model, runtime.device, trust_remote_code=False)
+    return RewardModelJudge(f"reward-model:{recipe.label.reward_model}", model, tokenizer, recipe.label.batch_size, runtime.device, 4096)
+
+
+def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair], log: LabelLog, runtime: Runtime) -> dict[str, int]:
+    """Score each response once, then choose per pair (Bradley-Terry noise seeded per pair). A pair whose
+    score failed is reported and skipped, never labelled."""
+    standing = log.active()
+    pending = [p for p in pairs if (p.pair_id, judge.name) not in standing]
+    keys, prompts, responses = {}, [], []
+    for pair in pending:
+        for response in (pair.a, pair.b):
+            key = (json.dumps(pair.prompt), response)
+            if key not in keys:
+                keys[key] = len(responses)
+                prompts.append(pair.prompt)
+                responses.append(response)
+    with ui.TaskProgress("scoring", len(responses), runtime.is_main) as progress:
+        scores = judge.score(prompts, responses)
+        progress.advance(len(responses))
+    failed = 0
+    for pair in pending:
+        index_a, index_b = keys[(json.dumps(pair.prompt), pair.a)], keys[(json.dumps(pair.prompt), pair.b)]
+        score_a, score_b = scores.values[index_a], scores.values[index_b]
+        if score_a is None or score_b is None:
+            failed += 1
+            if failed <= 3:
+                ui.note(f"pair {pair.pair_id} skipped: {scores.errors.get(index_a) or scores.errors.get(index_b)}")
+            continue
+        rng = random.Random(f"{recipe.seed}:label:{pair.pair_id}")
+        choice = bradley_terry_choice(score_a, score_b, recipe.label.noise, recipe.label.tie_margin, rng)
+        log.label(pair.pair_id, judge.name, choice, judge.name, scores=(score_a, score_b), sync=False)
+    log.sync()
+    if failed > 3:
+        ui.note(f"... {failed} pairs in all were skipped because the judge failed on them")
+    return {"judge_failed": failed} if failed else {}
+
+
+def write_outputs(run: RunDir, records: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+    atomic_write_text(run.path / "prefs.jsonl", _jsonl(records))
+    atomic_write_json(run.path / "stats.json", stats)
+
+
+def finish(run: RunDir, recipe: CollectPrefsRecipe, status: str, started: float, stats: dict, report: DataReport, runtime: Runtime) -> dict:
+    summary = {
+        "stage": "collect-prefs",
+        "status": status,
+        "run_dir": str(run.path),
+        "wall_time_s": round(time.time() - started, 3),
+        "device": runtime.device_name(),
+        "pairs": stats["pairs"],
+        "records": stats["records"],
+        "highlights": {
+            "pairs": stats["pairs"],
+            "labels": stats["labels"],
+            "records written": stats["records"],
+            "ties": stats["ties"],
+            "skips": stats["skips"],
+            **{f"left out: {k}": v for k, v in stats["left_out"].items()},
+            "chosen mean words": stats["length_bias"]["chosen_mean_words"],
+            "rejected mean words": stats["length_bias"]["rejected_mean_words"],
+        },
+        "data": report.as_dict(),
+        "prefs": str(run.path / "prefs.jsonl"),
+        "stats": str(run.path / "stats.json"),
+        "versions": library_versions(),
+    }
+    run.write_summary(summary)
+    ui.summary_table(summary)
+    for row in stats["agreement"]:
+        kappa = row["cohen_kappa"]
+        ui.note(
+            f"agreement {row['annotators'][0]} vs {row['annotators'][1]} on {row['overlap']} pairs: "
+            f"{row['percent_agreement']:.1f}%, Cohen's kappa {'n/a' if kappa is None else f'{kappa:.3f}'}"
+        )
+    return summary
+
+
+def import_prefs(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime, started: float) -> dict:
+    report = DataReport()
+    rows, _ = load_splits(recipe.data, recipe.seed, report)
+    fmt = detect_format(rows.column_names) if recipe.collect.import_format == "auto" else recipe.collect.import_format
+    source = recipe.data.train if isinstance(recipe.data.train, str) else ",".join(recipe.data.train)
+    records, problems = convert_rows(rows, fmt, recipe.seed, now(), source)
+    check_bad_rows(problems, "data.train", recipe.data)
+    if problems:
+        report.dropped["import/malformed"] = len(problems)
+    if not records:
+        raise UserError("data.train: no preference pair could be imported")
+    ui.note(f"imported {len(records)} pairs in {fmt} format")
+    stats = preference_stats([], [], records, {"malformed": len(problems)} if problems else {})
+    stats["pairs"] = len(rows)
+    write_outputs(run, records, stats)
+    return finish(run, recipe, "completed", started, stats, report, runtime)
+
+
+def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
+    started = time.time()
+    runtime = setup_runtime(TrainSection(), recipe.seed)
+    if recipe.collect.source == "import":
+        return import_prefs(recipe, run, runtime, started)
+
+    report = DataReport()
+    prompts = load_prompts(recipe, report)
+    if recipe.label.by == "human":
+        require_terminal()  # refuse before sampling, not after
+    candidates = sample_candidates(recipe, run, runtime, prompts, report)
+    pairs, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
+    if not (run.path / "pairs.jsonl").exists():
+        atomic_write_text(run.path / "pairs.jsonl", _jsonl([p.as_dict() for p in pairs]))
+    left_out = {"identical_responses": identical} if identical else {}
+
+    log = LabelLog(run.path / "labels.jsonl")
+    if log.repaired_bytes:
+        ui.note(f"labels.jsonl ended in a torn line ({log.repaired_bytes} bytes, from a crash); it was cut off, every complete label kept")
+    try:
+        if recipe.label.by == "human":
+            annotator = resolve_annotator(recipe.label.annotator)
+            outcome = label_by_hand(pairs, log, annotator, recipe.seed, ui.console)
+            done = sum(1 for p in pairs if (p.pair_id, annotator) in log.active())
+            status = "completed" if outcome == "done" else "partial"
+            ui.note(f"{annotator}: {done} / {len(pairs)} labelled" + ("" if status == "completed" else "; run the same command to continue"))
+        else:
+            left_out.update(label_by_scores(recipe, machine_judge(recipe, runtime), pairs, log, runtime))
+            status = "completed"
+        standing = log.active_events()
+    finally:
+        log.close()
+    provenance = {
+        "generation": {
+            "model": recipe.model.name_or_path,
+            **recipe.generation.model_dump(exclude={"batch_size"}),
+            "samples_per_prompt": recipe.collect.samples_per_prompt,
+            "seed": recipe.seed,
+        }
+    }
+    records, counts = build_records(pairs, standing, recipe.label.aggregate, recipe.label.ties, provenance)
+    stats = preference_stats(pairs, standing, records, {**left_out, **counts})
+    write_outputs(run, records, stats)
+    return finish(run, recipe, status, started, stats, report, runtime)
