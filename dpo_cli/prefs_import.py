@@ -114,6 +114,9 @@ def convert_rows(ds: Dataset, fmt: str, seed: int, stamp: str, source: str) -> t
     for position, row in enumerate(ds):
         number = row.get("__row__", position + 1)
         scores = None
+        if row.get("chosen") is not None and row.get("chosen") == row.get("rejected"):
+            problems.append((number, "'chosen' and 'rejected' are the same"))
+            continue
         try:
             if fmt == "ultrafeedback":
                 prompt, chosen, rejected, scores = from_ultrafeedback(row, random.Random(f"{seed}:uf:{number}"))

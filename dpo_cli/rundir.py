@@ -28,6 +28,7 @@ import yaml
 from dpo_cli.errors import UserError
 
 CHECKPOINT_MARKER = "trainer_state.json"  # written last: a checkpoint without it is not complete
+OUTPUT_KEYS = ("final_dir", "prefs")  # summary.json keys naming what a finished stage produced
 
 
 def fsync_dir(path: Path) -> None:
@@ -187,8 +188,11 @@ class RunDir:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
     def is_complete(self) -> bool:
+        """Finished, and its outputs (final/, prefs.jsonl, ... as summary.json names them) are still there."""
         summary = self.summary()
-        return bool(summary and summary.get("status") == "completed" and self.final_dir.is_dir())
+        if not summary or summary.get("status") != "completed":
+            return False
+        return all(Path(summary[key]).exists() for key in OUTPUT_KEYS if summary.get(key))
 
     def archive(self) -> Path:
         """Move everything but the lock to a sibling RUN.prev-TIMESTAMP folder (what --fresh does)."""

@@ -127,3 +127,16 @@ def cli(monkeypatch):
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A scalar sequence classifier on the tiny Llama, as rm-train (or any hub reward model) saves one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    folder = tmp_path_factory.mktemp("tiny-rm")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
