@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/dpo-cli pretrain recipes/demo/pretrain.yaml
 	$(BIN)/dpo-cli sft recipes/demo/sft.yaml
 	$(BIN)/dpo-cli collect-prefs recipes/demo/collect-prefs.yaml
+	$(BIN)/dpo-cli dpo recipes/demo/dpo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -25,3 +25,57 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     )
     loss = nll_sum / num_targets.clamp(min=1)
     return loss, {"num_targets": num_targets}
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, at least in float32, without an upcast copy of the whole
+    vocabulary outliving the call. logits: (N, V); targets: (N,) -> (N,)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO family of preference losses on sequence log-probs, each (B,). Returns the mean loss and the
+    usual metrics (TRL's names). With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)):
+
+        sigmoid  -(1 - e) log s(beta h) - e log s(-beta h)            (DPO; e > 0: conservative DPO)
+        robust   (-(1 - e) log s(beta h) + e log s(-beta h)) / (1 - 2e)   (robust DPO, Chowdhury et al. 2024)
+        hinge    max(0, 1 - beta h)                                   (SLiC / RSO)
+        ipo      (h - 1 / (2 beta))^2                                 (IPO, Azar et al. 2023)
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(DPO_LOSSES)}")
+    chosen_rewards = beta * chosen_logratios.detach()  # (B,)
+    rejected_rewards = beta * rejected_logratios.detach()  # (B,)
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+    return losses.mean(), metrics

@@ -216,6 +216,9 @@ def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
         section = _section_class(field.annotation)
         if section is not None and "show_samples" in section.model_fields:
             caps[name] = {"show_samples": 2}
+        if section is not None and "max_prompt_length" in section.model_fields and isinstance(raw.get(name), dict):
+            if raw[name].get("max_prompt_length") is not None:
+                caps.setdefault(name, {})["max_prompt_length"] = 64  # below the capped max_length
     for section_name, limits in caps.items():
         if section_name in schema.model_fields:
             for key, limit in limits.items():
@@ -277,7 +280,7 @@ def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> li
     by_key: dict[str, list[str]] = {}
     for err in exc.errors(include_url=False):
         path, owner = _clean_loc(schema, err["loc"])
-        key = ".".join(str(p) for p in path) or "(recipe)"
+        key = ".".join(str(p) for p in path)  # empty for rules across sections: their message names the keys
         kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
         if kind == "missing":
             message = "required key is missing"
@@ -308,7 +311,7 @@ def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> li
             got = messages[0].split(", got ", 1)[-1]
             lines.append(f"{key}: expected {' or '.join(expected)}, got {got}")
         else:
-            lines.extend(f"{key}: {m}" for m in messages)
+            lines.extend(f"{key}: {m}" if key else m for m in messages)
     return lines
 
 

@@ -277,6 +277,39 @@ class SftRecipe(TrainingRecipe):
         return self
 
 
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL pull toward the reference (the DPO paper's beta).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="The preference loss.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped labels: conservative DPO (sigmoid) or robust DPO (robust)."
+    )
+    ref_model: PathOrHubId | None = Field(
+        None, description="A separate reference model; default: the initial policy (under LoRA: the same model, adapter disabled)."
+    )
+    precompute_ref: bool = Field(False, description="Compute every reference log-prob once before training; saved in the run dir.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Cut prompts to this many tokens, from the left.")
+    show_samples: int = Field(3, ge=0, description="Eval prompts answered before and after training, printed at the end.")
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DpoSection:
+        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {self.loss}")
+        return self
+
+
+class DpoRecipe(TrainingRecipe):
+    stage: Literal["dpo"] | None = "dpo"
+    dpo: DpoSection = Field(default_factory=DpoSection)
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> DpoRecipe:
+        if self.model.init is not None:
+            raise ValueError("dpo starts from a trained policy: set model.name_or_path (e.g. an sft run)")
+        if self.dpo.max_prompt_length is not None and self.dpo.max_prompt_length >= self.data.max_length:
+            raise ValueError("dpo.max_prompt_length must be below data.max_length, or no completion token would fit")
+        return self
+
+
 class CollectPrefsRecipe(RecipeBase):
     stage: Literal["collect-prefs"] | None = "collect-prefs"
     model: ModelSection | None = Field(None, description="The policy to sample (not needed to import).")
@@ -298,6 +331,11 @@ class CollectPrefsRecipe(RecipeBase):
         return self.collect.source == "generate" and self.label.by == "human"
 
 
-STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {"pretrain": PretrainRecipe, "sft": SftRecipe, "collect-prefs": CollectPrefsRecipe}
-PLANNED_STAGES = ("rm-train", "ppo", "dpo")
-ALL_STAGES = ("pretrain", "sft", "collect-prefs", *PLANNED_STAGES)
+STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {
+    "pretrain": PretrainRecipe,
+    "sft": SftRecipe,
+    "collect-prefs": CollectPrefsRecipe,
+    "dpo": DpoRecipe,
+}
+PLANNED_STAGES = ("rm-train", "ppo")
+ALL_STAGES = ("pretrain", "sft", "collect-prefs", "rm-train", "ppo", "dpo")

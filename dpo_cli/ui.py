@@ -167,5 +167,17 @@ def samples_table(samples: list[dict[str, str]], title: str) -> None:
     console.print(table)
 
 
+def before_after_table(samples: list[dict[str, str]], title: str) -> None:
+    if not samples:
+        return
+    table = Table(title=title, title_justify="left", show_lines=True)
+    table.add_column("prompt", ratio=1, overflow="fold")
+    table.add_column("before", ratio=2, overflow="fold")
+    table.add_column("after", ratio=2, overflow="fold")
+    for sample in samples:
+        table.add_row(Text(sample["prompt"]), Text(sample["before"]), Text(sample["after"]))
+    console.print(table)
+
+
 def is_interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()

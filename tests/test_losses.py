@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dpo_cli.losses import IGNORE_INDEX, causal_lm_loss
@@ -59,3 +60,71 @@ def test_matches_transformers_loss(tiny_model_dir):
     out = model(input_ids=input_ids, labels=labels)
     loss, _ = causal_lm_loss(out.logits, labels)
     assert torch.allclose(loss, out.loss, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DPO
+
+from dpo_cli.losses import dpo_loss, token_logps  # noqa: E402
+
+LOGPS = (torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]))  # h = 0.5 - (-0.5) = 1
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_dpo_sigmoid_hand_computed():
+    loss, metrics = dpo_loss(*LOGPS, beta=0.5)
+    assert loss.item() == pytest.approx(softplus(-0.5), abs=1e-7)  # -log sigmoid(0.5) = 0.474077
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.25)
+    assert metrics["rewards/rejected"].item() == pytest.approx(-0.25)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.5)
+    assert metrics["rewards/accuracies"].item() == 1.0
+    assert (metrics["logps/chosen"].item(), metrics["logps/rejected"].item()) == (-1.0, -2.0)
+
+
+def test_dpo_variants_hand_computed():
+    clean, flipped = softplus(-0.5), softplus(0.5)  # -log s(0.5), -log s(-0.5)
+    assert dpo_loss(*LOGPS, beta=0.5, label_smoothing=0.2)[0].item() == pytest.approx(0.8 * clean + 0.2 * flipped, abs=1e-6)
+    robust = (0.8 * clean - 0.2 * flipped) / 0.6
+    assert dpo_loss(*LOGPS, beta=0.5, loss_type="robust", label_smoothing=0.2)[0].item() == pytest.approx(robust, abs=1e-6)
+    assert dpo_loss(*LOGPS, beta=0.5, loss_type="hinge")[0].item() == pytest.approx(0.5)
+    assert dpo_loss(*LOGPS, beta=0.25, loss_type="ipo")[0].item() == pytest.approx((1 - 2) ** 2)
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        dpo_loss(*LOGPS, beta=0.5, loss_type="kto")
+
+
+def test_dpo_policy_equal_to_reference_is_log_2():
+    logps = torch.tensor([-3.0, -7.5, -1.25])
+    loss, metrics = dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert metrics["rewards/chosen"].item() == 0.0 and metrics["rewards/margins"].item() == 0.0
+    assert metrics["rewards/accuracies"].item() == 0.0  # chosen is not strictly above rejected
+
+
+def test_dpo_matches_a_straightforward_reference_on_a_batch():
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64) * 5 for _ in range(4))
+    for loss_type, smoothing in (("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("hinge", 0.0), ("ipo", 0.0)):
+        expected = []
+        for i in range(6):
+            h = (pc[i] - rc[i]).item() - (pr[i] - rr[i]).item()
+            z = 0.3 * h
+            if loss_type == "sigmoid":
+                expected.append((1 - smoothing) * softplus(-z) + smoothing * softplus(z))
+            elif loss_type == "robust":
+                expected.append(((1 - smoothing) * softplus(-z) - smoothing * softplus(z)) / (1 - 2 * smoothing))
+            elif loss_type == "hinge":
+                expected.append(max(0.0, 1 - z))
+            else:
+                expected.append((h - 1 / 0.6) ** 2)
+        loss, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type, label_smoothing=smoothing)
+        assert loss.item() == pytest.approx(sum(expected) / 6, abs=1e-9), loss_type
+
+
+def test_token_logps_matches_log_softmax():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 11, dtype=torch.bfloat16), torch.randint(0, 11, (5,))
+    expected = torch.log_softmax(logits.double(), -1)[torch.arange(5), targets]
+    got = token_logps(logits, targets)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-6)

@@ -199,3 +199,11 @@ def test_docs_cover_every_recipe_key():
     for schema in STAGE_SCHEMAS.values():
         for key in _field_paths(schema):
             assert key in documented, f"docs/recipes.md does not document `{key}`"
+
+
+def test_dpo_recipe_errors(tmp_path):
+    assert "dpo.beta: must be > 0.0, got 0" in errors_of(tmp_path, minimal(dpo={"beta": 0}), stage="dpo")
+    assert "dpo.loss: expected one of 'sigmoid', 'ipo', 'hinge' or 'robust', got 'kto'" in errors_of(tmp_path, minimal(dpo={"loss": "kto"}), stage="dpo")
+    assert "applies to the sigmoid and robust losses" in errors_of(tmp_path, minimal(dpo={"loss": "hinge", "label_smoothing": 0.1}), stage="dpo")
+    long_prompt = minimal(dpo={"max_prompt_length": 600}, data={"train": "d.jsonl", "max_length": 512})
+    assert "dpo.max_prompt_length must be below data.max_length" in errors_of(tmp_path, long_prompt, stage="dpo")

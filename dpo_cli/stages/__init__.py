@@ -19,4 +19,8 @@ def stage_runner(stage: str) -> Callable[[Any, Any], dict]:
         from dpo_cli.stages.collect_prefs import run_collect_prefs
 
         return run_collect_prefs
+    if stage == "dpo":
+        from dpo_cli.stages.dpo import run_dpo
+
+        return run_dpo
     raise KeyError(stage)

@@ -1,0 +1,192 @@
+"""`dpo-cli dpo`: Direct Preference Optimization. The policy is its own reward model; the reference is the
+initial policy (under LoRA: the same weights with the adapter switched off, no second copy)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save
+
+from dpo_cli import ui
+from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
+from dpo_cli.encoding import prompt_ids_for_generation
+from dpo_cli.forward import CompletionLogProbs
+from dpo_cli.generate import generate
+from dpo_cli.loop import BatchStream, StepFn, train
+from dpo_cli.losses import dpo_loss
+from dpo_cli.models import ModelBundle, build_causal_lm, build_tokenizer
+from dpo_cli.preference_data import collate_pairs, drop_ties, implicit_prompts, pair_encoder
+from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
+from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from dpo_cli.runtime import Runtime, setup_runtime
+from dpo_cli.stages.common import announce, save_final_model, summarize
+from dpo_cli.tokenization import ensure_chat_template
+
+
+class Reference:
+    """Reference log-probs under no_grad: the policy with its LoRA adapter disabled, or a separate frozen model."""
+
+    def __init__(self, policy: CompletionLogProbs, separate: CompletionLogProbs | None):
+        self.policy = policy
+        self.separate = separate
+
+    def release(self) -> None:
+        self.separate = None  # precomputed: the separate model's memory goes back
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        module = self.separate if self.separate is not None else self.policy
+        adapter_off = self.policy.model.disable_adapter() if self.separate is None else contextlib.nullcontext()
+        training = module.training
+        module.eval()
+        try:
+            with adapter_off:
+                return module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        finally:
+            module.train(training)
+
+
+def build_reference(recipe: DpoRecipe, bundle: ModelBundle, policy: CompletionLogProbs, runtime: Runtime, run: RunDir) -> tuple[Reference, str]:
+    if recipe.dpo.ref_model is None and recipe.model.lora is not None:
+        return Reference(policy, None), "reference: the policy with its LoRA adapter disabled (no second copy)"
+    source = recipe.dpo.ref_model or recipe.model.name_or_path
+    cfg = ModelSection(
+        name_or_path=source,
+        revision=None if recipe.dpo.ref_model else recipe.model.revision,
+        dtype=recipe.model.dtype,
+        trust_remote_code=recipe.model.trust_remote_code,
+        attn_implementation=recipe.model.attn_implementation,
+    )
+    frozen = build_causal_lm(cfg, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "reference").model
+    frozen.requires_grad_(False)
+    what = "a separate model" if recipe.dpo.ref_model else "a frozen copy of the initial policy"
+    return Reference(policy, CompletionLogProbs(frozen)), f"reference: {what} ({source})"
+
+
+def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
+    def step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        policy_logps, counts = model(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,), (2B,)
+        ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
+        if cfg.loss == "ipo":  # IPO compares mean per-token log-probs (as TRL does)
+            policy_logps, ref_logps = policy_logps / counts, ref_logps / counts
+        pairs = policy_logps.size(0) // 2
+        return dpo_loss(
+            policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], cfg.beta, cfg.loss, cfg.label_smoothing
+        )
+
+    return step
+
+
+def prepare_pairs(rows: Dataset, what: str, report: DataReport, key: str) -> Dataset:
+    if "prompt" not in rows.column_names and {"chosen", "rejected"} <= set(rows.column_names):
+        rows = implicit_prompts(rows)
+    require_columns(rows, [("prompt", "chosen", "rejected")], what)
+    rows, ties = drop_ties(rows)
+    if ties:
+        report.dropped[f"{key}/ties"] = ties
+    return rows
+
+
+def attach_reference_logps(
+    ds: Dataset, name: str, reference: Reference, collate: Any, batch_size: int, run: RunDir, runtime: Runtime
+) -> Dataset:
+    """Reference log-probs of every pair, computed once and saved (RUN/reference_logps-NAME.safetensors)."""
+    path = run.path / f"reference_logps-{name}.safetensors"
+    if path.exists():
+        saved = load_file(str(path))["logps"]
+    else:
+        stream = BatchStream(ds, batch_size, 0, collate, shuffle=False)
+        pieces = []
+        with ui.TaskProgress(f"reference log-probs ({name})", stream.per_epoch, runtime.is_main) as progress:
+            for index in range(stream.per_epoch):
+                batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in stream[index].items()}
+                with runtime.accelerator.autocast():
+                    sums, _ = reference(batch)
+                pairs = sums.size(0) // 2
+                pieces.append(torch.stack([sums[:pairs], sums[pairs:]], dim=1).float().cpu())  # (B, 2)
+                progress.advance(1)
+        saved = torch.cat(pieces)
+        if runtime.is_main:
+            atomic_write_bytes(path, save({"logps": saved}))
+    if saved.shape != (len(ds), 2):
+        raise RuntimeError(f"{path} holds {saved.shape[0]} pairs, the data {len(ds)}; remove it to recompute")
+    ds = ds.add_column("ref_chosen_logps", saved[:, 0].tolist())
+    return ds.add_column("ref_rejected_logps", saved[:, 1].tolist())
+
+
+def sample(bundle: ModelBundle, prompts: list[Any], recipe: DpoRecipe, runtime: Runtime) -> list[str]:
+    if not prompts:
+        return []
+    ids = [prompt_ids_for_generation(bundle.tokenizer, p) for p in prompts]
+    return [g.text.strip() for g in generate(bundle.model, bundle.tokenizer, ids, recipe.generation, recipe.seed, runtime.device)]
+
+
+def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
+    started = time.time()
+    runtime = setup_runtime(recipe.train, recipe.seed)
+
+    # Data: preference records -> chosen/rejected token ids with labels on the completions only.
+    report = DataReport()
+    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
+    train_rows = prepare_pairs(train_rows, "data.train", report, "train")
+    eval_rows = prepare_pairs(eval_rows, report.eval_source, report, "eval") if eval_rows is not None else None
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    if isinstance(train_rows[0]["prompt"], list):
+        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
+        notes += [template_note] if template_note else []
+    encoder = pair_encoder(tokenizer, recipe.data.max_length, recipe.dpo.max_prompt_length)
+    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
+    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
+
+    # Models: the policy, and the reference it is held close to.
+    bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
+    policy = CompletionLogProbs(bundle.model)
+    reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
+    announce(notes + bundle.notes + [reference_note])
+
+    source = eval_rows if eval_rows is not None else train_rows
+    prompts = [source[i]["prompt"] for i in range(min(recipe.dpo.show_samples, len(source)))]
+    before_path = run.path / "samples_before.jsonl"
+    if before_path.exists():
+        before = [json.loads(line)["response"] for line in before_path.read_text().splitlines()]
+    else:  # the initial policy, before any update (resumed runs reuse what it said)
+        before = sample(bundle, prompts, recipe, runtime)
+        atomic_write_text(before_path, "".join(json.dumps({"prompt": str(p), "response": r}) + "\n" for p, r in zip(prompts, before)))
+
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    if recipe.dpo.precompute_ref:
+        train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime)
+        if eval_set is not None:
+            eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime)
+        reference.release()
+
+    result = train(
+        stage="dpo",
+        model=policy,
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
+        step_fn=make_step(recipe.dpo, reference),
+        cfg=recipe.train,
+        run=run,
+        runtime=runtime,
+    )
+    save_final_model(run, runtime, bundle)
+
+    after = sample(bundle, prompts, recipe, runtime)
+    samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+    if runtime.is_main:
+        atomic_write_text(run.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    pairs_per_sec = result.state.items / max(result.state.train_seconds, 1e-9)
+    summary = summarize(
+        stage="dpo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started,
+        extra={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "highlights": {"pairs/s": pairs_per_sec}},
+    )  # fmt: skip
+    ui.before_after_table(samples, "dpo samples: the initial policy (before) and the trained one (after)")
+    return summary

@@ -1,0 +1,249 @@
+"""`dpo-cli dpo`: correctness to the definitions, the reference model options, precomputation, resume,
+and end to end with full weights, LoRA and 4-bit + LoRA."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+from functools import partial
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dpo_cli.stages.dpo
+from conftest import read_jsonl, write_jsonl, write_recipe
+from dpo_cli.demo.reviews import make_review
+from dpo_cli.forward import CompletionLogProbs
+from dpo_cli.models import build_causal_lm
+from dpo_cli.preference_data import collate_pairs, pair_encoder
+from dpo_cli.recipes import DpoSection, ModelSection
+from dpo_cli.stages.dpo import Reference, make_step
+from test_resume import assert_same_run
+
+MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
+CPU = torch.device("cpu")
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        good, bad = make_review(rng, "positive"), make_review(rng, "negative")
+        rows.append({"prompt": good["opening"], "chosen": " " + good["continuation"], "rejected": " " + bad["continuation"]})
+    return rows
+
+
+@pytest.fixture()
+def dpo_recipe(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
+
+    def make(name: str = "dpo.yaml", **sections):
+        recipe = {
+            "stage": "dpo",
+            "seed": 11,
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": "prefs.jsonl", "eval": 8, "max_length": 96},
+            "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-3, "log_every": 1, "save_every": 2},
+            "generation": {"max_new_tokens": 6},
+            "dpo": {"beta": 0.1, "show_samples": 1},
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
+        return write_recipe(tmp_path / name, recipe)
+
+    return make
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_end_to_end_starts_at_log_2(mode, tmp_path, cli, dpo_recipe, tiny_model_dir):
+    recipe = dpo_recipe(model={"name_or_path": str(tiny_model_dir), **MODES[mode]})
+    code, out, err = cli("dpo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    first = metrics[0]
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
+    assert names <= set(first) and names <= set(metrics[-1]) and metrics[-1]["split"] == "eval"
+    assert metrics[-2]["loss"] < math.log(2)  # it learns
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pairs"] == 4 * 4 and summary["pairs_per_sec"] > 0
+    sample = read_jsonl(tmp_path / "run" / "samples.jsonl")[0]
+    assert {"prompt", "before", "after"} <= set(sample) and "dpo samples" in out
+    final = tmp_path / "run" / "final"
+    if mode == "full":
+        model = AutoModelForCausalLM.from_pretrained(final)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(final)
+    ids = torch.tensor([[5, 6, 7]])
+    assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False).shape[1] == 5
+
+
+def encoded_batch(tokenizer, rows):
+    encode = pair_encoder(tokenizer, 128, None)
+    return collate_pairs([encode(r) for r in rows], pad_id=tokenizer.pad_token_id)
+
+
+def sequence_logps_float64(model, ids, labels):
+    """Independent: one sequence per forward pass, float64 log-softmax over the whole vocabulary."""
+    keep = labels != -100
+    n = int((ids != -1).sum())
+    logps = torch.log_softmax(model(input_ids=ids[None, :n]).logits[0].double(), -1)
+    return sum(logps[t, labels[t + 1]] for t in range(n - 1) if keep[t + 1])
+
+
+def test_one_batch_against_an_independent_float64_computation(tiny_model_dir, tiny_tokenizer):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    policy = copy.deepcopy(reference)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    rows = preference_rows(3, seed=4)
+    batch = encoded_batch(tiny_tokenizer, rows)
+    cfg = DpoSection(beta=0.2)
+    loss, metrics = make_step(cfg, Reference(CompletionLogProbs(policy), CompletionLogProbs(reference)))(CompletionLogProbs(policy), batch)
+
+    expected_losses, chosen_rewards, rejected_rewards = [], [], []
+    lengths = batch["attention_mask"].sum(1)
+    for i in range(3):
+        c, r = i, i + 3
+        pc = sequence_logps_float64(policy, batch["input_ids"][c, : lengths[c]], batch["labels"][c, : lengths[c]])
+        pr = sequence_logps_float64(policy, batch["input_ids"][r, : lengths[r]], batch["labels"][r, : lengths[r]])
+        rc = sequence_logps_float64(reference, batch["input_ids"][c, : lengths[c]], batch["labels"][c, : lengths[c]])
+        rr = sequence_logps_float64(reference, batch["input_ids"][r, : lengths[r]], batch["labels"][r, : lengths[r]])
+        h = float((pc - rc) - (pr - rr))
+        expected_losses.append(math.log1p(math.exp(-0.2 * h)))
+        chosen_rewards.append(0.2 * float(pc - rc))
+        rejected_rewards.append(0.2 * float(pr - rr))
+    assert loss.item() == pytest.approx(sum(expected_losses) / 3, abs=1e-6)
+    assert metrics["rewards/chosen"].item() == pytest.approx(sum(chosen_rewards) / 3, abs=1e-6)
+    assert metrics["rewards/rejected"].item() == pytest.approx(sum(rejected_rewards) / 3, abs=1e-6)
+    accuracy = sum(c > r for c, r in zip(chosen_rewards, rejected_rewards)) / 3
+    assert metrics["rewards/accuracies"].item() == pytest.approx(accuracy)
+
+
+def test_gradients_reach_the_policy_only(tiny_model_dir, tiny_tokenizer):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).requires_grad_(False)
+    before = {n: p.clone() for n, p in reference.named_parameters()}
+    policy_logps = CompletionLogProbs(policy)
+    step = make_step(DpoSection(), Reference(policy_logps, CompletionLogProbs(reference)))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    batch = encoded_batch(tiny_tokenizer, preference_rows(4))
+    for _ in range(3):
+        loss, _ = step(policy_logps, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.grad is None for p in reference.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())
+    assert step(policy_logps, batch)[0].item() < math.log(2)
+
+
+def test_lora_reference_is_the_base_with_the_adapter_off(tiny_model_dir, tiny_tokenizer):
+    bundle = build_causal_lm(ModelSection(name_or_path=str(tiny_model_dir), lora={"r": 4}), tiny_tokenizer, CPU, seed=0)
+    policy = CompletionLogProbs(bundle.model).eval()  # no LoRA dropout: both computations see one policy
+    with torch.no_grad():  # as after some training: the adapter changes the policy
+        for name, param in bundle.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    batch = encoded_batch(tiny_tokenizer, preference_rows(3))
+    explicit_base = CompletionLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    shared = make_step(DpoSection(), Reference(policy, None))(policy, batch)
+    separate = make_step(DpoSection(), Reference(policy, explicit_base))(policy, batch)
+    assert shared[0].item() == pytest.approx(separate[0].item(), abs=1e-6)
+    assert shared[0].item() != pytest.approx(math.log(2), abs=1e-3)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_reference_of_a_lora_sft_run_is_the_sft_model(quantized, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The trap: with an SFT adapter as the start, the reference must be base + SFT adapter, not the bare base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from dpo_cli.models import quantization_config
+    from dpo_cli.recipes import QuantizationSection
+
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    sft.save_pretrained(tmp_path / "sft-adapter")
+    cfg = ModelSection(name_or_path=str(tmp_path / "sft-adapter"), lora={"r": 4}, quantization={} if quantized else None)
+    bundle = build_causal_lm(cfg, tiny_tokenizer, CPU, seed=0, cache_dir=tmp_path / "run")
+    policy = CompletionLogProbs(bundle.model)
+    batch = encoded_batch(tiny_tokenizer, preference_rows(2))
+    reference_logps, _ = Reference(policy, None)(batch)
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "sft-adapter").merge_and_unload()
+    if quantized:
+        four_bit = quantization_config(QuantizationSection(), CPU)  # the recipe's NF4 settings
+        load = partial(AutoModelForCausalLM.from_pretrained, quantization_config=four_bit, device_map={"": "cpu"})
+        sft_model, bare = load(tmp_path / "run" / "base"), load(tiny_model_dir)
+    else:
+        sft_model, bare = merged, AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        sft_logps, _ = CompletionLogProbs(sft_model.eval())(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        bare_logps, _ = CompletionLogProbs(bare.eval())(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.allclose(reference_logps, sft_logps, atol=1e-4)
+    assert not torch.allclose(reference_logps, bare_logps, atol=1e-1)
+
+
+def test_precomputed_reference_gives_the_same_losses_and_survives_resume(tmp_path, cli, dpo_recipe, monkeypatch):
+    on_the_fly = dpo_recipe("fly.yaml", dpo={"precompute_ref": False})
+    precomputed = dpo_recipe("pre.yaml", dpo={"precompute_ref": True})
+    assert cli("dpo", on_the_fly, "--run-dir", tmp_path / "fly")[0] == 0
+    calls = {"n": 0}
+    real_loss = dpo_cli.stages.dpo.dpo_loss
+
+    def interrupting_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo_cli.stages.dpo, "dpo_loss", interrupting_loss)
+        code, _, err = cli("dpo", precomputed, "--run-dir", tmp_path / "pre")
+    assert code == 143, err
+    saved = tmp_path / "pre" / "reference_logps-train.safetensors"
+    stamp = saved.stat().st_mtime_ns
+    code, _, err = cli("dpo", precomputed, "--run-dir", tmp_path / "pre")
+    assert code == 0, err
+    assert saved.stat().st_mtime_ns == stamp and (tmp_path / "pre" / "reference_logps-eval.safetensors").exists()
+    assert_same_run(tmp_path / "pre", tmp_path / "fly")
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust"])
+def test_other_losses_train(loss, tmp_path, cli, dpo_recipe):
+    smoothing = {"label_smoothing": 0.1} if loss == "robust" else {}
+    code, _, err = cli("dpo", dpo_recipe(dpo={"loss": loss, "show_samples": 0, **smoothing}, train={"max_steps": 2}), "--run-dir", tmp_path / loss)
+    assert code == 0, err
+    first = read_jsonl(tmp_path / loss / "metrics.jsonl")[0]["loss"]
+    expected = {"ipo": (1 / 0.2) ** 2, "hinge": 1.0, "robust": math.log(2)}[loss]  # at h = 0
+    assert first == pytest.approx(expected, abs=1e-5)
+
+
+def test_collect_prefs_run_dir_ties_and_bad_rows(tmp_path, cli, dpo_recipe):
+    run = tmp_path / "prefs-run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("stage: collect-prefs\n")
+    rows = [{**r, "tie": i == 0} for i, r in enumerate(preference_rows(20))]
+    write_jsonl(run / "prefs.jsonl", rows)
+    code, _, err = cli("dpo", dpo_recipe(data={"train": str(run), "eval": None}, train={"max_steps": 1}), "--run-dir", tmp_path / "a")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["data"]["dropped"] == {"train/ties": 1}
+    bad = preference_rows(6)
+    bad[3]["rejected"] = bad[3]["chosen"]
+    write_jsonl(tmp_path / "bad.jsonl", bad)
+    code, _, err = cli("dpo", dpo_recipe(data={"train": "bad.jsonl", "eval": None}), "--run-dir", tmp_path / "b")
+    assert code == 1 and "data.train row 4: 'chosen' and 'rejected' are the same" in err
