@@ -184,6 +184,17 @@ def new_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase):
     return AutoConfig.for_model(init.model_type, **values)
 
 
+def _keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for a faster CPU kernel the first time a layer runs in eval mode
+    without gradients (an eval, a reference pass, sampling), and keeps using that kernel, which has no
+    backward, when training resumes: gradients through the frozen base would silently go wrong. Opt out."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def apply_lora(model: PreTrainedModel, cfg: ModelSection, task_type: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -247,6 +258,8 @@ def build_causal_lm(
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
+
+        _keep_4bit_layout_trainable(model)
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}

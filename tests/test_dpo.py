@@ -168,7 +168,7 @@ def test_reference_of_a_lora_sft_run_is_the_sft_model(quantized, tmp_path, tiny_
     """The trap: with an SFT adapter as the start, the reference must be base + SFT adapter, not the bare base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from dpo_cli.models import quantization_config
+    from dpo_cli.models import _keep_4bit_layout_trainable, quantization_config
     from dpo_cli.recipes import QuantizationSection
 
     sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -189,6 +189,8 @@ def test_reference_of_a_lora_sft_run_is_the_sft_model(quantized, tmp_path, tiny_
         four_bit = quantization_config(QuantizationSection(), CPU)  # the recipe's NF4 settings
         load = partial(AutoModelForCausalLM.from_pretrained, quantization_config=four_bit, device_map={"": "cpu"})
         sft_model, bare = load(tmp_path / "run" / "base"), load(tiny_model_dir)
+        for model in (sft_model, bare):  # the same 4-bit kernel as training uses
+            _keep_4bit_layout_trainable(model)
     else:
         sft_model, bare = merged, AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():

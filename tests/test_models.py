@@ -157,3 +157,26 @@ def test_generation_stops_at_the_chat_templates_end_of_turn(tiny_model_dir):
     tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert stop_token_ids(tokenizer, model) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+
+
+def test_4bit_gradients_are_the_same_after_an_eval_pass(tiny_model_dir, tiny_tokenizer):
+    """bitsandbytes would repack 4-bit weights for a CPU kernel without a backward after the first
+    no-grad eval pass (eval, reference, sampling); gradients through the base must not change."""
+    grads = []
+    for eval_first in (False, True):
+        cfg = model_section(name_or_path=str(tiny_model_dir), lora={"r": 4, "dropout": 0.0}, quantization={})
+        model = build_causal_lm(cfg, tiny_tokenizer, CPU, seed=0).model
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=IDS)
+            model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
