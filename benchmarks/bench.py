@@ -1,8 +1,9 @@
-"""`make bench`: tokens/s and peak memory of pretrain and sft on a fixed synthetic workload.
+"""`make bench`: throughput and peak memory of pretrain, sft and dpo on a fixed synthetic workload, and of
+the same sft and dpo workloads through Hugging Face TRL (when it is installed: `pip install -e .[dev]`).
 
-Each configuration runs as its own `dpo-cli` process (so peak memory is that run's alone), several
-times; the table reports the median tokens/s and peak memory, and each one's speed relative to full
-fine-tuning. Timings are of the training steps only (summary.json's train_time_s), not of start-up.
+Each configuration runs as its own process (so peak memory is that run's alone), several times; the table
+reports medians. Timings are of training only (dpo-cli: summary.json's train_time_s; TRL: its
+train_runtime), not of start-up, model loading or tokenisation. rows/s counts training rows (pairs for dpo).
 
     python benchmarks/bench.py [--repeats 3] [--steps 20] [--out benchmarks/results.json]
 """
@@ -47,18 +48,46 @@ def build_base_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def configs(base: Path, steps: int) -> dict[str, tuple[str, dict]]:
+def write_data(workdir: Path) -> dict[str, Path]:
+    """Fixed synthetic data: reviews (pretrain), openings -> continuations (sft), preference pairs (dpo)."""
+    import random
+
+    from dpo_cli.demo import demo_rows
+    from dpo_cli.demo.reviews import make_review
+
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(1000):
+        good, bad = make_review(rng, "positive"), make_review(rng, "negative")
+        pairs.append({"prompt": good["opening"], "chosen": " " + good["continuation"], "rejected": " " + bad["continuation"]})
+    files = {"sft": workdir / "sft.jsonl", "dpo": workdir / "prefs.jsonl"}
+    files["sft"].write_text("".join(json.dumps(r) + "\n" for r in demo_rows("demo:sft?n=2000")))
+    files["dpo"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return files
+
+
+def configs(base: Path, files: dict[str, Path], steps: int) -> dict[str, tuple[str, dict]]:
     train = {"max_steps": steps, "batch_size": WORKLOAD["batch_size"], "learning_rate": 1e-4, "save_every": None, "log_every": 5}
     data = {"max_length": WORKLOAD["seq_len"]}
-    pretrain = {"model": {"name_or_path": str(base)}, "data": {**data, "train": "demo:reviews?n=3000"}, "train": train, "pretrain": {"show_samples": 0}}
-    sft = {"model": {"name_or_path": str(base)}, "data": {**data, "train": "demo:sft?n=2000"}, "train": train, "sft": {"show_samples": 0, "packing": True}}
-    lora = {"r": 16}
+    model = {"name_or_path": str(base)}
+    lora, qlora = {**model, "lora": {"r": 16}}, {**model, "lora": {"r": 16}, "quantization": {}}
+    pretrain = {"model": model, "data": {**data, "train": "demo:reviews?n=3000"}, "train": train, "pretrain": {"show_samples": 0}}
+    sft = {"model": model, "data": {**data, "train": str(files["sft"])}, "train": train, "sft": {"show_samples": 0}}
+    packed = {**sft, "sft": {"show_samples": 0, "packing": True}}
+    dpo = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train, "dpo": {"show_samples": 0}}
     return {
         "pretrain full": ("pretrain", pretrain),
-        "sft full (packed)": ("sft", sft),
-        "sft LoRA r=16 (packed)": ("sft", {**sft, "model": {**sft["model"], "lora": lora}}),
-        "sft 4-bit + LoRA (packed)": ("sft", {**sft, "model": {**sft["model"], "lora": lora, "quantization": {}}}),
+        "sft full": ("sft", sft),
+        "sft full (packed)": ("sft", packed),
+        "sft LoRA r=16 (packed)": ("sft", {**packed, "model": lora}),
+        "sft 4-bit + LoRA (packed)": ("sft", {**packed, "model": qlora}),
+        "dpo full": ("dpo", dpo),
+        "dpo LoRA r=16": ("dpo", {**dpo, "model": lora}),
+        "dpo 4-bit + LoRA": ("dpo", {**dpo, "model": qlora}),
     }
+
+
+TRL_BASELINES = {"sft full": "sft", "dpo full": "dpo"}  # our configuration -> the same workload in TRL
 
 
 def run_once(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
@@ -71,7 +100,25 @@ def run_once(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    return json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["rows_per_sec"] = summary["steps"] * WORKLOAD["batch_size"] / summary["train_time_s"]
+    return summary
+
+
+def run_trl(stage: str, base: Path, files: dict[str, Path], workdir: Path, steps: int, name: str) -> dict | None:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return None
+    config = {"stage": stage, "model": str(base), "data": str(files[stage]), "output_dir": str(workdir / name)}
+    config.update(batch_size=WORKLOAD["batch_size"], steps=steps, max_length=WORKLOAD["seq_len"])
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config))
+    script = Path(__file__).with_name("trl_baseline.py")
+    output = subprocess.run([sys.executable, str(script), str(path)], check=True, capture_output=True, text=True).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    result["rows_per_sec"] = result["items"] / result["train_seconds"]
+    return result
 
 
 def main() -> None:
@@ -87,37 +134,54 @@ def main() -> None:
     from dpo_cli.ui import human_bytes
 
     console = Console()
-    results = {}
+    results: dict[str, dict] = {}
+    baselines: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="dpo-cli-bench-") as tmp:
         workdir = Path(tmp)
         build_base_model(workdir / "base")
-        for index, (label, (stage, recipe)) in enumerate(configs(workdir / "base", args.steps).items()):
+        files = write_data(workdir)
+        for index, (label, (stage, recipe)) in enumerate(configs(workdir / "base", files, args.steps).items()):
             console.print(f"[bold]{label}[/bold]: {args.repeats} runs of {args.steps} steps")
             runs = [run_once(stage, recipe, workdir, f"c{index}-r{r}") for r in range(args.repeats)]
             results[label] = {
+                "rows_per_sec": statistics.median(r["rows_per_sec"] for r in runs),
                 "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
                 "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in runs),
                 "peak_memory_kind": runs[0]["peak_memory_kind"],
                 "device": runs[0]["device"],
-                "runs": [round(r["tokens_per_sec"], 1) for r in runs],
+                "runs": [round(r["rows_per_sec"], 2) for r in runs],
             }
+            if label in TRL_BASELINES:
+                console.print(f"[bold]TRL {label}[/bold]: {args.repeats} runs of {args.steps} steps")
+                trl_runs = [run_trl(TRL_BASELINES[label], workdir / "base", files, workdir, args.steps, f"trl{index}-r{r}") for r in range(args.repeats)]
+                if all(trl_runs):
+                    baselines[label] = {
+                        "rows_per_sec": statistics.median(r["rows_per_sec"] for r in trl_runs),
+                        "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in trl_runs),
+                        "runs": [round(r["rows_per_sec"], 2) for r in trl_runs],
+                    }
 
-    reference = results["sft full (packed)"]["tokens_per_sec"]
     table = Table(title=f"dpo-cli bench: {WORKLOAD} · {args.steps} steps · median of {args.repeats}", title_justify="left")
-    for column in ("configuration", "tokens/s", "vs sft full", "peak memory", "runs (tokens/s)"):
+    for column in ("configuration", "rows/s (pairs/s)", "tokens/s", "peak memory", "TRL rows/s", "vs TRL", "runs (rows/s)"):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for label, row in results.items():
+        baseline = baselines.get(label)
         table.add_row(
             label,
+            f"{row['rows_per_sec']:,.1f}",
             f"{row['tokens_per_sec']:,.0f}",
-            f"{row['tokens_per_sec'] / reference:.2f}x",
-            f"{human_bytes(row['peak_memory_bytes'])} ({row['peak_memory_kind']})",
-            ", ".join(f"{x:,.0f}" for x in row["runs"]),
+            f"{human_bytes(row['peak_memory_bytes'])}",
+            f"{baseline['rows_per_sec']:,.1f}" if baseline else "",
+            f"{row['rows_per_sec'] / baseline['rows_per_sec']:.2f}x" if baseline else "",
+            ", ".join(f"{x:,.1f}" for x in row["runs"]),
         )
     console.print(table)
-    console.print(f"device: {next(iter(results.values()))['device']}")
+    console.print(f"device: {next(iter(results.values()))['device']}; peak memory: {next(iter(results.values()))['peak_memory_kind']}")
+    for label, baseline in baselines.items():
+        console.print(f"TRL {label}: peak memory {human_bytes(baseline['peak_memory_bytes'])}, runs {baseline['runs']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workload": WORKLOAD, "steps": args.steps, "repeats": args.repeats, "results": results}, indent=2) + "\n")
+    report = {"workload": WORKLOAD, "steps": args.steps, "repeats": args.repeats, "results": results, "trl": baselines}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"written to {args.out}")
 
 

@@ -1,8 +1,9 @@
 """Sequence log-probabilities of completions, computed lean.
 
-The decoder's hidden states at completion positions only go through the output head, in chunks, each
-chunk recomputed in the backward pass: the full (sequences x length x vocabulary) logits never exist, in
-float32 or otherwise. For a 150k-token vocabulary that is most of the memory of a preference step.
+Only the decoder's hidden states at completion positions go through the output head: the full
+(sequences x length x vocabulary) logits never exist, in float32 or otherwise. When even the completion
+logits would pass a memory budget, they are made in chunks, each recomputed in the backward pass, so one
+chunk lives at a time. For a 150k-token vocabulary that is most of the memory of a preference step.
 Models whose head does more than a linear map (logit soft-capping, scaling) take the plain forward.
 """
 
@@ -36,36 +37,50 @@ class CompletionLogProbs(torch.nn.Module):
     """Wraps a causal LM (peft-wrapped or not). forward(input_ids, attention_mask, labels) returns, per
     sequence, the sum of log-probs of the labelled tokens and how many there are: (S,) and (S,)."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 2048):
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 2048, logits_budget_bytes: int = 256 * 2**20):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.logits_budget_bytes = logits_budget_bytes  # below this, all completion logits at once, no recompute
         # accelerate places a 4-bit model itself; it must see through this wrapper
         self.is_loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
 
     def _base(self) -> torch.nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """attention_mask None with position_ids: packed rows (transformers builds the block-diagonal mask)."""
         target_labels = labels[:, 1:]  # (S, T-1): position t predicts token t+1
         mask = target_labels != IGNORE_INDEX  # (S, T-1)
         rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
         targets = target_labels[rows, cols]  # (N,)
         base = self._base()
         if _plain_linear_head(base):
-            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            decoder = base.get_decoder()
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
             selected = hidden[:, :-1][rows, cols]  # (N, H)
             head = base.get_output_embeddings()
+            vocabulary = head.weight.shape[0]
+            if selected.size(0) * vocabulary * 4 <= self.logits_budget_bytes:
+                chunk_size, recompute = max(selected.size(0), 1), False  # small: one pass, nothing recomputed
+            else:
+                chunk_size, recompute = self.chunk_size, torch.is_grad_enabled()
             pieces = []
-            for start in range(0, selected.size(0), self.chunk_size):
-                chunk, chunk_targets = selected[start : start + self.chunk_size], targets[start : start + self.chunk_size]
-                if torch.is_grad_enabled():  # keep one chunk of logits at a time, also for the backward
+            for start in range(0, selected.size(0), chunk_size):
+                chunk, chunk_targets = selected[start : start + chunk_size], targets[start : start + chunk_size]
+                if recompute:  # keep one chunk of logits at a time, also for the backward
                     pieces.append(checkpoint(_chunk_logps, head, chunk, chunk_targets, use_reentrant=False))
                 else:
                     pieces.append(_chunk_logps(head, chunk, chunk_targets))
             logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (S, T, V)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits  # (S, T, V)
             logps = token_logps(logits[:, :-1][rows, cols], targets)
         sums = torch.zeros(input_ids.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)  # (S,)
         return sums, mask.sum(dim=1)

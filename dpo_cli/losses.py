@@ -27,6 +27,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, {"num_targets": num_targets}
 
 
+def mean_nll(sequence_logps: torch.Tensor, target_counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The language-model loss from per-sequence sums of target log-probs: the mean negative log-likelihood
+    over every target token of the batch (the same number as causal_lm_loss on the full logits).
+    sequence_logps: (S,); target_counts: (S,)."""
+    num_targets = target_counts.sum()
+    return -sequence_logps.sum() / num_targets.clamp(min=1), {"num_targets": num_targets}
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row, at least in float32, without an upcast copy of the whole
     vocabulary outliving the call. logits: (N, V); targets: (N,) -> (N,)."""

@@ -36,7 +36,7 @@ def straightforward(model, input_ids, attention_mask, labels):
 def test_equals_separate_float64_forwards(tiny_model_dir, chunk_size):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     input_ids, attention_mask, labels = batch()
-    sums, counts = CompletionLogProbs(model, chunk_size=chunk_size)(input_ids, attention_mask, labels)
+    sums, counts = CompletionLogProbs(model, chunk_size=chunk_size, logits_budget_bytes=0)(input_ids, attention_mask, labels)
     assert counts.tolist() == [6, 6, 3]
     assert torch.allclose(sums.double(), straightforward(model, input_ids, attention_mask, labels), atol=1e-6)
 
@@ -51,7 +51,15 @@ def test_gradients_equal_the_full_logits_path(tiny_model_dir):
         if plain:  # a head extra sends the wrapper down the full-logits forward (Llama itself ignores it)
             model.config.logit_scale = 0.5
         assert _plain_linear_head(model) is not plain
-        sums, _ = CompletionLogProbs(model, chunk_size=2)(input_ids, attention_mask, labels)
+        sums, _ = CompletionLogProbs(model, chunk_size=2, logits_budget_bytes=0)(input_ids, attention_mask, labels)
         sums.sum().backward()
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_small_problems_take_one_pass_with_the_same_result(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    input_ids, attention_mask, labels = batch()
+    chunked, _ = CompletionLogProbs(model, chunk_size=2, logits_budget_bytes=0)(input_ids, attention_mask, labels)
+    single, _ = CompletionLogProbs(model)(input_ids, attention_mask, labels)
+    assert torch.allclose(chunked, single, atol=1e-10)

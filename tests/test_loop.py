@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 
 from dpo_cli.encoding import collate_causal, encode_prompt_completion
+from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.loop import BatchStream, train
 from dpo_cli.models import build_causal_lm
 from dpo_cli.recipes import ModelSection, TrainSection
@@ -27,7 +28,7 @@ def run_loop(tmp_path, name, tiny_model_dir, tokenizer, dataset, lora=None, **tr
     bundle = build_causal_lm(ModelSection(name_or_path=str(tiny_model_dir), lora=lora), tokenizer, runtime.device, seed=0)
     stream = BatchStream(dataset, cfg.batch_size, seed=0, collate=partial(collate_causal, pad_id=tokenizer.pad_token_id))
     with RunDir.open(tmp_path / name) as run:
-        result = train(stage="test", model=bundle.model, train_stream=stream, eval_stream=None, step_fn=lm_step, cfg=cfg, run=run, runtime=runtime)
+        result = train(stage="test", model=CompletionLogProbs(bundle.model), train_stream=stream, eval_stream=None, step_fn=lm_step, cfg=cfg, run=run, runtime=runtime)
         metrics = read_metrics(run.metrics_path)
     return bundle.model, result, metrics
 
@@ -35,12 +36,14 @@ def run_loop(tmp_path, name, tiny_model_dir, tokenizer, dataset, lora=None, **tr
 def test_grad_accum_equals_one_big_batch(tmp_path, tiny_model_dir, tiny_tokenizer, sft_rows):
     """Rows of different lengths: accumulation weights micro-batches by target tokens, not 1/grad_accum."""
     dataset = sft_set(tiny_tokenizer, sft_rows[:16])
-    big, _, big_metrics = run_loop(tmp_path, "big", tiny_model_dir, tiny_tokenizer, dataset, batch_size=4, grad_accum=1)
-    small, _, small_metrics = run_loop(tmp_path, "accum", tiny_model_dir, tiny_tokenizer, dataset, batch_size=2, grad_accum=2)
+    # SGD: the update is linear in the gradient, so equal gradients give equal weights (Adam's first steps
+    # are sign-like and would amplify float noise in near-zero gradient entries)
+    big, _, big_metrics = run_loop(tmp_path, "big", tiny_model_dir, tiny_tokenizer, dataset, batch_size=4, grad_accum=1, optimizer="sgd")
+    small, _, small_metrics = run_loop(tmp_path, "accum", tiny_model_dir, tiny_tokenizer, dataset, batch_size=2, grad_accum=2, optimizer="sgd")
     for a, b in zip(big_metrics, small_metrics):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
     for (name, p), (_, q) in zip(big.named_parameters(), small.named_parameters()):
-        assert torch.allclose(p, q, atol=1e-5), name
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_loss_falls_and_every_weight_changes(tmp_path, tiny_model_dir, tiny_tokenizer):

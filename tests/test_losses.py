@@ -49,6 +49,23 @@ def test_batch_without_targets_is_zero_not_nan():
     assert loss.item() == 0.0 and metrics["num_targets"].item() == 0
 
 
+def test_mean_nll_from_sequence_sums_equals_the_token_mean(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cli.forward import CompletionLogProbs
+    from dpo_cli.losses import mean_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    labels = input_ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    labels[1, 6:] = IGNORE_INDEX
+    expected, _ = causal_lm_loss(model(input_ids=input_ids).logits, labels)
+    loss, metrics = mean_nll(*CompletionLogProbs(model)(input_ids, None, labels))
+    assert torch.allclose(loss, expected, atol=1e-6) and metrics["num_targets"].item() == 6 + 3 + 6
+
+
 def test_matches_transformers_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,8 @@ from datasets import Dataset
 
 from dpo_cli.data import DataReport
 from dpo_cli.generate import generate
-from dpo_cli.losses import causal_lm_loss
+from dpo_cli.forward import CompletionLogProbs
+from dpo_cli.losses import mean_nll
 from dpo_cli.encoding import collate_causal
 from dpo_cli.loop import BatchStream, LoopResult, train
 from dpo_cli.models import ModelBundle, count_parameters, save_final
@@ -24,14 +25,11 @@ from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
 from dpo_cli import ui
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
 def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Next-token loss on the batch's labels (pretrain and sft)."""
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    loss, _ = causal_lm_loss(logits, batch["labels"])
+    """Next-token loss on the batch's labels (pretrain and sft). `model` is a CompletionLogProbs: only
+    labelled positions go through the output head."""
+    sequence_logps, target_counts = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"))
+    loss, _ = mean_nll(sequence_logps, target_counts)
     return loss, {}
 
 
@@ -50,7 +48,7 @@ def train_language_model(
     eval_batch_size = recipe.train.eval_batch_size or recipe.train.batch_size
     return train(
         stage=stage,
-        model=bundle.model,
+        model=CompletionLogProbs(bundle.model),
         train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
         eval_stream=BatchStream(eval_set, eval_batch_size, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
         step_fn=lm_step,
