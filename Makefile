@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/dpo-cli sft recipes/demo/sft.yaml
 	$(BIN)/dpo-cli collect-prefs recipes/demo/collect-prefs.yaml
 	$(BIN)/dpo-cli dpo recipes/demo/dpo.yaml
+	$(BIN)/dpo-cli rm-train recipes/demo/rm-train.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

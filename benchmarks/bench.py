@@ -1,9 +1,10 @@
-"""`make bench`: throughput and peak memory of pretrain, sft and dpo on a fixed synthetic workload, and of
+"""`make bench`: throughput and peak memory of pretrain, sft, dpo and rm-train on a fixed synthetic workload, and of
 the same sft and dpo workloads through Hugging Face TRL (when it is installed: `pip install -e .[dev]`).
 
 Each configuration runs as its own process (so peak memory is that run's alone), several times; the table
 reports medians. Timings are of training only (dpo-cli: summary.json's train_time_s; TRL: its
-train_runtime), not of start-up, model loading or tokenisation. rows/s counts training rows (pairs for dpo).
+train_runtime), not of start-up, model loading or tokenisation. rows/s counts training rows (pairs for dpo
+and rm-train).
 
     python benchmarks/bench.py [--repeats 3] [--steps 20] [--out benchmarks/results.json]
 """
@@ -75,6 +76,7 @@ def configs(base: Path, files: dict[str, Path], steps: int) -> dict[str, tuple[s
     sft = {"model": model, "data": {**data, "train": str(files["sft"])}, "train": train, "sft": {"show_samples": 0}}
     packed = {**sft, "sft": {"show_samples": 0, "packing": True}}
     dpo = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train, "dpo": {"show_samples": 0}}
+    rm = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train}
     return {
         "pretrain full": ("pretrain", pretrain),
         "sft full": ("sft", sft),
@@ -84,6 +86,9 @@ def configs(base: Path, files: dict[str, Path], steps: int) -> dict[str, tuple[s
         "dpo full": ("dpo", dpo),
         "dpo LoRA r=16": ("dpo", {**dpo, "model": lora}),
         "dpo 4-bit + LoRA": ("dpo", {**dpo, "model": qlora}),
+        "rm-train full": ("rm-train", rm),
+        "rm-train LoRA r=16": ("rm-train", {**rm, "model": lora}),
+        "rm-train 4-bit + LoRA": ("rm-train", {**rm, "model": qlora}),
     }
 
 

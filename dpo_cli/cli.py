@@ -212,6 +212,25 @@ def validate(
 
 
 @app.command()
+def score(
+    model: Annotated[str, typer.Argument(metavar="RUN_OR_MODEL", help="An rm-train run dir, its final/, or any scalar sequence classifier.")],
+    data: Annotated[Path, typer.Option("--data", help="Rows with prompt + response, or prompt + chosen + rejected (jsonl, json, csv, parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="The scored rows, as JSONL (an existing file is never overwritten).")] = Path("scores.jsonl"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Longest sequence in tokens (longer ones keep their end).")] = 2048,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the hub.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score prompt/response rows with a reward model; with chosen/rejected rows, also the pairwise accuracy.
+
+    Example: dpo-cli score runs/demo/rm --data runs/demo/collect-prefs/prefs.jsonl --out scored.jsonl
+    """
+    from dpo_cli.stages.score import score_file
+
+    guarded(debug, lambda: score_file(model, data, out, batch_size, max_length, trust_remote_code))
+
+
+@app.command()
 def schema(
     stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALL_STAGES)}.", show_default=False)],
     debug: DebugOpt = False,

@@ -84,3 +84,32 @@ class CompletionLogProbs(torch.nn.Module):
             logps = token_logps(logits[:, :-1][rows, cols], targets)
         sums = torch.zeros(input_ids.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)  # (S,)
         return sums, mask.sum(dim=1)
+
+
+class RewardScores(torch.nn.Module):
+    """Wraps a scalar sequence classifier; forward(input_ids, attention_mask) -> (S,) scores, each read at the
+    sequence's last real token (found from the attention mask, so left and right padding both work, and a pad
+    token equal to EOS cannot move it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.is_loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
+
+    def _base(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+        last = (attention_mask * positions).argmax(dim=1)  # (S,) index of the last real token
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        base = self._base()
+        if hasattr(base, "score") and hasattr(base, "get_decoder"):
+            # Left padding shifts the real tokens: positions count from each sequence's first real token.
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            hidden = base.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (S, T, H)
+            return base.score(hidden[rows, last]).squeeze(-1).float()  # (S,)
+        # Other heads: transformers pools at the last non-pad token itself.
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()

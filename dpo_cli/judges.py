@@ -120,36 +120,42 @@ def build_judge(spec: str) -> FunctionJudge:
 
 
 class RewardModelJudge:
-    """Scores (prompt, response) with a scalar sequence classifier, in batches."""
+    """Scores (prompt, response) with a scalar sequence classifier, in batches, on exactly the token sequence
+    reward-model training saw (prompt + response + EOS, or the chat template); an over-long sequence keeps its
+    end, where the score is read."""
 
     def __init__(self, name: str, model: torch.nn.Module, tokenizer: Any, batch_size: int, device: torch.device, max_length: int):
+        from dpo_cli.forward import RewardScores
+
         self.name = name
-        self.model = model
+        self.scorer = RewardScores(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.device = device
         self.max_length = max_length
 
-    def text(self, prompt: Prompt, response: str) -> str:
-        if isinstance(prompt, list):
-            from dpo_cli.encoding import render_chat
+    def ids(self, prompt: Prompt, response: str) -> list[int]:
+        from dpo_cli.preference_data import sequence_ids
 
-            return render_chat(self.tokenizer, [*prompt, {"role": "assistant", "content": response}], add_generation_prompt=False)
-        return prompt + response
+        completion = [{"role": "assistant", "content": response.strip()}] if isinstance(prompt, list) else response
+        return sequence_ids(self.tokenizer, prompt, completion)[0][-self.max_length :]
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], responses: list[str]) -> Scores:
-        texts = [self.text(p, r) for p, r in zip(prompts, responses)]
+        sequences = [self.ids(p, r) for p, r in zip(prompts, responses)]
+        pad = self.tokenizer.pad_token_id
         values: list[float | None] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=not isinstance(prompts[0], list),
-            ).to(self.device)
-            logits = self.model(**batch).logits[:, 0]  # (B,) the score at the last real token
-            values.extend(float(v) for v in logits.float().cpu())
+        was_training = self.scorer.training
+        self.scorer.eval()
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
+            longest = max(len(s) for s in chunk)
+            input_ids = torch.full((len(chunk), longest), pad, dtype=torch.long)  # (B, T), right-padded
+            attention_mask = torch.zeros_like(input_ids)
+            for i, ids in enumerate(chunk):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention_mask[i, : len(ids)] = 1
+            scores = self.scorer(input_ids.to(self.device), attention_mask.to(self.device))  # (B,)
+            values.extend(float(v) for v in scores.cpu())
+        self.scorer.train(was_training)
         return Scores(values=values)

@@ -87,3 +87,26 @@ def dpo_loss(
         "logps/rejected": policy_rejected_logps.detach().mean(),
     }
     return losses.mean(), metrics
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margins: torch.Tensor | None = None,
+    center_rewards_coef: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry reward-model loss: -log s(r_chosen - r_rejected - margin), optionally plus
+    coef * mean((r_chosen + r_rejected)^2), which pulls the mean reward toward 0 (Eisenstein et al. 2023).
+    chosen_rewards, rejected_rewards, margins: (B,)."""
+    difference = chosen_rewards - rejected_rewards  # (B,)
+    losses = -F.logsigmoid(difference - margins if margins is not None else difference)  # (B,)
+    loss = losses.mean()
+    if center_rewards_coef:
+        loss = loss + center_rewards_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    metrics = {
+        "accuracy": (difference > 0).float().mean(),
+        "rewards/chosen": chosen_rewards.detach().mean(),
+        "rewards/rejected": rejected_rewards.detach().mean(),
+        "rewards/margins": difference.detach().mean(),
+    }
+    return loss, metrics

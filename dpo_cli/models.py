@@ -122,13 +122,15 @@ def _load_unquantized(
     return PeftModel.from_pretrained(base, source.path).merge_and_unload()
 
 
-def _materialize_merged(auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype, folder: Path) -> Path:
+def _materialize_merged(
+    auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype, folder: Path, num_labels: int | None = None
+) -> Path:
     """Save base+adapter merged to `folder` once (reused on resume) so it can be quantized or referenced."""
     marker = folder / "dpo_cli_merged_from.json"
-    wanted = {"adapter": source.path, "base": source.adapter_base, "dtype": str(dtype)}
+    wanted = {"adapter": source.path, "base": source.adapter_base, "dtype": str(dtype), "head": auto_cls.__name__}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return folder
-    merged = _load_unquantized(auto_cls, source, cfg, dtype)
+    merged = _load_unquantized(auto_cls, source, cfg, dtype, num_labels)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -214,20 +216,32 @@ def apply_lora(model: PreTrainedModel, cfg: ModelSection, task_type: str) -> tor
         raise UserError(f"model.lora: {str(exc).splitlines()[0]}") from None
 
 
-def build_causal_lm(
+# What each kind of model is built as: transformers auto class, peft task type, number of outputs.
+HEADS = {
+    "causal-lm": (AutoModelForCausalLM, "CAUSAL_LM", None),
+    "reward": (AutoModelForSequenceClassification, "SEQ_CLS", 1),
+}
+
+
+def build_model(
     cfg: ModelSection,
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
     seed: int,
     cache_dir: Path | None = None,
+    head: str = "causal-lm",
 ) -> ModelBundle:
-    """The policy for a gradient stage: new or pretrained, then 4-bit and/or LoRA as the recipe says."""
+    """A model for a gradient stage: new or pretrained, then 4-bit and/or LoRA as the recipe says.
+    head: causal-lm (policies) or reward (a scalar score head on the same body; trained with LoRA, the
+    head is trained in full and saved with the adapter)."""
+    auto_cls, task_type, num_labels = HEADS[head]
     notes: list[str] = []
     dtype = weight_dtype(cfg, device)
-    torch.manual_seed(seed)  # the same seed gives the same fresh weights and LoRA init
+    torch.manual_seed(seed)  # the same seed gives the same fresh weights, heads and LoRA init
     base_ref: str | None = None
+    labels = {"num_labels": num_labels} if num_labels is not None else {}
     if cfg.init is not None:
-        model = AutoModelForCausalLM.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
+        model = auto_cls.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
     else:
         source = resolve_source(cfg.name_or_path, cfg.revision)
         base_ref = source.path
@@ -236,11 +250,11 @@ def build_causal_lm(
         if source.is_adapter and (cfg.quantization is not None or cfg.lora is not None):
             folder = cache_dir / "base" if cache_dir is not None else Path(tempfile.mkdtemp(prefix="dpo-cli-base-"))
             folder.parent.mkdir(parents=True, exist_ok=True)
-            source = ModelSource(str(_materialize_merged(AutoModelForCausalLM, source, cfg, dtype, folder)))
+            source = ModelSource(str(_materialize_merged(auto_cls, source, cfg, dtype, folder, num_labels)))
             base_ref = source.path
         if cfg.quantization is not None:
             model = _from_pretrained(
-                AutoModelForCausalLM,
+                auto_cls,
                 source.path,
                 source.revision,
                 cfg.trust_remote_code,
@@ -248,9 +262,10 @@ def build_causal_lm(
                 dtype=dtype,
                 device_map={"": device},
                 attn_implementation=cfg.attn_implementation,
+                **labels,
             )
         else:
-            model = _load_unquantized(AutoModelForCausalLM, source, cfg, dtype)
+            model = _load_unquantized(auto_cls, source, cfg, dtype, num_labels)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
         notes.append(f"resized the embeddings to the tokenizer's {len(tokenizer)} tokens")
@@ -260,7 +275,6 @@ def build_causal_lm(
         from peft import prepare_model_for_kbit_training
 
         _keep_4bit_layout_trainable(model)
-
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -270,7 +284,7 @@ def build_causal_lm(
         model.config.use_cache = False
     if cfg.lora is not None:
         torch.manual_seed(seed)
-        model = apply_lora(model, cfg, "CAUSAL_LM")
+        model = apply_lora(model, cfg, task_type)
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:  # float32 masters for all that trains
                 param.data = param.data.float()
@@ -284,6 +298,12 @@ def build_causal_lm(
         base_revision=source.revision if lora and cfg.init is None else None,
         notes=notes,
     )
+
+
+def build_causal_lm(
+    cfg: ModelSection, tokenizer: PreTrainedTokenizerBase, device: torch.device, seed: int, cache_dir: Path | None = None
+) -> ModelBundle:
+    return build_model(cfg, tokenizer, device, seed, cache_dir, head="causal-lm")
 
 
 def _logical_numel(param: torch.Tensor) -> int:
@@ -309,11 +329,28 @@ def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path) -> No
         adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def trained_quantization(source: ModelSource) -> QuantizationSection | None:
+    """The 4-bit settings a dpo-cli run trained with (from the recipe.yaml beside its final/), if any."""
+    recipe_path = Path(source.path).parent / "recipe.yaml"
+    if Path(source.path).name != "final" or not recipe_path.is_file():
+        return None
+    import yaml
+
+    quantization = (yaml.safe_load(recipe_path.read_text()) or {}).get("model", {}).get("quantization")
+    return QuantizationSection(**quantization) if quantization else None
+
+
 def load_reward_model(
-    name_or_path: str, device: torch.device, what: str = "label.reward_model", trust_remote_code: bool = False
+    name_or_path: str,
+    device: torch.device,
+    what: str = "label.reward_model",
+    trust_remote_code: bool = False,
+    quantization: QuantizationSection | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A frozen scalar reward model: an rm-train run (or its final/, adapter included) or any sequence
-    classifier with exactly one output. The one loader collect-prefs, ppo and compare share."""
+    classifier with exactly one output. The one loader collect-prefs, ppo and compare share.
+    A run trained in 4-bit is loaded in 4-bit with its adapter (so it scores as it was trained), unless
+    `quantization` says otherwise."""
     source = resolve_source(name_or_path)
     config_source = resolve_source(source.adapter_base).path if source.is_adapter else source.path
     if source.is_adapter:
@@ -326,22 +363,43 @@ def load_reward_model(
         except (OSError, ValueError) as exc:
             raise UserError(f"{what}: cannot load {name_or_path!r} ({str(exc).strip().splitlines()[0]})") from None
         architectures = getattr(config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-            kind = ", ".join(architectures) or config.model_type
-            raise UserError(
-                f"{what}: {name_or_path} is not a reward model: expected a sequence classifier with one output, "
-                f"found {kind} with {config.num_labels} labels"
-            )
+        classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+        if not classifier or config.num_labels != 1:
+            found = f"a classifier with {config.num_labels} outputs" if classifier else (", ".join(architectures) or config.model_type)
+            raise UserError(f"{what}: {name_or_path} is not a reward model: expected a sequence classifier with one output, found {found}")
+    quantization = quantization or trained_quantization(source)
     cfg = ModelSection(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.float32
-    model = _load_unquantized(AutoModelForSequenceClassification, source, cfg, dtype, num_labels=1)
+    if quantization is not None:
+        body = resolve_source(source.adapter_base) if source.is_adapter else source
+        if body.is_adapter:
+            raise UserError(f"{what}: a 4-bit reward model's base must be a plain model, not another adapter ({body.path})")
+        model = _from_pretrained(
+            AutoModelForSequenceClassification,
+            body.path,
+            body.revision,
+            trust_remote_code,
+            quantization_config=quantization_config(quantization, device),
+            dtype=dtype,
+            device_map={"": device},
+            num_labels=1,
+        )
+        _keep_4bit_layout_trainable(model)
+        if source.is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, source.path)  # kept unmerged: 4-bit weights stay exact
+    else:
+        model = _load_unquantized(AutoModelForSequenceClassification, source, cfg, dtype, num_labels=1)
     tokenizer_dir = source.path if (Path(source.path) / "tokenizer_config.json").is_file() else config_source
     tokenizer = load_tokenizer(tokenizer_dir, source.revision, trust_remote_code)
     ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    return model.to(device).eval(), tokenizer
+    if quantization is None:
+        model.to(device)
+    return model.eval(), tokenizer

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from dpo_cli.data import DataReport, require_columns
 from dpo_cli.encoding import check_messages, divergence, render_chat
 from dpo_cli.losses import IGNORE_INDEX
 from dpo_cli.prefs_import import from_hh
@@ -59,8 +60,8 @@ def _check_pair(row: dict) -> str | None:
     return None
 
 
-def _sequence(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], int]:
-    """Token ids of prompt + completion, and where the completion starts."""
+def sequence_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (as trained on and as scored), and where the completion starts."""
     if isinstance(prompt, list):
         prompt_ids = tokenizer(render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(render_chat(tokenizer, prompt + completion, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
@@ -83,18 +84,24 @@ def _fit(ids: list[int], start: int, max_length: int, max_prompt_length: int | N
     return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, cut
 
 
-def pair_encoder(tokenizer: Any, max_length: int, max_prompt_length: int | None) -> Callable[[dict], dict]:
-    """A row encoder for data.encode_rows: chosen and rejected token ids and labels, plus the row flags."""
+def pair_encoder(tokenizer: Any, max_length: int, max_prompt_length: int | None, with_margin: bool = False) -> Callable[[dict], dict]:
+    """A row encoder for data.encode_rows: chosen and rejected token ids and labels, plus the row flags
+    (and a per-pair `margin` column, for reward models trained with margins)."""
 
     def encode(row: dict) -> dict:
         out = {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [], "rejected_labels": []}
         out.update(problem="", truncated=False, emptied=False)
         problem = _check_pair(row)
+        if with_margin:
+            margin = row.get("margin")
+            out["margin"] = float(margin) if isinstance(margin, (int, float)) and not isinstance(margin, bool) else 0.0
+            if problem is None and out["margin"] != margin:
+                problem = f"'margin' must be a number, got {margin!r}"
         if problem:
             out["problem"] = problem
             return out
         for side in ("chosen", "rejected"):
-            ids, start = _sequence(tokenizer, row["prompt"], row[side])
+            ids, start = sequence_ids(tokenizer, row["prompt"], row[side])
             ids, labels, cut = _fit(ids, start, max_length, max_prompt_length)
             out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
             out["truncated"] |= cut
@@ -112,6 +119,17 @@ def drop_ties(ds: Dataset) -> tuple[Dataset, int]:
     return (ds.select(keep) if len(keep) < len(ds) else ds), len(ds) - len(keep)
 
 
+def prepare_pairs(rows: Dataset, what: str, report: DataReport, key: str) -> Dataset:
+    """Preference rows ready to encode: implicit prompts split off, the columns checked, ties left out (counted)."""
+    if "prompt" not in rows.column_names and {"chosen", "rejected"} <= set(rows.column_names):
+        rows = implicit_prompts(rows)
+    require_columns(rows, [("prompt", "chosen", "rejected")], what)
+    rows, ties = drop_ties(rows)
+    if ties:
+        report.dropped[f"{key}/ties"] = ties
+    return rows
+
+
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     """B pairs -> 2B right-padded sequences, all chosen first, then all rejected (one forward pass).
     `num_items` is the number of pairs; precomputed reference log-probs ride along when present."""
@@ -126,6 +144,8 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
         labels[i, : len(ids)] = torch.tensor(target)
         attention_mask[i, : len(ids)] = 1
     batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "margin" in rows[0]:
+        batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)
     if "ref_chosen_logps" in rows[0]:
         batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
     batch["num_items"] = len(rows)

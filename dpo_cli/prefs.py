@@ -4,6 +4,7 @@ into prefs.jsonl records, and the statistics people check before trusting labels
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import statistics
 from collections import Counter
@@ -126,6 +127,32 @@ def cohen_kappa(first: list[str], second: list[str]) -> float | None:
     if expected == 1.0:
         return None
     return (observed - expected) / (1.0 - expected)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(first: list[float], second: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on ranks, ties averaged); None when either side is constant."""
+    if len(first) < 2:
+        return None
+    x, y = _ranks(first), _ranks(second)
+    mean_x, mean_y = statistics.fmean(x), statistics.fmean(y)
+    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
+    spread = math.sqrt(sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y))
+    return covariance / spread if spread else None
 
 
 def agreement(standing: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -310,6 +310,27 @@ class DpoRecipe(TrainingRecipe):
         return self
 
 
+class RmSection(Section):
+    margin: bool = Field(False, description="Subtract each pair's `margin` column inside the loss: -log s(r_c - r_r - margin).")
+    center_rewards_coef: float | None = Field(
+        None, ge=0.0, description="Add coef x mean((r_c + r_r)^2), pulling the mean reward toward 0."
+    )
+    correlate_with: str | None = Field(
+        None, description="A judge (sentiment, length, module:function) whose ranking of held-out responses the learned scores are compared with."
+    )
+
+
+class RmRecipe(TrainingRecipe):
+    stage: Literal["rm-train"] | None = "rm-train"
+    rm: RmSection = Field(default_factory=RmSection)
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> RmRecipe:
+        if self.model.init is not None:
+            raise ValueError("rm-train starts from pretrained weights (a base or SFT model): set model.name_or_path")
+        return self
+
+
 class CollectPrefsRecipe(RecipeBase):
     stage: Literal["collect-prefs"] | None = "collect-prefs"
     model: ModelSection | None = Field(None, description="The policy to sample (not needed to import).")
@@ -336,6 +357,7 @@ STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {
     "sft": SftRecipe,
     "collect-prefs": CollectPrefsRecipe,
     "dpo": DpoRecipe,
+    "rm-train": RmRecipe,
 }
-PLANNED_STAGES = ("rm-train", "ppo")
+PLANNED_STAGES = ("ppo",)
 ALL_STAGES = ("pretrain", "sft", "collect-prefs", "rm-train", "ppo", "dpo")

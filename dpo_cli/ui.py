@@ -125,7 +125,7 @@ def summary_table(summary: dict[str, Any]) -> None:
     rows = [
         ("run dir", summary.get("run_dir")),
         ("steps", summary.get("steps")),
-        ("wall time", f"{summary.get('wall_time_s', 0):.1f} s"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s") if "wall_time_s" in summary else None,
         ("tokens", human_count(summary["tokens"])) if "tokens" in summary else None,
         ("tokens/s", human_count(summary["tokens_per_sec"])) if "tokens_per_sec" in summary else None,
         ("peak memory", f"{human_bytes(summary['peak_memory_bytes'])} ({summary.get('peak_memory_kind')})")

@@ -145,3 +145,21 @@ def test_token_logps_matches_log_softmax():
     expected = torch.log_softmax(logits.double(), -1)[torch.arange(5), targets]
     got = token_logps(logits, targets)
     assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- reward model
+
+from dpo_cli.losses import reward_loss  # noqa: E402
+
+
+def test_reward_loss_hand_computed():
+    chosen, rejected = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5])  # differences 1 and -1
+    loss, metrics = reward_loss(chosen, rejected)
+    assert loss.item() == pytest.approx((softplus(-1) + softplus(1)) / 2, abs=1e-6)
+    assert metrics["accuracy"].item() == 0.5
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.25) and metrics["rewards/rejected"].item() == pytest.approx(0.25)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.0)
+    with_margin, _ = reward_loss(chosen, rejected, margins=torch.tensor([0.5, 0.0]))
+    assert with_margin.item() == pytest.approx((softplus(-0.5) + softplus(1)) / 2, abs=1e-6)
+    centred, _ = reward_loss(chosen, rejected, center_rewards_coef=0.1)  # (1 + 0)^2 and (-0.5 + 0.5)^2 -> mean 0.5
+    assert centred.item() == pytest.approx(loss.item() + 0.05, abs=1e-6)

@@ -102,3 +102,13 @@ def test_position_and_length_bias():
     assert stats["position_bias"]["first_sample_chosen_rate"] == pytest.approx(1 / 3)
     assert stats["length_bias"]["chosen_longer_rate"] == pytest.approx(2 / 3)
     assert stats["skips"] == 1 and stats["per_annotator"] == {"x": {"A": 1, "B": 2, "skip": 1}}
+
+
+def test_spearman_hand_computed():
+    from dpo_cli.prefs import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)  # 1 - 6 * (0 + 0 + 1 + 1) / (4 * 15)
+    # ties share the mean rank: x ranks 1, 2.5, 2.5, 4 -> covariance 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None

@@ -23,4 +23,8 @@ def stage_runner(stage: str) -> Callable[[Any, Any], dict]:
         from dpo_cli.stages.dpo import run_dpo
 
         return run_dpo
+    if stage == "rm-train":
+        from dpo_cli.stages.rm_train import run_rm_train
+
+        return run_rm_train
     raise KeyError(stage)

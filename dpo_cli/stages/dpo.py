@@ -14,14 +14,14 @@ from datasets import Dataset
 from safetensors.torch import load_file, save
 
 from dpo_cli import ui
-from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
+from dpo_cli.data import DataReport, encode_rows, load_splits
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.generate import generate
 from dpo_cli.loop import BatchStream, StepFn, train
 from dpo_cli.losses import dpo_loss
 from dpo_cli.models import ModelBundle, build_causal_lm, build_tokenizer
-from dpo_cli.preference_data import collate_pairs, drop_ties, implicit_prompts, pair_encoder
+from dpo_cli.preference_data import collate_pairs, pair_encoder, prepare_pairs
 from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
 from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from dpo_cli.runtime import Runtime, setup_runtime
@@ -81,16 +81,6 @@ def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
         )
 
     return step
-
-
-def prepare_pairs(rows: Dataset, what: str, report: DataReport, key: str) -> Dataset:
-    if "prompt" not in rows.column_names and {"chosen", "rejected"} <= set(rows.column_names):
-        rows = implicit_prompts(rows)
-    require_columns(rows, [("prompt", "chosen", "rejected")], what)
-    rows, ties = drop_ties(rows)
-    if ties:
-        report.dropped[f"{key}/ties"] = ties
-    return rows
 
 
 def attach_reference_logps(

@@ -1,0 +1,99 @@
+"""`dpo-cli rm-train`: a reward model from preference pairs (Bradley-Terry): a scalar score head on a base or
+SFT model, trained so that chosen responses score above rejected ones."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from dpo_cli import ui
+from dpo_cli.data import DataReport, encode_rows, load_splits
+from dpo_cli.errors import UserError
+from dpo_cli.forward import RewardScores
+from dpo_cli.judges import RewardModelJudge, build_judge
+from dpo_cli.loop import BatchStream, StepFn, train
+from dpo_cli.losses import reward_loss
+from dpo_cli.models import build_model, build_tokenizer
+from dpo_cli.preference_data import collate_pairs, pair_encoder, prepare_pairs
+from dpo_cli.prefs import spearman
+from dpo_cli.recipes import RmRecipe, RmSection
+from dpo_cli.rundir import RunDir
+from dpo_cli.runtime import setup_runtime
+from dpo_cli.stages.common import announce, save_final_model, summarize
+from dpo_cli.tokenization import ensure_chat_template
+
+
+def make_step(cfg: RmSection) -> StepFn:
+    def step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,): chosen first, then rejected
+        pairs = rewards.size(0) // 2
+        return reward_loss(rewards[:pairs], rewards[pairs:], batch.get("margins"), cfg.center_rewards_coef)
+
+    return step
+
+
+def judge_correlation(recipe: RmRecipe, judge_name: str, scorer: RewardModelJudge, rows: Any) -> float | None:
+    """Spearman rank correlation between the learned scores and a judge's, over held-out responses."""
+    judge = build_judge(judge_name)
+    prompts = [row["prompt"] for row in rows for _ in (0, 1)]
+    responses = [row[side] if isinstance(row[side], str) else row[side][-1]["content"] for row in rows for side in ("chosen", "rejected")]
+    learned = scorer.score(prompts, responses).values
+    judged = judge.score(prompts, responses)
+    pairs = [(a, b) for a, b in zip(learned, judged.values) if a is not None and b is not None]
+    return spearman([a for a, _ in pairs], [b for _, b in pairs])
+
+
+def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
+    started = time.time()
+    runtime = setup_runtime(recipe.train, recipe.seed)
+
+    # Data: preference records -> chosen and rejected sequences, scored at their last token.
+    report = DataReport()
+    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
+    train_rows = prepare_pairs(train_rows, "data.train", report, "train")
+    eval_rows = prepare_pairs(eval_rows, report.eval_source, report, "eval") if eval_rows is not None else None
+    if recipe.rm.margin and "margin" not in train_rows.column_names:
+        raise UserError("rm.margin: data.train has no `margin` column (map yours with data.columns.margin=NAME)")
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    if isinstance(train_rows[0]["prompt"], list):
+        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
+        notes += [template_note] if template_note else []
+    encoder = pair_encoder(tokenizer, recipe.data.max_length, None, with_margin=recipe.rm.margin)
+    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
+    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
+
+    # Model: the body of a base or SFT model with a fresh scalar head; full, LoRA (head trained in full) or 4-bit.
+    bundle = build_model(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path, head="reward")
+    announce(notes + bundle.notes)
+
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    result = train(
+        stage="rm-train",
+        model=RewardScores(bundle.model),
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
+        step_fn=make_step(recipe.rm),
+        cfg=recipe.train,
+        run=run,
+        runtime=runtime,
+    )
+    save_final_model(run, runtime, bundle)
+
+    extra: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9)}
+    highlights: dict[str, Any] = {"pairs/s": extra["pairs_per_sec"]}
+    if result.eval_metrics:
+        extra["eval_accuracy"] = highlights["held-out accuracy"] = result.eval_metrics["accuracy"]
+    if recipe.rm.correlate_with and eval_rows is not None:
+        scorer = RewardModelJudge("rm", bundle.model, tokenizer, eval_batch, runtime.device, recipe.data.max_length)
+        correlation = judge_correlation(recipe, recipe.rm.correlate_with, scorer, eval_rows)
+        extra["judge_rank_correlation"] = {"judge": recipe.rm.correlate_with, "spearman": correlation, "responses": 2 * len(eval_rows)}
+        highlights[f"rank correlation with {recipe.rm.correlate_with}"] = correlation
+    extra["highlights"] = highlights
+    summary = summarize(stage="rm-train", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
+    if "eval_accuracy" in extra:
+        ui.note(f"held-out accuracy {extra['eval_accuracy']:.3f} on {len(eval_set)} pairs")
+    return summary
