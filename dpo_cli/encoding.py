@@ -214,6 +214,19 @@ def pack_examples(ds: Dataset, max_length: int) -> Dataset:
     return Dataset.from_dict(rows)
 
 
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences as one (S, T) tensor padded to the longest (on the right, or the left for generation),
+    and the attention mask (1 on real tokens)."""
+    longest = max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), longest), value, dtype=torch.long)  # (S, T)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (S, T)
+    for i, ids in enumerate(sequences):
+        span = slice(longest - len(ids), longest) if left else slice(0, len(ids))
+        padded[i, span] = torch.tensor(ids, dtype=torch.long)
+        mask[i, span] = 1
+    return padded, mask
+
+
 def collate_causal(rows: list[dict], pad_id: int) -> dict[str, Any]:
     """Right-pad to the longest row; `num_items` = target tokens (the loss weight), `num_tokens` = real tokens."""
     longest = max(len(r["input_ids"]) for r in rows)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dpo_cli.encoding import pad
 from dpo_cli.recipes import GenerationSection
 
 
@@ -62,12 +63,8 @@ def generate(
         torch.manual_seed(seed)
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]
-            longest = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)  # (B, P), left-padded
-            attention_mask = torch.zeros_like(input_ids)
-            for i, ids in enumerate(chunk):
-                input_ids[i, longest - len(ids) :] = torch.tensor(ids)
-                attention_mask[i, longest - len(ids) :] = 1
+            input_ids, attention_mask = pad(chunk, pad_id, left=True)  # (B, P): generation continues on the right
+            longest = input_ids.size(1)
             sampling = cfg.temperature > 0
             output = model.generate(
                 input_ids=input_ids.to(device),

@@ -142,19 +142,15 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], responses: list[str]) -> Scores:
+        from dpo_cli.encoding import pad
+
         sequences = [self.ids(p, r) for p, r in zip(prompts, responses)]
-        pad = self.tokenizer.pad_token_id
+        pad_id = self.tokenizer.pad_token_id
         values: list[float | None] = []
         was_training = self.scorer.training
         self.scorer.eval()
         for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start : start + self.batch_size]
-            longest = max(len(s) for s in chunk)
-            input_ids = torch.full((len(chunk), longest), pad, dtype=torch.long)  # (B, T), right-padded
-            attention_mask = torch.zeros_like(input_ids)
-            for i, ids in enumerate(chunk):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                attention_mask[i, : len(ids)] = 1
+            input_ids, attention_mask = pad(sequences[start : start + self.batch_size], pad_id)  # (B, T)
             scores = self.scorer(input_ids.to(self.device), attention_mask.to(self.device))  # (B,)
             values.extend(float(v) for v in scores.cpu())
         self.scorer.train(was_training)

@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 from dpo_cli.data import DataReport, require_columns
-from dpo_cli.encoding import check_messages, divergence, render_chat
+from dpo_cli.encoding import check_messages, divergence, pad, render_chat
 from dpo_cli.losses import IGNORE_INDEX
 from dpo_cli.prefs_import import from_hh
 
@@ -133,16 +133,8 @@ def prepare_pairs(rows: Dataset, what: str, report: DataReport, key: str) -> Dat
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     """B pairs -> 2B right-padded sequences, all chosen first, then all rejected (one forward pass).
     `num_items` is the number of pairs; precomputed reference log-probs ride along when present."""
-    sequences = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-    targets = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (2B, T)
-    labels = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (2B, T)
-    for i, (ids, target) in enumerate(zip(sequences, targets)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(ids)] = torch.tensor(target)
-        attention_mask[i, : len(ids)] = 1
+    input_ids, attention_mask = pad([r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows], pad_id)  # (2B, T)
+    labels, _ = pad([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], IGNORE_INDEX)  # (2B, T)
     batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if "margin" in rows[0]:
         batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)

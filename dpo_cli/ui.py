@@ -156,26 +156,15 @@ def summary_table(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def samples_table(samples: list[dict[str, str]], title: str) -> None:
+def samples_table(samples: list[dict[str, str]], title: str, columns: tuple[str, ...] = ("prompt", "response")) -> None:
+    """Generations side by side: the prompt column narrower than the response columns."""
     if not samples:
         return
     table = Table(title=title, title_justify="left", show_lines=True)
-    table.add_column("prompt", ratio=1, overflow="fold")
-    table.add_column("response", ratio=2, overflow="fold")
+    for index, column in enumerate(columns):
+        table.add_column(column, ratio=1 if index == 0 else 2, overflow="fold")
     for sample in samples:
-        table.add_row(Text(sample["prompt"]), Text(sample["response"]))
-    console.print(table)
-
-
-def before_after_table(samples: list[dict[str, str]], title: str) -> None:
-    if not samples:
-        return
-    table = Table(title=title, title_justify="left", show_lines=True)
-    table.add_column("prompt", ratio=1, overflow="fold")
-    table.add_column("before", ratio=2, overflow="fold")
-    table.add_column("after", ratio=2, overflow="fold")
-    for sample in samples:
-        table.add_row(Text(sample["prompt"]), Text(sample["before"]), Text(sample["after"]))
+        table.add_row(*(Text(sample[column]) for column in columns))
     console.print(table)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,21 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def interrupt_at_call(monkeypatch, module, name: str, call: int, signum: int = signal.SIGTERM) -> None:
+    """Wrap module.name so that its call-th call first delivers a real signal to this process (during a
+    training step, when the stage's handlers are installed)."""
+    calls = {"n": 0}
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import random
-import signal
 from functools import partial
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpo_cli.stages.dpo
-from conftest import read_jsonl, write_jsonl, write_recipe
+from conftest import interrupt_at_call, read_jsonl, write_jsonl, write_recipe
 from dpo_cli.demo.reviews import make_review
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.models import build_causal_lm
@@ -204,17 +203,8 @@ def test_precomputed_reference_gives_the_same_losses_and_survives_resume(tmp_pat
     on_the_fly = dpo_recipe("fly.yaml", dpo={"precompute_ref": False})
     precomputed = dpo_recipe("pre.yaml", dpo={"precompute_ref": True})
     assert cli("dpo", on_the_fly, "--run-dir", tmp_path / "fly")[0] == 0
-    calls = {"n": 0}
-    real_loss = dpo_cli.stages.dpo.dpo_loss
-
-    def interrupting_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real_loss(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(dpo_cli.stages.dpo, "dpo_loss", interrupting_loss)
+        interrupt_at_call(patch, dpo_cli.stages.dpo, "dpo_loss", 3)
         code, _, err = cli("dpo", precomputed, "--run-dir", tmp_path / "pre")
     assert code == 143, err
     saved = tmp_path / "pre" / "reference_logps-train.safetensors"

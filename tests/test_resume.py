@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import dpo_cli.loop
 import dpo_cli.stages.common
-from conftest import read_jsonl
+from conftest import interrupt_at_call, read_jsonl
 
 TOLERANCE = 1e-6
 MODES = {"full": {}, "lora": {"lora": {"r": 4, "dropout": 0.1}}, "qlora": {"lora": {"r": 4, "dropout": 0.1}, "quantization": {}}}
@@ -44,17 +44,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 
 def signal_at_call(monkeypatch, call: int, signum: int) -> None:
-    """Deliver a real signal to this process during the given training step (handlers are installed then)."""
-    calls = {"n": 0}
-    real_step = dpo_cli.stages.common.lm_step
-
-    def step(model, batch):
-        calls["n"] += 1
-        if calls["n"] == call:
-            signal.raise_signal(signum)
-        return real_step(model, batch)
-
-    monkeypatch.setattr(dpo_cli.stages.common, "lm_step", step)
+    interrupt_at_call(monkeypatch, dpo_cli.stages.common, "lm_step", call, signum)
 
 
 @pytest.fixture()

@@ -4,14 +4,13 @@ collect-prefs."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.rm_train
-from conftest import read_jsonl, write_jsonl, write_recipe
+from conftest import interrupt_at_call, read_jsonl, write_jsonl, write_recipe
 from dpo_cli.forward import RewardScores
 from dpo_cli.models import load_reward_model
 from test_dpo import preference_rows
@@ -103,17 +102,8 @@ def test_learns_a_learnable_preference(tmp_path, cli, rm_recipe):
 def test_resume_is_exact(tmp_path, cli, rm_recipe, monkeypatch):
     recipe = rm_recipe(model={"lora": {"r": 4, "dropout": 0.1}})
     assert cli("rm-train", recipe, "--run-dir", tmp_path / "reference")[0] == 0
-    calls = {"n": 0}
-    real = dpo_cli.stages.rm_train.reward_loss
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(dpo_cli.stages.rm_train, "reward_loss", interrupting)
+        interrupt_at_call(patch, dpo_cli.stages.rm_train, "reward_loss", 3)
         assert cli("rm-train", recipe, "--run-dir", tmp_path / "run")[0] == 143
     code, _, err = cli("rm-train", recipe, "--run-dir", tmp_path / "run")
     assert code == 0 and "resuming from" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from functools import partial
 from datetime import datetime, timezone
@@ -12,18 +13,50 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from dpo_cli.data import DataReport
+from dpo_cli.data import DataReport, encode_rows, load_splits
+from dpo_cli.errors import UserError
 from dpo_cli.generate import generate
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.losses import mean_nll
 from dpo_cli.encoding import collate_causal
 from dpo_cli.loop import BatchStream, LoopResult, train
-from dpo_cli.models import ModelBundle, count_parameters, save_final
+from dpo_cli.models import ModelBundle, build_tokenizer, count_parameters, save_final
+from dpo_cli.preference_data import pair_encoder, prepare_pairs
 from dpo_cli.recipes import GenerationSection, TrainingRecipe
 from dpo_cli.plots import plot_training
 from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
+from dpo_cli.tokenization import ensure_chat_template
 from dpo_cli import ui
+
+@dataclass
+class PreferenceSets:
+    """Preference pairs of a training stage: the raw rows (for samples and judges) and the encoded sets."""
+
+    train_rows: Dataset
+    eval_rows: Dataset | None
+    train_set: Dataset
+    eval_set: Dataset | None
+    tokenizer: Any
+    notes: list[str] = field(default_factory=list)
+
+
+def load_preference_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_length: int | None, with_margin: bool = False) -> PreferenceSets:
+    """dpo and rm-train data: rows checked (implicit prompts split, ties dropped), tokenised, truncated."""
+    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
+    train_rows = prepare_pairs(train_rows, "data.train", report, "train")
+    eval_rows = prepare_pairs(eval_rows, report.eval_source, report, "eval") if eval_rows is not None else None
+    if with_margin and "margin" not in train_rows.column_names:
+        raise UserError("rm.margin: data.train has no `margin` column (map yours with data.columns.margin=NAME)")
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    if isinstance(train_rows[0]["prompt"], list):
+        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
+        notes += [template_note] if template_note else []
+    encoder = pair_encoder(tokenizer, recipe.data.max_length, max_prompt_length, with_margin=with_margin)
+    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
+    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
+    return PreferenceSets(train_rows, eval_rows, train_set, eval_set, tokenizer, notes)
+
 
 def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Next-token loss on the batch's labels (pretrain and sft). `model` is a CompletionLogProbs: only

@@ -14,19 +14,18 @@ from datasets import Dataset
 from safetensors.torch import load_file, save
 
 from dpo_cli import ui
-from dpo_cli.data import DataReport, encode_rows, load_splits
+from dpo_cli.data import DataReport
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.generate import generate
 from dpo_cli.loop import BatchStream, StepFn, train
 from dpo_cli.losses import dpo_loss
-from dpo_cli.models import ModelBundle, build_causal_lm, build_tokenizer
-from dpo_cli.preference_data import collate_pairs, pair_encoder, prepare_pairs
+from dpo_cli.models import ModelBundle, build_causal_lm
+from dpo_cli.preference_data import collate_pairs
 from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
 from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from dpo_cli.runtime import Runtime, setup_runtime
-from dpo_cli.stages.common import announce, save_final_model, summarize
-from dpo_cli.tokenization import ensure_chat_template
+from dpo_cli.stages.common import announce, load_preference_sets, save_final_model, summarize
 
 
 class Reference:
@@ -123,22 +122,14 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
 
     # Data: preference records -> chosen/rejected token ids with labels on the completions only.
     report = DataReport()
-    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
-    train_rows = prepare_pairs(train_rows, "data.train", report, "train")
-    eval_rows = prepare_pairs(eval_rows, report.eval_source, report, "eval") if eval_rows is not None else None
-    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
-    if isinstance(train_rows[0]["prompt"], list):
-        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
-        notes += [template_note] if template_note else []
-    encoder = pair_encoder(tokenizer, recipe.data.max_length, recipe.dpo.max_prompt_length)
-    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
-    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
+    data = load_preference_sets(recipe, report, recipe.dpo.max_prompt_length)
+    train_rows, eval_rows, train_set, eval_set, tokenizer = data.train_rows, data.eval_rows, data.train_set, data.eval_set, data.tokenizer
 
     # Models: the policy, and the reference it is held close to.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     policy = CompletionLogProbs(bundle.model)
     reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
-    announce(notes + bundle.notes + [reference_note])
+    announce(data.notes + bundle.notes + [reference_note])
 
     source = eval_rows if eval_rows is not None else train_rows
     prompts = [source[i]["prompt"] for i in range(min(recipe.dpo.show_samples, len(source)))]
@@ -178,5 +169,5 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         stage="dpo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started,
         extra={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "highlights": {"pairs/s": pairs_per_sec}},
     )  # fmt: skip
-    ui.before_after_table(samples, "dpo samples: the initial policy (before) and the trained one (after)")
+    ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))
     return summary

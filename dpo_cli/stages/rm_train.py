@@ -10,20 +10,18 @@ from typing import Any
 import torch
 
 from dpo_cli import ui
-from dpo_cli.data import DataReport, encode_rows, load_splits
-from dpo_cli.errors import UserError
+from dpo_cli.data import DataReport
 from dpo_cli.forward import RewardScores
 from dpo_cli.judges import RewardModelJudge, build_judge
 from dpo_cli.loop import BatchStream, StepFn, train
 from dpo_cli.losses import reward_loss
-from dpo_cli.models import build_model, build_tokenizer
-from dpo_cli.preference_data import collate_pairs, pair_encoder, prepare_pairs
+from dpo_cli.models import build_model
+from dpo_cli.preference_data import collate_pairs
 from dpo_cli.prefs import spearman
 from dpo_cli.recipes import RmRecipe, RmSection
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import setup_runtime
-from dpo_cli.stages.common import announce, save_final_model, summarize
-from dpo_cli.tokenization import ensure_chat_template
+from dpo_cli.stages.common import announce, load_preference_sets, save_final_model, summarize
 
 
 def make_step(cfg: RmSection) -> StepFn:
@@ -52,22 +50,12 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
 
     # Data: preference records -> chosen and rejected sequences, scored at their last token.
     report = DataReport()
-    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
-    train_rows = prepare_pairs(train_rows, "data.train", report, "train")
-    eval_rows = prepare_pairs(eval_rows, report.eval_source, report, "eval") if eval_rows is not None else None
-    if recipe.rm.margin and "margin" not in train_rows.column_names:
-        raise UserError("rm.margin: data.train has no `margin` column (map yours with data.columns.margin=NAME)")
-    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
-    if isinstance(train_rows[0]["prompt"], list):
-        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
-        notes += [template_note] if template_note else []
-    encoder = pair_encoder(tokenizer, recipe.data.max_length, None, with_margin=recipe.rm.margin)
-    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
-    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
+    data = load_preference_sets(recipe, report, None, with_margin=recipe.rm.margin)
+    tokenizer, eval_rows, train_set, eval_set = data.tokenizer, data.eval_rows, data.train_set, data.eval_set
 
     # Model: the body of a base or SFT model with a fresh scalar head; full, LoRA (head trained in full) or 4-bit.
     bundle = build_model(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path, head="reward")
-    announce(notes + bundle.notes)
+    announce(data.notes + bundle.notes)
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
