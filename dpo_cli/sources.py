@@ -1,0 +1,46 @@
+"""Where weights come from: a hub id, a model folder, a PEFT adapter over a recorded base, or a dpo-cli run
+(its final/)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo_cli.errors import UserError
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: a hub id or folder, possibly an adapter over a base."""
+
+    path: str  # hub id or absolute folder of the full model, or of the adapter
+    adapter_base: str | None = None  # set when `path` is a PEFT adapter: the base it was trained on
+    revision: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter_base is not None
+
+
+def resolve_source(name_or_path: str, revision: str | None = None) -> ModelSource:
+    """A hub id, a model folder, an adapter folder, or a dpo-cli run dir (its final/)."""
+    path = Path(name_or_path)
+    if not path.is_absolute() and not name_or_path.startswith((".", "~")) and not path.exists():
+        return ModelSource(name_or_path, revision=revision)  # a hub id
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise UserError(f"model.name_or_path: {path} does not exist")
+    if (path / "recipe.yaml").is_file() and not (path / "config.json").exists():
+        if not (path / "final").is_dir():
+            raise UserError(f"model.name_or_path: run {path} has no final/ (it has not finished); finish it or point at a checkpointed model")
+        path = path / "final"
+    if (path / "adapter_config.json").is_file():
+        config = json.loads((path / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"model.name_or_path: adapter {path} does not record its base model (base_model_name_or_path)")
+        return ModelSource(str(path), adapter_base=base, revision=config.get("revision"))
+    if (path / "config.json").is_file():
+        return ModelSource(str(path))
+    raise UserError(f"model.name_or_path: {path} is neither a model folder (config.json), a LoRA adapter nor a dpo-cli run")
