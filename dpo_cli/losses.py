@@ -110,3 +110,94 @@ def reward_loss(
         "rewards/margins": difference.detach().mean(),
     }
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------- PPO (RLHF)
+# Shapes: B rollouts, T response tokens; `mask` (B, T) is 1 on real response tokens (up to and including EOS).
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked entries."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    squares = (((values - mean) ** 2) * mask).sum()
+    return squares / (count - 1).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (mean kept when shift_mean is False); masked entries become 0."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_penalized_rewards(
+    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -kl_coef * (log pi - log pi_ref), plus the sequence score on each last real token.
+    scores: (B,); logps, ref_logps, mask: (B, T) -> rewards (B, T), per-token KL (B, T)."""
+    kl = (logps - ref_logps) * mask  # (B, T)
+    rewards = -kl_coef * kl
+    last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(dim=1)  # (B,)
+    rewards[torch.arange(mask.size(0), device=mask.device), last] += scores
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over each response, backwards in time.
+    Past the last real token rewards and values count as 0, so the episode ends there.
+    rewards, values, mask: (B, T) -> advantages (B, T), returns (B, T) = advantages + values."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - e, 1 + e)), r = pi / pi_old."""
+    log_ratio = logps - old_logps  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    metrics = {
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        "approx_kl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
+        "ratio": masked_mean(ratio.detach(), mask),
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped value loss: 0.5 mean max((v - R)^2, (v_old + clip(v - v_old, -e, e) - R)^2)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    return loss, {"value/clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
+
+
+def adaptive_kl_coef(kl_coef: float, observed_kl: float, target_kl: float, horizon: int, n_steps: int) -> float:
+    """The proportional controller of Ziegler et al. (2019): move kl_coef so the KL tracks target_kl."""
+    error = max(min(observed_kl / target_kl - 1.0, 0.2), -0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - V] / Var[R]: how much of the return the critic explains (1 is perfect)."""
+    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
