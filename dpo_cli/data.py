@@ -15,6 +15,7 @@ import datasets
 from datasets import Dataset
 
 from dpo_cli.demo import demo_rows
+from dpo_cli.encoding import check_messages
 from dpo_cli.errors import UserError
 from dpo_cli.recipes import DataSection
 
@@ -228,3 +229,31 @@ def encode_rows(
     if len(encoded) == 0:
         raise UserError(f"{what}: no usable rows left ({len(drop)} dropped: see data.bad_rows / data.truncation)")
     return encoded
+
+
+def load_prompts(cfg: DataSection, seed: int, report: DataReport) -> list[Any]:
+    """Prompts from data.train: a `prompt` column (text or messages) or a `messages` column (a conversation
+    that does not end with an assistant turn)."""
+    rows, _ = load_splits(cfg, seed, report)
+    column = require_columns(rows, [("prompt",), ("messages",)], "data.train")[0]
+    prompts, problems = [], []
+    for position, row in enumerate(rows):
+        value = row[column]
+        if isinstance(value, list):
+            problem = check_messages(value, column)
+            if problem is None and value[-1]["role"] == "assistant":
+                problem = f"'{column}' ends with an assistant turn: nothing is left to answer"
+        elif not isinstance(value, str):
+            problem = f"'{column}' is missing" if value is None else f"'{column}' must be a string or a list of messages"
+        else:
+            problem = None if value.strip() else f"'{column}' is empty"
+        if problem:
+            problems.append((row.get("__row__", position + 1), problem))
+        else:
+            prompts.append(value)
+    check_bad_rows(problems, "data.train", cfg)
+    if problems:
+        report.dropped["prompts/malformed"] = len(problems)
+    if not prompts:
+        raise UserError("data.train: no usable prompts")
+    return prompts

@@ -331,6 +331,56 @@ class RmRecipe(TrainingRecipe):
         return self
 
 
+class PpoSection(Section):
+    reward_model: PathOrHubId = Field(..., description="An rm-train run or any scalar sequence classifier; frozen.")
+    reward_quantization: QuantizationSection | None = Field(
+        None, description="Load the reward model in 4 bit (a run trained in 4 bit is loaded so anyway)."
+    )
+    value_model: PathOrHubId | None = Field(
+        None, description="Separate models only: the critic's starting point (default: the reward model). With LoRA the critic is an adapter on the policy's base."
+    )
+    mini_batch_size: int = Field(8, ge=1, description="Rollouts per optimizer step; must divide train.batch_size (rollouts per iteration).")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    kl_coef: float = Field(0.05, ge=0.0, description="beta_KL: per-token penalty on log pi - log pi_ref (the starting value when adaptive).")
+    target_kl: float | None = Field(None, gt=0, description="Adapt kl_coef toward this sequence KL (Ziegler et al.); null keeps it fixed.")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller, in episodes.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="lambda of GAE.")
+    cliprange: float = Field(0.2, gt=0, description="Clip range of the probability ratio.")
+    cliprange_value: float = Field(0.2, gt=0, description="Clip range of the value update.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards of each batch before GAE.")
+    missing_eos_penalty: float | None = Field(None, ge=0.0, description="Subtract this from the score of a response that never emits EOS.")
+    early_stop_kl: float | None = Field(None, gt=0, description="End an iteration's update epochs once approx_kl passes this.")
+    kl_stop: float | None = Field(None, gt=0, description="Stop the run (after a checkpoint) when the mean sequence KL to the reference passes this.")
+    reward_batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
+    sample_every: int = Field(10, ge=1, description="Write a few sample responses to RUN/samples.jsonl every N iterations.")
+    show_samples: int = Field(3, ge=0, description="Samples written each time.")
+
+    _switch_quantization = field_validator("reward_quantization", mode="before")(_switch)
+
+
+class PpoRecipe(TrainingRecipe):
+    stage: Literal["ppo"] | None = "ppo"
+    ppo: PpoSection
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PpoRecipe:
+        if self.model.init is not None:
+            raise ValueError("ppo starts from a trained policy: set model.name_or_path (e.g. an sft run)")
+        if self.train.batch_size % self.ppo.mini_batch_size:
+            raise ValueError(
+                f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide train.batch_size ({self.train.batch_size}), the rollouts per iteration"
+            )
+        if self.train.grad_accum != 1:
+            raise ValueError("ppo updates per mini-batch: leave train.grad_accum at 1 and size ppo.mini_batch_size instead")
+        if self.model.lora is not None and self.ppo.value_model is not None:
+            raise ValueError("with model.lora the critic is a second adapter on the policy's base: drop ppo.value_model")
+        if self.data.eval is not None:
+            raise ValueError("data.eval: ppo samples prompts from data.train only")
+        return self
+
+
 class CollectPrefsRecipe(RecipeBase):
     stage: Literal["collect-prefs"] | None = "collect-prefs"
     model: ModelSection | None = Field(None, description="The policy to sample (not needed to import).")
@@ -358,6 +408,7 @@ STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {
     "collect-prefs": CollectPrefsRecipe,
     "dpo": DpoRecipe,
     "rm-train": RmRecipe,
+    "ppo": PpoRecipe,
 }
-PLANNED_STAGES = ("ppo",)
+PLANNED_STAGES: tuple[str, ...] = ()
 ALL_STAGES = ("pretrain", "sft", "collect-prefs", "rm-train", "ppo", "dpo")

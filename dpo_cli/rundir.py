@@ -279,7 +279,11 @@ class RunDir:
 
     def metrics_log(self, resume_step: int, enabled: bool = True) -> MetricsLog:
         """Open metrics.jsonl for appending, first dropping lines logged after the checkpoint we resume from."""
-        if enabled and self.metrics_path.exists():
-            kept = [line for line in read_metrics(self.metrics_path) if line.get("step", 0) <= resume_step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
-        return MetricsLog(self.metrics_path, enabled=enabled)
+        return self.jsonl_log(self.metrics_path, resume_step, enabled)
+
+    def jsonl_log(self, path: Path, resume_step: int, enabled: bool = True) -> MetricsLog:
+        """Any per-step JSONL log (records carry "step"): lines past the resumed checkpoint are dropped first."""
+        if enabled and path.exists():
+            kept = [line for line in read_metrics(path) if line.get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
+        return MetricsLog(path, enabled=enabled)

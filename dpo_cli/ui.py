@@ -35,21 +35,22 @@ def human_count(count: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= size:
             return f"{count / size:.1f}{unit}"
-    return str(int(count))
+    return f"{count:.3g}" if 0 < abs(count) < 10 else str(int(count))
 
 
 class TrainProgress:
     """A rich progress bar over optimizer steps with loss, lr and tokens/s; silent off the main process."""
 
-    def __init__(self, stage: str, total: int, start: int, enabled: bool):
+    def __init__(self, stage: str, total: int, start: int, enabled: bool, value: str = "loss", speed: str = "tok/s"):
         self.enabled = enabled
+        self.value_name, self.speed_name = value, speed
         self._progress: Progress | None = None
         if enabled:
             self._progress = Progress(
                 TextColumn(f"[bold]{stage}[/bold]"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
+                TextColumn(f"{value} {{task.fields[loss]}}  lr {{task.fields[lr]}}  {{task.fields[speed]}} {speed}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
@@ -77,7 +78,7 @@ class TrainProgress:
         self._progress.update(self._task, completed=step, **fields)
         if logged and not err_console.is_terminal:
             total = self._progress.tasks[0].total
-            err_console.print(Text(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {human_count(tokens_per_sec)} tok/s"))
+            err_console.print(Text(f"step {step}/{total}  {self.value_name} {loss:.4f}  lr {lr:.2e}  {human_count(tokens_per_sec)} {self.speed_name}"))
 
 
 class TaskProgress:

@@ -27,4 +27,8 @@ def stage_runner(stage: str) -> Callable[[Any, Any], dict]:
         from dpo_cli.stages.rm_train import run_rm_train
 
         return run_rm_train
+    if stage == "ppo":
+        from dpo_cli.stages.ppo import run_ppo
+
+        return run_ppo
     raise KeyError(stage)

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from dpo_cli import ui
-from dpo_cli.data import DataReport, check_bad_rows, load_splits, require_columns
-from dpo_cli.encoding import check_messages, prompt_ids_for_generation
+from dpo_cli.data import DataReport, check_bad_rows, load_prompts, load_splits
+from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.errors import UserError
 from dpo_cli.generate import generate
 from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
@@ -33,34 +33,6 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
 
 def _read_jsonl(path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def load_prompts(recipe: CollectPrefsRecipe, report: DataReport) -> list[Any]:
-    """Prompts from data.train: a `prompt` column (text or messages) or a `messages` column (a conversation
-    that does not end with an assistant turn)."""
-    rows, _ = load_splits(recipe.data, recipe.seed, report)
-    column = require_columns(rows, [("prompt",), ("messages",)], "data.train")[0]
-    prompts, problems = [], []
-    for position, row in enumerate(rows):
-        value = row[column]
-        if isinstance(value, list):
-            problem = check_messages(value, column)
-            if problem is None and value[-1]["role"] == "assistant":
-                problem = f"'{column}' ends with an assistant turn: nothing is left to answer"
-        elif not isinstance(value, str):
-            problem = f"'{column}' is missing" if value is None else f"'{column}' must be a string or a list of messages"
-        else:
-            problem = None if value.strip() else f"'{column}' is empty"
-        if problem:
-            problems.append((row.get("__row__", position + 1), problem))
-        else:
-            prompts.append(value)
-    check_bad_rows(problems, "data.train", recipe.data)
-    if problems:
-        report.dropped["prompts/malformed"] = len(problems)
-    if not prompts:
-        raise UserError("data.train: no usable prompts")
-    return prompts
 
 
 def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime, prompts: list[Any], report: DataReport) -> list[dict]:
@@ -209,7 +181,7 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         return import_prefs(recipe, run, runtime, started)
 
     report = DataReport()
-    prompts = load_prompts(recipe, report)
+    prompts = load_prompts(recipe.data, recipe.seed, report)
     if recipe.label.by == "human":
         require_terminal()  # refuse before sampling, not after
     candidates = sample_candidates(recipe, run, runtime, prompts, report)

@@ -1,0 +1,323 @@
+"""`dpo-cli ppo`: RLHF's phase 4. Each iteration runs named phases:
+rollout (sample responses) -> score (reward model) -> experience (log-probs, reference, values) ->
+advantages (KL-penalised rewards, GAE) -> update (clipped PPO epochs) -> KL control.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dpo_cli import ui
+from dpo_cli.checkpoint import load_training_state, save_training_state
+from dpo_cli.data import DataReport, load_prompts
+from dpo_cli.encoding import pad, prompt_ids_for_generation
+from dpo_cli.errors import RunInterrupted, UserError
+from dpo_cli.generate import generate
+from dpo_cli.judges import RewardModelJudge
+from dpo_cli.loop import LoopResult, LoopState, total_steps_for
+from dpo_cli.losses import (
+    adaptive_kl_coef,
+    explained_variance,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from dpo_cli.models import ModelBundle, build_causal_lm, build_model, build_tokenizer, load_reward_model
+from dpo_cli.optim import build_optimizer, build_scheduler
+from dpo_cli.recipes import ModelSection, PpoRecipe
+from dpo_cli.rl import ActorCritic, Rollout, ValueHead
+from dpo_cli.rundir import RunDir
+from dpo_cli.runtime import Runtime, StopSignals, setup_runtime
+from dpo_cli.stages.common import save_final_model, summarize
+
+
+@dataclass
+class PpoState:
+    iteration: int = 0  # iterations done
+    kl_coef: float = 0.0  # the KL controller's state
+    episodes: int = 0
+    tokens: int = 0
+    skipped: int = 0  # iterations with non-finite rewards: counted, never applied
+    time_generate: float = 0.0
+    time_train: float = 0.0
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_actor_critic(recipe: PpoRecipe, bundle: ModelBundle, runtime: Runtime, run: RunDir, reward_vocab: dict) -> tuple[ActorCritic, list[str]]:
+    notes = []
+    if recipe.model.lora is not None:  # single-GPU mode: one base, two adapters
+        from peft import LoraConfig
+
+        lora = recipe.model.lora
+        torch.manual_seed(recipe.seed + 1)
+        bundle.model.add_adapter(
+            "value",
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, bias=lora.bias, task_type="CAUSAL_LM"),
+        )
+        bundle.model.set_adapter("default")
+        for name, param in bundle.model.named_parameters():
+            if "lora_" in name and ".value." in name:
+                param.requires_grad_(True)  # peft leaves a non-active adapter frozen
+        value_head = ValueHead(bundle.model.get_base_model().config.hidden_size).to(runtime.device)
+        notes.append("single-GPU mode: policy and critic are two LoRA adapters on one base; the reference is the base with both off")
+        return ActorCritic(bundle.model, None, value_head, None), notes
+    reference = build_causal_lm(recipe.model, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "reference").model
+    reference.requires_grad_(False)
+    critic_source = recipe.ppo.value_model or recipe.ppo.reward_model
+    if recipe.ppo.value_model is None and reward_vocab != bundle.tokenizer.get_vocab():
+        critic_source = recipe.model.name_or_path  # the critic reads the policy's tokens: it needs its vocabulary
+        notes.append("the reward model's tokenizer differs from the policy's: the critic starts from the policy instead")
+    critic_cfg = ModelSection(name_or_path=critic_source, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+    critic = build_model(critic_cfg, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "critic", head="reward").model
+    notes.append(f"separate models: policy, frozen reference copy, critic from {critic_source}")
+    return ActorCritic(bundle.model, critic, None, reference), notes
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def rollout_phase(actor_critic: ActorCritic, tokenizer: Any, prompts: list[Any], recipe: PpoRecipe, runtime: Runtime, iteration: int) -> Rollout:
+    """Sample one response per prompt from the policy (KV cache), as left-padded prompt + right-padded response."""
+    prompt_ids = [prompt_ids_for_generation(tokenizer, p)[-recipe.data.max_length :] for p in prompts]
+    seed = recipe.seed * 1_000_003 + iteration  # a fresh sample each iteration, the same after a resume
+    with actor_critic.adapter("default"):
+        generations = generate(actor_critic.policy, tokenizer, prompt_ids, recipe.generation, seed, runtime.device)
+    query, query_mask = pad(prompt_ids, tokenizer.pad_token_id, left=True)  # (B, P)
+    responses = [g.response_ids or [tokenizer.pad_token_id] for g in generations]
+    response, response_mask = pad(responses, tokenizer.pad_token_id)  # (B, T)
+    for i, g in enumerate(generations):
+        if not g.response_ids:  # an empty response (EOS never sampled, nothing new): keep one masked token
+            response_mask[i] = 0
+    device = runtime.device
+    return Rollout(
+        prompts=list(prompts),
+        query_response=torch.cat([query, response], dim=1).to(device),
+        attention_mask=torch.cat([query_mask, response_mask], dim=1).to(device),
+        context_length=query.size(1),
+        response_mask=response_mask.float().to(device),
+        texts=[g.text for g in generations],
+        finished=torch.tensor([g.finished for g in generations], device=device),
+    )
+
+
+def score_phase(rollout: Rollout, reward: RewardModelJudge, recipe: PpoRecipe) -> torch.Tensor:
+    """Reward-model scores of each full (prompt, response), re-tokenised for the reward model."""
+    scores = torch.tensor(reward.score(rollout.prompts, rollout.texts).values, dtype=torch.float32, device=rollout.response_mask.device)
+    if recipe.ppo.missing_eos_penalty:
+        scores = scores - recipe.ppo.missing_eos_penalty * (~rollout.finished).float()
+    return scores
+
+
+def minibatches(size: int, mini_batch_size: int, seed: int, iteration: int, epoch: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
+    order = torch.randperm(size, generator=generator)
+    return [order[start : start + mini_batch_size] for start in range(0, size, mini_batch_size)]
+
+
+@torch.no_grad()
+def experience_phase(actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRecipe, iteration: int) -> None:
+    """pi_old log-probs, entropy and values, computed in the first epoch's mini-batches (so that the first
+    update's probability ratio is exactly 1), and the reference log-probs."""
+    temperature = recipe.generation.temperature
+    size = rollout.query_response.size(0)
+    logps = torch.zeros_like(rollout.response_mask)
+    entropy, values = torch.zeros_like(logps), torch.zeros_like(logps)
+    for index in minibatches(size, recipe.ppo.mini_batch_size, recipe.seed, iteration, 0):
+        part = rollout.rows(index)
+        index = index.to(logps.device)
+        logps[index], entropy[index] = actor_critic.policy_logps(part, temperature, with_entropy=True)
+        values[index] = actor_critic.values(part)
+    rollout.logps, rollout.entropy, rollout.values = logps, entropy, values
+    rollout.ref_logps = actor_critic.reference_logps(rollout, temperature)
+
+
+def advantage_phase(rollout: Rollout, recipe: PpoRecipe, kl_coef: float) -> torch.Tensor:
+    mask = rollout.response_mask
+    rewards, kl = kl_penalized_rewards(rollout.scores, rollout.logps, rollout.ref_logps, mask, kl_coef)
+    if recipe.ppo.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, rollout.values, mask, recipe.ppo.gamma, recipe.ppo.lam)
+    rollout.rewards, rollout.advantages, rollout.returns = rewards, masked_whiten(advantages, mask), returns
+    return kl
+
+
+def update_phase(
+    actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRecipe, optimizer: Any, scheduler: Any, runtime: Runtime, iteration: int
+) -> dict[str, float]:
+    """ppo_epochs passes of clipped policy and value updates over shuffled mini-batches."""
+    cfg, sums, count = recipe.ppo, {}, 0
+    first_ratio = None
+    for epoch in range(cfg.ppo_epochs):
+        stop = False
+        for index in minibatches(rollout.query_response.size(0), cfg.mini_batch_size, recipe.seed, iteration, epoch):
+            part = rollout.rows(index)
+            with runtime.accelerator.autocast():
+                logps, _ = actor_critic.policy_logps(part, recipe.generation.temperature)
+                policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
+            runtime.accelerator.backward(policy_loss)  # the policy adapter's graph, then the critic's
+            with runtime.accelerator.autocast():
+                values = actor_critic.values(part)
+                value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
+            runtime.accelerator.backward(cfg.vf_coef * value_loss)
+            grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic._trainable, recipe.train.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step = {"policy_loss": policy_loss, "value_loss": value_loss, "grad_norm": grad_norm, **policy_metrics, **value_metrics}
+            for key, value in step.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+            if first_ratio is None:
+                first_ratio = float(policy_metrics["ratio"])
+            if cfg.early_stop_kl is not None and float(policy_metrics["approx_kl"]) > cfg.early_stop_kl:
+                stop = True
+                break
+        if stop:
+            break
+    metrics = {key: value / max(count, 1) for key, value in sums.items()}
+    metrics["ratio/first_minibatch"] = first_ratio
+    metrics["updates"] = count
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
+    started = time.time()
+    runtime = setup_runtime(recipe.train, recipe.seed)
+    if recipe.generation.temperature <= 0:
+        raise UserError("generation.temperature: PPO samples its rollouts; use a temperature > 0 (e.g. 1.0)")
+
+    # Prompts, and the four roles: policy, reference, critic, reward model.
+    report = DataReport()
+    raw = load_prompts(recipe.data, recipe.seed, report)
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
+    reward_model, reward_tokenizer = load_reward_model(recipe.ppo.reward_model, runtime.device, "ppo.reward_model", quantization=recipe.ppo.reward_quantization)
+    reward = RewardModelJudge(recipe.ppo.reward_model, reward_model, reward_tokenizer, recipe.ppo.reward_batch_size, runtime.device, 4096)
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        notes.append("the reward model has its own tokenizer: each response is re-tokenised from text for it")
+    actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward_tokenizer.get_vocab())
+    for message in notes + bundle.notes + role_notes:
+        ui.note(message)
+
+    per_epoch = math.ceil(len(raw) / recipe.train.batch_size)
+    iterations = total_steps_for(recipe.train, per_epoch)
+    updates_per_iteration = recipe.ppo.ppo_epochs * (recipe.train.batch_size // recipe.ppo.mini_batch_size)
+    optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
+    scheduler = build_scheduler(optimizer, recipe.train, iterations * updates_per_iteration)
+    state = PpoState(kl_coef=recipe.ppo.kl_coef)
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None:
+        state = PpoState(**load_training_state(checkpoint, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None))
+        ui.note(f"resuming from {checkpoint} (iteration {state.iteration} of {iterations})")
+    metrics_log = run.metrics_log(resume_step=state.iteration, enabled=runtime.is_main)
+    samples_log = run.jsonl_log(run.path / "samples.jsonl", resume_step=state.iteration, enabled=runtime.is_main)
+
+    def save_checkpoint() -> str:
+        with run.new_checkpoint(state.iteration, keep=recipe.train.keep_checkpoints) as folder:
+            save_training_state(folder, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, loop_state=asdict(state))
+        metrics_log.sync()
+        return str(run.checkpoints_dir / f"step-{state.iteration}")
+
+    order = torch.Generator().manual_seed(recipe.seed)
+    last: dict[str, Any] = {}
+    try:
+        with StopSignals() as stop, ui.TrainProgress("ppo", iterations, state.iteration, runtime.is_main, value="reward", speed="episodes/s") as progress:
+            while state.iteration < iterations:
+                iteration = state.iteration
+                epoch, within = divmod(iteration, per_epoch)
+                permutation = torch.randperm(len(raw), generator=order.manual_seed(recipe.seed * 7919 + epoch)).tolist()
+                batch_prompts = [raw[i] for i in permutation[within * recipe.train.batch_size : (within + 1) * recipe.train.batch_size]]
+
+                began = time.perf_counter()
+                rollout = rollout_phase(actor_critic, tokenizer, batch_prompts, recipe, runtime, iteration)
+                rollout.scores = score_phase(rollout, reward, recipe)
+                generated = time.perf_counter()
+                state.iteration += 1
+                state.time_generate += generated - began
+                if not torch.isfinite(rollout.scores).all():  # never applied: counted and logged
+                    state.skipped += 1
+                    metrics_log.log({"step": state.iteration, "skipped": "non-finite reward", "skipped_total": state.skipped})
+                    continue
+                with runtime.accelerator.autocast():  # the same precision as the update: the first ratio is exactly 1
+                    experience_phase(actor_critic, rollout, recipe, iteration)
+                kl = advantage_phase(rollout, recipe, state.kl_coef)
+                update = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, iteration)
+                state.time_train += time.perf_counter() - generated
+                state.episodes += len(batch_prompts)
+                state.tokens += int(rollout.attention_mask.sum())
+
+                mask = rollout.response_mask
+                sequence_kl = float(kl.sum(dim=1).mean())
+                record = {
+                    "step": state.iteration,
+                    "reward": float(rollout.scores.mean()),
+                    "reward/std": float(rollout.scores.std()) if len(rollout.scores) > 1 else 0.0,
+                    "kl": sequence_kl,
+                    "kl_coef": state.kl_coef,
+                    "entropy": float(masked_mean(rollout.entropy, mask)),
+                    **update,
+                    "value/explained_variance": float(explained_variance(rollout.values, rollout.returns, mask)),
+                    "response_length": float(mask.sum(dim=1).mean()),
+                    "finished_rate": float(rollout.finished.float().mean()),
+                    "lr": scheduler.get_last_lr()[0],
+                    "time/generate": generated - began,
+                    "time/train": time.perf_counter() - generated,
+                    "episodes": state.episodes,
+                }
+                if recipe.ppo.target_kl is not None:  # Ziegler et al.'s controller, after the update
+                    state.kl_coef = adaptive_kl_coef(state.kl_coef, sequence_kl, recipe.ppo.target_kl, recipe.ppo.kl_horizon, len(batch_prompts))
+                if state.iteration % recipe.train.log_every == 0 or state.iteration == iterations:
+                    metrics_log.log(record)
+                last = record
+                logged = state.iteration % recipe.train.log_every == 0 or state.iteration == iterations
+                progress.update(state.iteration, record["reward"], record["lr"], record["episodes"] / max(state.time_generate + state.time_train, 1e-9), logged=logged)
+                if state.iteration % recipe.ppo.sample_every == 0 or state.iteration == iterations:
+                    for prompt, text, score in list(zip(rollout.prompts, rollout.texts, rollout.scores.tolist()))[: recipe.ppo.show_samples]:
+                        samples_log.log({"step": state.iteration, "prompt": prompt, "response": text.strip(), "score": score})
+
+                unfinished = state.iteration < iterations
+                if recipe.ppo.kl_stop is not None and sequence_kl > recipe.ppo.kl_stop:
+                    where = save_checkpoint()
+                    raise UserError(
+                        f"the KL to the reference reached {sequence_kl:.3g} > ppo.kl_stop={recipe.ppo.kl_stop} at iteration "
+                        f"{state.iteration}; checkpoint {where} saved. Lower train.learning_rate or raise ppo.kl_coef, then --fresh"
+                    )
+                if recipe.train.save_every and state.iteration % recipe.train.save_every == 0 and unfinished:
+                    save_checkpoint()
+                if stop.received is not None and unfinished:
+                    raise RunInterrupted(state.iteration, save_checkpoint(), stop.received)
+    finally:
+        metrics_log.close()
+        samples_log.close()
+
+    if actor_critic.shared:
+        bundle.model.delete_adapter("value")  # final/ is the policy: its adapter alone
+    save_final_model(run, runtime, bundle)
+    result = LoopResult(
+        state=LoopState(step=state.iteration, tokens=state.tokens, items=state.episodes, train_seconds=state.time_generate + state.time_train),
+        total_steps=iterations,
+        last_train_metrics={k: v for k, v in last.items() if k not in ("step", "episodes")},
+    )
+    extra = {
+        "episodes": state.episodes,
+        "episodes_per_sec": state.episodes / max(state.time_generate + state.time_train, 1e-9),
+        "time_generate_s": round(state.time_generate, 3),
+        "time_train_s": round(state.time_train, 3),
+        "skipped_iterations": state.skipped,
+        "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models",
+        "highlights": {"episodes/s": state.episodes / max(state.time_generate + state.time_train, 1e-9), "skipped iterations": state.skipped},
+    }
+    return summarize(stage="ppo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
