@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/dpo-cli collect-prefs recipes/demo/collect-prefs.yaml
 	$(BIN)/dpo-cli dpo recipes/demo/dpo.yaml
 	$(BIN)/dpo-cli rm-train recipes/demo/rm-train.yaml
+	$(BIN)/dpo-cli ppo recipes/demo/ppo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,10 +1,10 @@
-"""`make bench`: throughput and peak memory of pretrain, sft, dpo and rm-train on a fixed synthetic workload, and of
+"""`make bench`: throughput and peak memory of pretrain, sft, dpo, rm-train and ppo on a fixed synthetic workload, and of
 the same sft and dpo workloads through Hugging Face TRL (when it is installed: `pip install -e .[dev]`).
 
 Each configuration runs as its own process (so peak memory is that run's alone), several times; the table
 reports medians. Timings are of training only (dpo-cli: summary.json's train_time_s; TRL: its
 train_runtime), not of start-up, model loading or tokenisation. rows/s counts training rows (pairs for dpo
-and rm-train).
+and rm-train, episodes for ppo, whose time includes generation).
 
     python benchmarks/bench.py [--repeats 3] [--steps 20] [--out benchmarks/results.json]
 """
@@ -62,6 +62,11 @@ def write_data(workdir: Path) -> dict[str, Path]:
         good, bad = make_review(rng, "positive"), make_review(rng, "negative")
         pairs.append({"prompt": good["opening"], "chosen": " " + good["continuation"], "rejected": " " + bad["continuation"]})
     files = {"sft": workdir / "sft.jsonl", "dpo": workdir / "prefs.jsonl"}
+    files["rm"] = workdir / "rm"
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    AutoModelForSequenceClassification.from_pretrained(workdir / "base", num_labels=1).save_pretrained(files["rm"])
+    AutoTokenizer.from_pretrained(workdir / "base").save_pretrained(files["rm"])
     files["sft"].write_text("".join(json.dumps(r) + "\n" for r in demo_rows("demo:sft?n=2000")))
     files["dpo"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
     return files
@@ -77,6 +82,14 @@ def configs(base: Path, files: dict[str, Path], steps: int) -> dict[str, tuple[s
     packed = {**sft, "sft": {"show_samples": 0, "packing": True}}
     dpo = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train, "dpo": {"show_samples": 0}}
     rm = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train}
+    ppo_run = {"max_steps": steps // 2, "batch_size": WORKLOAD["batch_size"], "learning_rate": 1e-5, "save_every": None, "log_every": 5}
+    ppo = {
+        "model": lora,
+        "data": {"train": "demo:prompts", "max_length": 64},
+        "train": ppo_run,
+        "generation": {"max_new_tokens": 64, "batch_size": WORKLOAD["batch_size"]},
+        "ppo": {"reward_model": str(files["rm"]), "mini_batch_size": 4, "ppo_epochs": 2},
+    }
     return {
         "pretrain full": ("pretrain", pretrain),
         "sft full": ("sft", sft),
@@ -89,6 +102,9 @@ def configs(base: Path, files: dict[str, Path], steps: int) -> dict[str, tuple[s
         "rm-train full": ("rm-train", rm),
         "rm-train LoRA r=16": ("rm-train", {**rm, "model": lora}),
         "rm-train 4-bit + LoRA": ("rm-train", {**rm, "model": qlora}),
+        "ppo single-GPU mode (shared base, LoRA)": ("ppo", ppo),
+        "ppo single-GPU mode (shared 4-bit base)": ("ppo", {**ppo, "model": qlora}),
+        "ppo separate models": ("ppo", {**ppo, "model": model}),
     }
 
 
@@ -106,7 +122,7 @@ def run_once(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
         stderr=subprocess.DEVNULL,
     )
     summary = json.loads((run_dir / "summary.json").read_text())
-    summary["rows_per_sec"] = summary["steps"] * WORKLOAD["batch_size"] / summary["train_time_s"]
+    summary["rows_per_sec"] = summary["steps"] * WORKLOAD["batch_size"] / summary["train_time_s"]  # ppo: episodes/s
     return summary
 
 
@@ -131,6 +147,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--only", default="", help="Run only the configurations whose name contains this text (e.g. ppo).")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -146,6 +163,8 @@ def main() -> None:
         build_base_model(workdir / "base")
         files = write_data(workdir)
         for index, (label, (stage, recipe)) in enumerate(configs(workdir / "base", files, args.steps).items()):
+            if args.only not in label:
+                continue
             console.print(f"[bold]{label}[/bold]: {args.repeats} runs of {args.steps} steps")
             runs = [run_once(stage, recipe, workdir, f"c{index}-r{r}") for r in range(args.repeats)]
             results[label] = {
@@ -156,6 +175,8 @@ def main() -> None:
                 "device": runs[0]["device"],
                 "runs": [round(r["rows_per_sec"], 2) for r in runs],
             }
+            if stage == "ppo":  # where the time goes: sampling vs updating
+                results[label]["generate_share"] = statistics.median(r["time_generate_s"] / (r["time_generate_s"] + r["time_train_s"]) for r in runs)
             if label in TRL_BASELINES:
                 console.print(f"[bold]TRL {label}[/bold]: {args.repeats} runs of {args.steps} steps")
                 trl_runs = [run_trl(TRL_BASELINES[label], workdir / "base", files, workdir, args.steps, f"trl{index}-r{r}") for r in range(args.repeats)]
@@ -182,6 +203,9 @@ def main() -> None:
         )
     console.print(table)
     console.print(f"device: {next(iter(results.values()))['device']}; peak memory: {next(iter(results.values()))['peak_memory_kind']}")
+    for label, row in results.items():
+        if "generate_share" in row:
+            console.print(f"{label}: {100 * row['generate_share']:.0f}% of the time generating, {100 * (1 - row['generate_share']):.0f}% training")
     for label, baseline in baselines.items():
         console.print(f"TRL {label}: peak memory {human_bytes(baseline['peak_memory_bytes'])}, runs {baseline['runs']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

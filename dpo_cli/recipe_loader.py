@@ -216,6 +216,8 @@ def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
         section = _section_class(field.annotation)
         if section is not None and "show_samples" in section.model_fields:
             caps[name] = {"show_samples": 2}
+        if section is not None and "mini_batch_size" in section.model_fields:
+            caps[name] = {"mini_batch_size": 2, "ppo_epochs": 1}  # divides the capped batch of 4
         if section is not None and "max_prompt_length" in section.model_fields and isinstance(raw.get(name), dict):
             if raw[name].get("max_prompt_length") is not None:
                 caps.setdefault(name, {})["max_prompt_length"] = 64  # below the capped max_length
