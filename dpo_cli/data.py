@@ -18,6 +18,7 @@ from dpo_cli.demo import demo_rows
 from dpo_cli.encoding import check_messages
 from dpo_cli.errors import UserError
 from dpo_cli.recipes import DataSection
+from dpo_cli.sources import require_complete
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -47,6 +48,7 @@ def _is_local(value: str) -> bool:
 def _local_files(value: str, what: str) -> list[str]:
     path = Path(value)
     if path.is_dir() and (path / "prefs.jsonl").is_file() and (path / "recipe.yaml").is_file():
+        require_complete(path, what)
         return [str(path / "prefs.jsonl")]  # a collect-prefs run dir
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in BUILDERS and p.is_file())

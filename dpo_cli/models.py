@@ -368,3 +368,26 @@ def load_reward_model(
     if quantization is None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_policy(name_or_path: str, device: torch.device, cache_dir: Path, what: str = "policies") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A policy to evaluate (frozen): a run trained in 4-bit comes back in 4-bit with its adapter (as it was
+    trained); anything else at full precision, adapters merged."""
+    source = resolve_source(name_or_path)
+    quantization = trained_quantization(source)
+    cfg = ModelSection(name_or_path=name_or_path)
+    tokenizer, _ = build_tokenizer(cfg, TokenizerSection())
+    if quantization is not None and source.is_adapter:
+        from peft import PeftModel
+
+        body = resolve_source(source.adapter_base)
+        model = _from_pretrained(
+            AutoModelForCausalLM, body.path, body.revision, False,
+            quantization_config=quantization_config(quantization, device), device_map={"": device},
+        )  # fmt: skip
+        _keep_4bit_layout_trainable(model)
+        model = PeftModel.from_pretrained(model, source.path)
+    else:
+        model = build_causal_lm(cfg, tokenizer, device, seed=0, cache_dir=cache_dir).model
+    model.requires_grad_(False)
+    return model.eval(), tokenizer

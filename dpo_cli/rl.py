@@ -53,6 +53,26 @@ class Rollout:
         return Rollout(**picked)
 
 
+def make_rollout(prompts: list, prompt_ids: list[list[int]], generations: list, pad_id: int, device: torch.device) -> Rollout:
+    """Sampled responses as one batch: left-padded prompts followed by right-padded responses."""
+    from dpo_cli.encoding import pad
+
+    query, query_mask = pad(prompt_ids, pad_id, left=True)  # (B, P)
+    response, response_mask = pad([g.response_ids or [pad_id] for g in generations], pad_id)  # (B, T)
+    for i, generation in enumerate(generations):
+        if not generation.response_ids:  # nothing new was sampled: one masked placeholder token
+            response_mask[i] = 0
+    return Rollout(
+        prompts=list(prompts),
+        query_response=torch.cat([query, response], dim=1).to(device),
+        attention_mask=torch.cat([query_mask, response_mask], dim=1).to(device),
+        context_length=query.size(1),
+        response_mask=response_mask.float().to(device),
+        texts=[g.text for g in generations],
+        finished=torch.tensor([g.finished for g in generations], device=device),
+    )
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each sequence's first real token (left padding), as generation counted them."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)

@@ -23,6 +23,14 @@ class ModelSource:
         return self.adapter_base is not None
 
 
+def require_complete(run: Path, what: str) -> None:
+    """An input run dir must have finished: a half-trained model or half-labelled data is refused."""
+    summary_path = run / "summary.json"
+    status = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else "not started"
+    if status != "completed":
+        raise UserError(f"{what}: run {run} is not complete (status: {status}); finish it first, then run this stage again")
+
+
 def resolve_source(name_or_path: str, revision: str | None = None) -> ModelSource:
     """A hub id, a model folder, an adapter folder, or a dpo-cli run dir (its final/)."""
     path = Path(name_or_path)
@@ -32,8 +40,7 @@ def resolve_source(name_or_path: str, revision: str | None = None) -> ModelSourc
     if not path.exists():
         raise UserError(f"model.name_or_path: {path} does not exist")
     if (path / "recipe.yaml").is_file() and not (path / "config.json").exists():
-        if not (path / "final").is_dir():
-            raise UserError(f"model.name_or_path: run {path} has no final/ (it has not finished); finish it or point at a checkpointed model")
+        require_complete(path, "model.name_or_path")
         path = path / "final"
     if (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text())

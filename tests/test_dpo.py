@@ -231,7 +231,12 @@ def test_collect_prefs_run_dir_ties_and_bad_rows(tmp_path, cli, dpo_recipe):
     (run / "recipe.yaml").write_text("stage: collect-prefs\n")
     rows = [{**r, "tie": i == 0} for i, r in enumerate(preference_rows(20))]
     write_jsonl(run / "prefs.jsonl", rows)
-    code, _, err = cli("dpo", dpo_recipe(data={"train": str(run), "eval": None}, train={"max_steps": 1}), "--run-dir", tmp_path / "a")
+    (run / "summary.json").write_text(json.dumps({"status": "partial"}))  # a labeller quit half-way
+    recipe = dpo_recipe(data={"train": str(run), "eval": None}, train={"max_steps": 1})
+    code, _, err = cli("dpo", recipe, "--run-dir", tmp_path / "a")
+    assert code == 1 and "is not complete (status: partial)" in err
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    code, _, err = cli("dpo", recipe, "--run-dir", tmp_path / "a")
     assert code == 0, err
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["data"]["dropped"] == {"train/ties": 1}
     bad = preference_rows(6)

@@ -114,7 +114,7 @@ def test_resolve_source_errors(tmp_path):
         resolve_source(str(tmp_path / "nope"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "recipe.yaml").write_text("seed: 1\n")
-    with pytest.raises(UserError, match="has no final/"):
+    with pytest.raises(UserError, match=r"is not complete \(status: not started\)"):
         resolve_source(str(tmp_path / "run"))
     (tmp_path / "junk").mkdir()
     with pytest.raises(UserError, match="neither a model folder"):

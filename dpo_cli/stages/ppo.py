@@ -15,7 +15,7 @@ import torch
 from dpo_cli import ui
 from dpo_cli.checkpoint import load_training_state, save_training_state
 from dpo_cli.data import DataReport, load_prompts
-from dpo_cli.encoding import pad, prompt_ids_for_generation
+from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.generate import generate
 from dpo_cli.judges import RewardModelJudge
@@ -33,7 +33,7 @@ from dpo_cli.losses import (
 from dpo_cli.models import ModelBundle, build_causal_lm, build_model, build_tokenizer, load_reward_model
 from dpo_cli.optim import build_optimizer, build_scheduler
 from dpo_cli.recipes import ModelSection, PpoRecipe
-from dpo_cli.rl import ActorCritic, Rollout, ValueHead
+from dpo_cli.rl import ActorCritic, Rollout, ValueHead, make_rollout
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import Runtime, StopSignals, setup_runtime
 from dpo_cli.stages.common import save_final_model, summarize
@@ -92,22 +92,7 @@ def rollout_phase(actor_critic: ActorCritic, tokenizer: Any, prompts: list[Any],
     seed = recipe.seed * 1_000_003 + iteration  # a fresh sample each iteration, the same after a resume
     with actor_critic.adapter("default"):
         generations = generate(actor_critic.policy, tokenizer, prompt_ids, recipe.generation, seed, runtime.device)
-    query, query_mask = pad(prompt_ids, tokenizer.pad_token_id, left=True)  # (B, P)
-    responses = [g.response_ids or [tokenizer.pad_token_id] for g in generations]
-    response, response_mask = pad(responses, tokenizer.pad_token_id)  # (B, T)
-    for i, g in enumerate(generations):
-        if not g.response_ids:  # an empty response (EOS never sampled, nothing new): keep one masked token
-            response_mask[i] = 0
-    device = runtime.device
-    return Rollout(
-        prompts=list(prompts),
-        query_response=torch.cat([query, response], dim=1).to(device),
-        attention_mask=torch.cat([query_mask, response_mask], dim=1).to(device),
-        context_length=query.size(1),
-        response_mask=response_mask.float().to(device),
-        texts=[g.text for g in generations],
-        finished=torch.tensor([g.finished for g in generations], device=device),
-    )
+    return make_rollout(prompts, prompt_ids, generations, tokenizer.pad_token_id, runtime.device)
 
 
 def score_phase(rollout: Rollout, reward: RewardModelJudge, recipe: PpoRecipe) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""Evaluating a policy the same way everywhere (compare, and dpo/ppo every N steps): sample responses to
+held-out prompts, score them with a judge and a reward model, and estimate the KL to a reference.
+
+The KL estimate: responses y ~ pi(.|x) sampled at temperature 1 with no top-k/top-p truncation (the
+policy's full distribution: truncation would bias it), and KL(pi || pi_ref) ~ mean over responses of
+sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (the unbiased "k1" estimator).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpo_cli.encoding import prompt_ids_for_generation
+from dpo_cli.generate import Generation, generate
+from dpo_cli.judges import Judge
+from dpo_cli.recipes import GenerationSection
+from dpo_cli.rl import Rollout, make_rollout, response_logps
+
+KL_ESTIMATOR = (
+    "KL(pi || pi_ref) estimated as the mean over responses y ~ pi(.|x), sampled at temperature 1 without top-k or "
+    "top-p truncation, of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]"
+)
+
+ReferenceLogps = Callable[[Rollout], torch.Tensor]  # rollout -> (B, T) reference log-probs of its response tokens
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: list[float], z: float = 1.96) -> dict[str, float | int | None]:
+    """Mean and its 95% confidence interval (normal approximation: mean +- 1.96 s / sqrt(n))."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = statistics.fmean(values)
+    half = z * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def win_rate(scores: list[float | None], baseline: list[float | None]) -> float | None:
+    """Fraction of prompts where the policy's response scores above the baseline's; ties count half."""
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline) if a is not None and b is not None]
+    return statistics.fmean(outcomes) if outcomes else None
+
+
+def distinct_n(texts: list[str], n: int) -> float | None:
+    """Distinct word n-grams over all n-grams of all responses (1 = no repetition at all)."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+# ----------------------------------------------------------------------------- sampling and KL
+
+
+def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], cfg: GenerationSection, seed: int, device: torch.device, max_prompt: int) -> tuple[list[list[int]], list[Generation]]:
+    prompt_ids = [prompt_ids_for_generation(tokenizer, p)[-max_prompt:] for p in prompts]
+    return prompt_ids, generate(model, tokenizer, prompt_ids, cfg, seed, device)
+
+
+def full_distribution(cfg: GenerationSection) -> GenerationSection:
+    """Sampling for the KL estimate: temperature 1, no truncation."""
+    return cfg.model_copy(update={"temperature": 1.0, "top_p": 1.0, "top_k": 0})
+
+
+@torch.no_grad()
+def sequence_kl(model: torch.nn.Module, reference: ReferenceLogps, rollout: Rollout) -> list[float]:
+    policy, _ = response_logps(model, rollout, 1.0)
+    return ((policy - reference(rollout)) * rollout.response_mask).sum(dim=1).tolist()
+
+
+def model_reference(reference_model: torch.nn.Module) -> ReferenceLogps:
+    """A separate reference model reading the same tokens."""
+    return lambda rollout: response_logps(reference_model, rollout, 1.0)[0]
+
+
+@dataclass
+class PolicyEval:
+    """One policy on one prompt set."""
+
+    texts: list[str]
+    finished: list[bool]
+    lengths: list[int]  # response tokens
+    judge_scores: list[float | None] = field(default_factory=list)
+    proxy_scores: list[float | None] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "judge": mean_ci(self.judge_scores) if self.judge_scores else None,
+            "proxy": mean_ci(self.proxy_scores) if self.proxy_scores else None,
+            "kl": mean_ci(self.kl) if self.kl else None,
+            "response_length": statistics.fmean(self.lengths) if self.lengths else None,
+            "finished_rate": statistics.fmean(float(f) for f in self.finished) if self.finished else None,
+            "distinct_1": distinct_n(self.texts, 1),
+            "distinct_2": distinct_n(self.texts, 2),
+        }
+
+
+def evaluate_policy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[Any],
+    cfg: GenerationSection,
+    seed: int,
+    device: torch.device,
+    max_prompt: int,
+    judge: Judge | None,
+    proxy: Judge | None,
+    reference: ReferenceLogps | None,
+) -> PolicyEval:
+    """Responses with the given sampling settings, scored; and, against `reference`, the KL estimate on a
+    second set of responses from the full distribution (the same set when the settings already are that)."""
+    prompt_ids, generations = sample(model, tokenizer, prompts, cfg, seed, device, max_prompt)
+    texts = [g.text.strip() for g in generations]
+    result = PolicyEval(texts=texts, finished=[g.finished for g in generations], lengths=[len(g.response_ids) for g in generations])
+    if judge is not None:
+        result.judge_scores = judge.score(prompts, texts).values
+    if proxy is not None:
+        result.proxy_scores = proxy.score(prompts, texts).values
+    if reference is not None:
+        full = full_distribution(cfg)
+        kl_generations = generations if full == cfg else sample(model, tokenizer, prompts, full, seed + 1, device, max_prompt)[1]
+        rollout = make_rollout(prompts, prompt_ids, kl_generations, tokenizer.pad_token_id, device)
+        was_training = model.training
+        model.eval()
+        result.kl = sequence_kl(model, reference, rollout)
+        model.train(was_training)
+    return result
