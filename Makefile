@@ -16,12 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dpo-cli pretrain recipes/demo/pretrain.yaml
-	$(BIN)/dpo-cli sft recipes/demo/sft.yaml
-	$(BIN)/dpo-cli collect-prefs recipes/demo/collect-prefs.yaml
-	$(BIN)/dpo-cli dpo recipes/demo/dpo.yaml
-	$(BIN)/dpo-cli rm-train recipes/demo/rm-train.yaml
-	$(BIN)/dpo-cli ppo recipes/demo/ppo.yaml
+	$(BIN)/dpo-cli pipeline recipes/demo/pipeline.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

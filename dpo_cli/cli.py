@@ -38,6 +38,7 @@ STAGE_HELP = {
     "rm-train": "Train a reward model on preference pairs (Bradley-Terry).",
     "ppo": "RLHF: PPO against the reward model with a KL penalty to the reference.",
     "dpo": "Direct Preference Optimization on preference pairs.",
+    "compare": "Compare aligned policies side by side: quality, KL, reward hacking and cost, with a report and plots.",
 }
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -145,6 +146,8 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
 
 
 STAGE_EXAMPLES = {
+    "compare": "Example: dpo-cli compare recipes/demo/compare.yaml\n\n"
+    "Writes RUN/report.md, RUN/report.json, frontier.png, costs.png and curves.png.",
     "collect-prefs": "Example: dpo-cli collect-prefs recipes/demo/collect-prefs.yaml\n\n"
     "Label by hand: dpo-cli collect-prefs RECIPE --set label.by=human --annotator alice\n\n"
     "Every label is saved the moment it is given; the same command continues where labelling stopped.",
@@ -209,6 +212,24 @@ def validate(
         typer.echo(recipe_to_yaml(load_recipe(recipe, which, overrides or [], smoke)), nl=False)
 
     guarded(debug, action)
+
+
+@app.command()
+def pipeline(
+    pipeline_file: Annotated[Path, typer.Argument(metavar="PIPELINE", help="The pipeline file: stage recipes and how outputs feed inputs.")],
+    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Run this stage alone (its inputs must be complete).")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", metavar="STAGE", help="Run this stage and every later one again, from scratch.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would run, what is up to date) and stop.")] = False,
+    smoke: SmokeOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the stages of a pipeline file in order; up-to-date stages are skipped, an interrupted one resumes.
+
+    Example: dpo-cli pipeline recipes/demo/pipeline.yaml --dry-run
+    """
+    from dpo_cli.pipeline import run_pipeline
+
+    guarded(debug, lambda: run_pipeline(pipeline_file, only, start, dry_run, smoke))
 
 
 @app.command()

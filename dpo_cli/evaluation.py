@@ -132,3 +132,34 @@ def evaluate_policy(
         result.kl = sequence_kl(model, reference, rollout)
         model.train(was_training)
     return result
+
+
+def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge | None = None) -> Callable[..., dict[str, Any]] | None:
+    """A `policy_eval` section made runnable: (model, tokenizer, reference) -> the metrics line to log."""
+    if cfg.every is None:
+        return None
+    from dpo_cli.data import DataReport, load_prompts
+    from dpo_cli.judges import RewardModelJudge, build_judge
+    from dpo_cli.models import load_reward_model
+    from dpo_cli.recipes import DataSection
+
+    prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts), seed + 17, DataReport())
+    judge = build_judge(cfg.judge) if cfg.judge else None
+    if cfg.reward_model is not None:
+        model, tokenizer = load_reward_model(cfg.reward_model, device, "policy_eval.reward_model")
+        proxy = RewardModelJudge(f"reward-model:{cfg.reward_model}", model, tokenizer, 16, device, 4096)
+    sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=len(prompts))
+
+    def evaluate(model: torch.nn.Module, tokenizer: Any, reference: ReferenceLogps) -> dict[str, Any]:
+        result = evaluate_policy(model, tokenizer, prompts, sampling, seed + 23, device, 512, judge, proxy, reference)
+        summary = result.summary()
+        return {
+            "split": "policy_eval",
+            "judge_score": summary["judge"]["mean"] if summary["judge"] else None,
+            "proxy_score": summary["proxy"]["mean"] if summary["proxy"] else None,
+            "kl": summary["kl"]["mean"] if summary["kl"] else None,
+            "response_length": summary["response_length"],
+            "distinct_2": summary["distinct_2"],
+        }
+
+    return evaluate

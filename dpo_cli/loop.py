@@ -67,6 +67,7 @@ class LoopState:
     micro_batches: int = 0  # position in the BatchStream
     tokens: int = 0  # real (non-padding) input tokens seen
     items: int = 0  # target tokens / pairs seen
+    sequences: int = 0  # sequences through the model (for the mean sequence length)
     train_seconds: float = 0.0  # summed over every process that worked on this run
 
 
@@ -123,7 +124,10 @@ def train(
     run: RunDir,
     runtime: Runtime,
     on_checkpoint: Callable[[Any], None] | None = None,
+    after_step: Callable[[int], dict[str, Any] | None] | None = None,
 ) -> LoopResult:
+    """after_step(step) may return a metrics line (e.g. a policy evaluation) to log for that step; it is also
+    called with step 0 before a fresh run starts."""
     accelerator = runtime.accelerator
     total_steps = total_steps_for(cfg, train_stream.per_epoch)
     optimizer = build_optimizer(model, cfg, runtime.device)
@@ -156,6 +160,8 @@ def train(
     interval_start, interval_tokens = time.perf_counter(), 0
     model.train()
     try:
+        if after_step is not None and state.step == 0:
+            _log_extra(after_step(0), 0, metrics_log)
         with StopSignals() as stop, TrainProgress(stage, total_steps, state.step, runtime.is_main) as progress:
             while state.step < total_steps:
                 step_started = time.perf_counter()
@@ -176,6 +182,7 @@ def train(
                 state.micro_batches += cfg.grad_accum
                 state.tokens += step_tokens
                 state.items += sum(batch["num_items"] for batch in window)
+                state.sequences += sum(int(batch["input_ids"].size(0)) for batch in window)
                 state.train_seconds += time.perf_counter() - step_started
                 interval_tokens += step_tokens
 
@@ -200,6 +207,8 @@ def train(
                 progress.update(state.step, step_loss, lr, speed, logged=logged)
 
                 unfinished = state.step < total_steps
+                if after_step is not None:
+                    _log_extra(after_step(state.step), state.step, metrics_log)
                 if eval_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and unfinished:
                     _log_eval(evaluate(model, eval_stream, step_fn, runtime), state.step, metrics_log, writer)
                 if cfg.save_every and state.step % cfg.save_every == 0 and unfinished:
@@ -235,6 +244,11 @@ def accumulate_gradients(
             value = value.detach().float() if isinstance(value, torch.Tensor) else value
             sums[key] = sums.get(key, 0.0) + value * share
     return _scalar(step_loss), {key: _scalar(value) for key, value in sums.items()}
+
+
+def _log_extra(record: dict[str, Any] | None, step: int, metrics_log: Any) -> None:
+    if record:
+        metrics_log.log({"step": step, **record})
 
 
 def _log_eval(metrics: dict[str, float], step: int, metrics_log: Any, writer: Any) -> None:

@@ -93,14 +93,18 @@ def _path_marker(field: Any) -> PathMarker | None:
     for meta in field.metadata:
         if isinstance(meta, PathMarker):
             return meta
-    for arg in _flatten_union(field.annotation):
-        for meta in getattr(arg, "__metadata__", ()):
-            if isinstance(meta, PathMarker):
-                return meta
-        for inner in typing.get_args(arg):  # list[PathOrHubId]
-            for meta in getattr(inner, "__metadata__", ()):
-                if isinstance(meta, PathMarker):
-                    return meta
+    return _marker_in(field.annotation)
+
+
+def _marker_in(annotation: Any) -> PathMarker | None:
+    """A PathMarker anywhere inside an annotation: str paths, lists and mappings of them, optional or not."""
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, PathMarker):
+            return meta
+    for arg in typing.get_args(annotation):
+        found = _marker_in(arg)
+        if found is not None:
+            return found
     return None
 
 
@@ -151,11 +155,18 @@ def _resolve_paths(raw: dict[str, Any], fields: dict[tuple[str, ...], PathMarker
             parent = parent.get(key) if isinstance(parent, dict) else None
         if not isinstance(parent, dict) or keys[-1] not in parent:
             continue
-        value = parent[keys[-1]]
-        if isinstance(value, str):
-            parent[keys[-1]] = resolve_path_value(value, base, marker.always)
-        elif isinstance(value, list):
-            parent[keys[-1]] = [resolve_path_value(v, base, marker.always) if isinstance(v, str) else v for v in value]
+        parent[keys[-1]] = _resolve_nested(parent[keys[-1]], base, marker.always)
+
+
+def _resolve_nested(value: Any, base: Path, always: bool) -> Any:
+    """A path, or the paths inside a list or mapping (e.g. compare's policies and costs)."""
+    if isinstance(value, str):
+        return resolve_path_value(value, base, always)
+    if isinstance(value, list):
+        return [_resolve_nested(v, base, always) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_nested(v, base, always) for k, v in value.items()}
+    return value
 
 
 # ----------------------------------------------------------------------------- overrides and smoke

@@ -277,6 +277,24 @@ class SftRecipe(TrainingRecipe):
         return self
 
 
+class PolicyEvalSection(Section):
+    """The same small evaluation every N steps (dpo, ppo), logged to metrics.jsonl with "split": "policy_eval",
+    so the comparison's reward-KL frontier can use the path a policy took."""
+
+    every: int | None = Field(None, ge=1, description="Evaluate every N steps (and before the first); null: never.")
+    prompts: PathOrHubId | None = Field(None, description="Held-out prompts (files, hub id or demo:NAME), like data.train.")
+    max_prompts: int = Field(32, ge=1, description="Use at most this many prompts.")
+    judge: str | None = Field(None, description="Ground-truth judge: sentiment, length or module:function.")
+    reward_model: PathOrHubId | None = Field(None, description="Proxy reward model (ppo: its own reward model by default).")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response.")
+
+    @model_validator(mode="after")
+    def _prompts(self) -> PolicyEvalSection:
+        if self.every is not None and self.prompts is None:
+            raise ValueError("policy_eval.every needs policy_eval.prompts")
+        return self
+
+
 class DpoSection(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the KL pull toward the reference (the DPO paper's beta).")
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="The preference loss.")
@@ -300,6 +318,7 @@ class DpoSection(Section):
 class DpoRecipe(TrainingRecipe):
     stage: Literal["dpo"] | None = "dpo"
     dpo: DpoSection = Field(default_factory=DpoSection)
+    policy_eval: PolicyEvalSection = Field(default_factory=PolicyEvalSection)
 
     @model_validator(mode="after")
     def _pretrained(self) -> DpoRecipe:
@@ -363,6 +382,7 @@ class PpoSection(Section):
 class PpoRecipe(TrainingRecipe):
     stage: Literal["ppo"] | None = "ppo"
     ppo: PpoSection
+    policy_eval: PolicyEvalSection = Field(default_factory=PolicyEvalSection)
 
     @model_validator(mode="after")
     def _shapes(self) -> PpoRecipe:
@@ -378,6 +398,50 @@ class PpoRecipe(TrainingRecipe):
             raise ValueError("with model.lora the critic is a second adapter on the policy's base: drop ppo.value_model")
         if self.data.eval is not None:
             raise ValueError("data.eval: ppo samples prompts from data.train only")
+        return self
+
+
+class HumanAbSection(Section):
+    a: str = Field(..., description="The first policy of the blind A/B (a name from policies).")
+    b: str = Field(..., description="The second policy.")
+    pairs: int = Field(20, ge=1, description="Prompts to judge.")
+
+
+class JudgesSection(Section):
+    function: str | None = Field(
+        "sentiment", description="The ground-truth judge: sentiment, length or module:function; null for none."
+    )
+    reward_model: PathOrHubId | None = Field(None, description="The proxy: an rm-train run or any scalar sequence classifier.")
+    human: HumanAbSection | None = Field(None, description="A blind pairwise A/B of two policies on the labelling screen.")
+
+
+class CompareRecipe(RecipeBase):
+    stage: Literal["compare"] | None = "compare"
+    policies: dict[str, PathOrHubId] = Field(..., description="name -> run dir or model, e.g. sft, ppo, dpo.")
+    baseline: str | None = Field(None, description="The policy win rates are measured against (default: the first).")
+    reference: str | None = Field(None, description="The policy the KL is measured to (default: the baseline).")
+    data: DataSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    judges: JudgesSection = Field(default_factory=JudgesSection)
+    costs: dict[str, list[PathOrHubId]] = Field(
+        default_factory=dict, description="Training path -> its run dirs, whose costs add up (e.g. rlhf: [rm, ppo])."
+    )
+    show_samples: int = Field(3, ge=0, description="Responses per policy shown in the report.")
+
+    @model_validator(mode="after")
+    def _names(self) -> CompareRecipe:
+        if not self.policies:
+            raise ValueError("policies: name at least one policy")
+        names = list(self.policies)
+        for key in ("baseline", "reference"):
+            value = getattr(self, key)
+            if value is not None and value not in names:
+                raise ValueError(f"{key}: {value!r} is not one of the policies ({', '.join(names)})")
+        human = self.judges.human
+        if human is not None and (human.a not in names or human.b not in names):
+            raise ValueError(f"judges.human: a and b must be policies ({', '.join(names)})")
+        if self.judges.function is None and self.judges.reward_model is None and human is None:
+            raise ValueError("judges: give a judge function, a reward model, or both")
         return self
 
 
@@ -409,6 +473,7 @@ STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {
     "dpo": DpoRecipe,
     "rm-train": RmRecipe,
     "ppo": PpoRecipe,
+    "compare": CompareRecipe,
 }
 PLANNED_STAGES: tuple[str, ...] = ()
-ALL_STAGES = ("pretrain", "sft", "collect-prefs", "rm-train", "ppo", "dpo")
+ALL_STAGES = ("pretrain", "sft", "collect-prefs", "rm-train", "ppo", "dpo", "compare")

@@ -31,4 +31,8 @@ def stage_runner(stage: str) -> Callable[[Any, Any], dict]:
         from dpo_cli.stages.ppo import run_ppo
 
         return run_ppo
+    if stage == "compare":
+        from dpo_cli.stages.compare import run_compare
+
+        return run_compare
     raise KeyError(stage)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from dpo_cli.costs import estimate_flops, model_shape
 from dpo_cli.data import DataReport, encode_rows, load_splits
 from dpo_cli.errors import UserError
 from dpo_cli.generate import generate
@@ -132,6 +133,9 @@ def summarize(
     trainable, total = count_parameters(bundle.model)
     peak, peak_kind = peak_memory(runtime.device)
     state = result.state
+    extra = dict(extra or {})
+    compute = {**model_shape(bundle.model), "context": state.tokens / max(state.sequences, 1), "train_tokens": state.tokens}
+    compute.update(extra.pop("compute", {}))  # forward-only passes and other models, from the stage
     summary = {
         "stage": stage,
         "status": "completed",
@@ -152,8 +156,10 @@ def summarize(
         "eval_metrics": result.eval_metrics,
         "data": report.as_dict(),
         "final_dir": str(run.final_dir),
+        "compute": compute,
+        "estimated_flops": estimate_flops(compute),
         "versions": library_versions(),
-        **(extra or {}),
+        **extra,
     }
     if runtime.is_main:
         plot = plot_training(read_metrics(run.metrics_path), run.path / "training.png", f"{stage} · {run.path.name}")

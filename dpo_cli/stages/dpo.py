@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 from dpo_cli import ui
 from dpo_cli.data import DataReport
 from dpo_cli.encoding import prompt_ids_for_generation
+from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.generate import generate
 from dpo_cli.loop import BatchStream, StepFn, train
@@ -23,6 +24,7 @@ from dpo_cli.losses import dpo_loss
 from dpo_cli.models import ModelBundle, build_causal_lm
 from dpo_cli.preference_data import collate_pairs
 from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
+from dpo_cli.rl import response_logps
 from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from dpo_cli.runtime import Runtime, setup_runtime
 from dpo_cli.stages.common import announce, load_preference_sets, save_final_model, summarize
@@ -34,6 +36,14 @@ class Reference:
     def __init__(self, policy: CompletionLogProbs, separate: CompletionLogProbs | None):
         self.policy = policy
         self.separate = separate
+
+    @torch.no_grad()
+    def token_logps(self, rollout: Any) -> torch.Tensor:
+        """Per-token reference log-probs of sampled responses (at temperature 1), for the KL estimate."""
+        if self.separate is not None:
+            return response_logps(self.separate.model, rollout, 1.0)[0]
+        with self.policy.model.disable_adapter():
+            return response_logps(self.policy.model, rollout, 1.0)[0]
 
     def release(self) -> None:
         self.separate = None  # precomputed: the separate model's memory goes back
@@ -142,11 +152,18 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device)
     if recipe.dpo.precompute_ref:
         train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime)
         if eval_set is not None:
             eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime)
-        reference.release()
+        if evaluator is None:  # the policy evaluation's KL still needs the reference
+            reference.release()
+
+    def after_step(step: int) -> dict[str, Any] | None:
+        if evaluator is None or step % recipe.policy_eval.every:
+            return None
+        return evaluator(bundle.model, tokenizer, reference.token_logps)
 
     result = train(
         stage="dpo",
@@ -157,6 +174,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         cfg=recipe.train,
         run=run,
         runtime=runtime,
+        after_step=after_step,
     )
     save_final_model(run, runtime, bundle)
 
@@ -165,9 +183,12 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     if runtime.is_main:
         atomic_write_text(run.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     pairs_per_sec = result.state.items / max(result.state.train_seconds, 1e-9)
+    reference_tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids") for ids in train_set[column])
+    forward_tokens = reference_tokens if recipe.dpo.precompute_ref else result.state.tokens  # the reference's passes
     summary = summarize(
         stage="dpo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started,
-        extra={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "highlights": {"pairs/s": pairs_per_sec}},
+        extra={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "highlights": {"pairs/s": pairs_per_sec},
+               "compute": {"forward_tokens": forward_tokens}},
     )  # fmt: skip
     ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))
     return summary

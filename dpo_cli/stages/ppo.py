@@ -14,9 +14,11 @@ import torch
 
 from dpo_cli import ui
 from dpo_cli.checkpoint import load_training_state, save_training_state
+from dpo_cli.costs import model_shape
 from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.errors import RunInterrupted, UserError
+from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.generate import generate
 from dpo_cli.judges import RewardModelJudge
 from dpo_cli.loop import LoopResult, LoopState, total_steps_for
@@ -48,6 +50,7 @@ class PpoState:
     skipped: int = 0  # iterations with non-finite rewards: counted, never applied
     time_generate: float = 0.0
     time_train: float = 0.0
+    trained_tokens: int = 0  # tokens through training passes (policy and critic, every epoch)
 
 
 # ----------------------------------------------------------------------------- models
@@ -140,7 +143,7 @@ def update_phase(
     actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRecipe, optimizer: Any, scheduler: Any, runtime: Runtime, iteration: int
 ) -> dict[str, float]:
     """ppo_epochs passes of clipped policy and value updates over shuffled mini-batches."""
-    cfg, sums, count = recipe.ppo, {}, 0
+    cfg, sums, count, trained = recipe.ppo, {}, 0, 0
     first_ratio = None
     for epoch in range(cfg.ppo_epochs):
         stop = False
@@ -159,6 +162,7 @@ def update_phase(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step = {"policy_loss": policy_loss, "value_loss": value_loss, "grad_norm": grad_norm, **policy_metrics, **value_metrics}
+            trained += 2 * int(part.attention_mask.sum())  # the policy's pass and the critic's
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             count += 1
@@ -172,6 +176,7 @@ def update_phase(
     metrics = {key: value / max(count, 1) for key, value in sums.items()}
     metrics["ratio/first_minibatch"] = first_ratio
     metrics["updates"] = count
+    metrics["trained_tokens"] = trained
     return metrics
 
 
@@ -218,7 +223,16 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
 
     order = torch.Generator().manual_seed(recipe.seed)
     last: dict[str, Any] = {}
+    evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device, proxy=reward)
+
+    def evaluate_policy_now() -> None:
+        with actor_critic.adapter("default"):
+            record = evaluator(actor_critic.policy, tokenizer, lambda rollout: actor_critic.reference_logps(rollout, 1.0))
+        metrics_log.log({"step": state.iteration, **record})
+
     try:
+        if evaluator is not None and state.iteration == 0:
+            evaluate_policy_now()
         with StopSignals() as stop, ui.TrainProgress("ppo", iterations, state.iteration, runtime.is_main, value="reward", speed="episodes/s") as progress:
             while state.iteration < iterations:
                 iteration = state.iteration
@@ -243,6 +257,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                 state.time_train += time.perf_counter() - generated
                 state.episodes += len(batch_prompts)
                 state.tokens += int(rollout.attention_mask.sum())
+                state.trained_tokens += update.pop("trained_tokens")
 
                 mask = rollout.response_mask
                 sequence_kl = float(kl.sum(dim=1).mean())
@@ -274,6 +289,8 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                         samples_log.log({"step": state.iteration, "prompt": prompt, "response": text.strip(), "score": score})
 
                 unfinished = state.iteration < iterations
+                if evaluator is not None and state.iteration % recipe.policy_eval.every == 0:
+                    evaluate_policy_now()
                 if recipe.ppo.kl_stop is not None and sequence_kl > recipe.ppo.kl_stop:
                     where = save_checkpoint()
                     raise UserError(
@@ -292,7 +309,10 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         bundle.model.delete_adapter("value")  # final/ is the policy: its adapter alone
     save_final_model(run, runtime, bundle)
     result = LoopResult(
-        state=LoopState(step=state.iteration, tokens=state.tokens, items=state.episodes, train_seconds=state.time_generate + state.time_train),
+        state=LoopState(
+            step=state.iteration, tokens=state.tokens, items=state.episodes, sequences=state.episodes,
+            train_seconds=state.time_generate + state.time_train,
+        ),  # fmt: skip
         total_steps=iterations,
         last_train_metrics={k: v for k, v in last.items() if k not in ("step", "episodes")},
     )
@@ -304,5 +324,11 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         "skipped_iterations": state.skipped,
         "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models",
         "highlights": {"episodes/s": state.episodes / max(state.time_generate + state.time_train, 1e-9), "skipped iterations": state.skipped},
+        # sampling, then the policy's, reference's and critic's passes over every rollout; the reward model's
+        "compute": {
+            "train_tokens": state.trained_tokens,
+            "forward_tokens": 4 * state.tokens,
+            "extra": [{**model_shape(reward_model), "context": state.tokens / max(state.episodes, 1), "tokens": state.tokens}],
+        },
     }
     return summarize(stage="ppo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)

@@ -1,0 +1,111 @@
+"""`dpo-cli pipeline`: order, skip when up to date, re-run when a recipe or an input changed, resume after an
+interruption, --only / --from / --dry-run, and bad pipeline files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import dpo_cli.stages.dpo
+from conftest import interrupt_at_call, write_jsonl, write_recipe
+from test_dpo import preference_rows
+
+
+@pytest.fixture()
+def pipeline_file(tmp_path, tiny_model_dir, sft_rows):
+    write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    write_jsonl(tmp_path / "prefs.jsonl", preference_rows(16))
+    write_recipe(tmp_path / "sft.yaml", {
+        "stage": "sft", "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": "sft.jsonl", "max_length": 96},
+        "train": {"max_steps": 2, "batch_size": 4, "save_every": None}, "sft": {"show_samples": 0},
+    })  # fmt: skip
+    write_recipe(tmp_path / "dpo.yaml", {
+        "stage": "dpo", "model": {"name_or_path": "placeholder"}, "data": {"train": "prefs.jsonl", "max_length": 128},
+        "train": {"max_steps": 4, "batch_size": 4, "save_every": 2, "log_every": 1}, "dpo": {"show_samples": 0},
+    })  # fmt: skip
+
+    def make(dpo_set=None, stages=None):
+        pipeline = {
+            "run_dir": "runs",
+            "seed": 5,
+            "stages": stages or {
+                "sft": {"recipe": "sft.yaml"},
+                "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}, "set": dpo_set or {}},
+            },
+        }  # fmt: skip
+        return write_recipe(tmp_path / "pipeline.yaml", pipeline)
+
+    return make
+
+
+def actions(out: str) -> dict[str, str]:
+    """stage -> action, from the last plan table printed."""
+    table = out.split("pipeline done")[-1] if "pipeline done" in out else out
+    found = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 4 and cells[0] in ("sft", "dpo") and cells[2]:
+            found[cells[0]] = cells[2]
+    return found
+
+
+def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path, cli, pipeline_file):
+    path = pipeline_file()
+    code, out, err = cli("pipeline", path)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "sft" / "final").is_dir() and (tmp_path / "runs" / "dpo" / "final").is_dir()
+    assert yaml.safe_load((tmp_path / "runs" / "dpo" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(tmp_path / "runs" / "sft")
+    assert json.loads((tmp_path / "runs" / "dpo" / "inputs.json").read_text()).keys() == {"sft"}
+
+    code, out, _ = cli("pipeline", path, "--dry-run")
+    assert code == 0 and actions(out) == {"sft": "skip", "dpo": "skip"}
+
+    path = pipeline_file(dpo_set={"dpo.beta": 0.2})  # the dpo recipe changed: dpo alone runs again
+    code, out, _ = cli("pipeline", path, "--dry-run")
+    assert actions(out) == {"sft": "skip", "dpo": "rerun"} and "dpo.beta: 0.1 -> 0.2" in out
+    assert cli("pipeline", path)[0] == 0
+    assert list(tmp_path.joinpath("runs").glob("dpo.prev-*"))  # the old run was kept
+
+    code, out, _ = cli("pipeline", path, "--from", "sft", "--dry-run")  # sft re-run: its reader re-runs too
+    assert actions(out) == {"sft": "rerun", "dpo": "rerun"}
+    sft_identity = json.loads((tmp_path / "runs" / "dpo" / "inputs.json").read_text())["sft"]
+    assert cli("pipeline", path, "--only", "sft", "--from", "sft")[0] == 0
+    code, out, _ = cli("pipeline", path, "--dry-run")
+    assert actions(out) == {"sft": "skip", "dpo": "rerun"} and "inputs changed: sft" in out
+    assert cli("pipeline", path)[0] == 0
+    assert json.loads((tmp_path / "runs" / "dpo" / "inputs.json").read_text())["sft"] != sft_identity
+
+
+def test_an_interrupted_pipeline_continues(tmp_path, cli, pipeline_file, monkeypatch):
+    path = pipeline_file()
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, dpo_cli.stages.dpo, "dpo_loss", 3)
+        code, _, _ = cli("pipeline", path)
+    assert code == 143
+    code, out, _ = cli("pipeline", path, "--dry-run")
+    assert actions(out) == {"sft": "skip", "dpo": "resume"}
+    code, out, err = cli("pipeline", path)
+    assert code == 0 and "resuming from" in err
+    assert json.loads((tmp_path / "runs" / "dpo" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_only_needs_complete_inputs(tmp_path, cli, pipeline_file):
+    code, _, err = cli("pipeline", pipeline_file(), "--only", "dpo")
+    assert code == 1 and "its input sft is not complete" in err
+
+
+def test_bad_pipelines(tmp_path, cli, pipeline_file):
+    cycle = {"sft": {"recipe": "sft.yaml", "inputs": {"model.name_or_path": "dpo"}}, "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}}}
+    code, _, err = cli("pipeline", pipeline_file(stages=cycle))
+    assert code == 1 and "cycle among: sft, dpo" in err
+    code, _, err = cli("pipeline", pipeline_file(stages={"sft": {"recipe": "missing.yaml"}}))
+    assert code == 1 and "stages.sft.recipe" in err and "does not exist" in err
+    code, _, err = cli("pipeline", pipeline_file(stages={"sfft": {"recipe": "sft.yaml"}}))
+    assert code == 1 and "unknown stage 'sfft'" in err
+    code, _, err = cli("pipeline", pipeline_file(stages={"dpo.v2": {"stage": "dpo", "recipe": "dpo.yaml"}}))
+    assert code == 1 and "cannot hold a dot" in err
+    code, _, err = cli("pipeline", pipeline_file(stages={"dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "nobody"}}}))
+    assert code == 1 and "no stage named 'nobody'" in err
+    assert not (tmp_path / "runs").exists()  # nothing ran
