@@ -70,8 +70,38 @@ def full_distribution(cfg: GenerationSection) -> GenerationSection:
 
 @torch.no_grad()
 def sequence_kl(model: torch.nn.Module, reference: ReferenceLogps, rollout: Rollout) -> list[float]:
-    policy, _ = response_logps(model, rollout, 1.0)
-    return ((policy - reference(rollout)) * rollout.response_mask).sum(dim=1).tolist()
+    policy = (response_logps(model, rollout, 1.0)[0] * rollout.response_mask).sum(dim=1)  # (B,)
+    ref = reference(rollout)  # (B, T) per token, or (B,) per response (another tokenizer)
+    if ref.dim() == 2:
+        ref = (ref * rollout.response_mask).sum(dim=1)
+    return (policy - ref).tolist()
+
+
+def text_reference(reference_model: torch.nn.Module, reference_tokenizer: Any) -> ReferenceLogps:
+    """A reference with another tokenizer: each prompt + response is re-tokenised for it, and the response's
+    log-probability summed over its own tokens (the log-ratio of the two sequence probabilities)."""
+    from dpo_cli.encoding import pad
+    from dpo_cli.forward import CompletionLogProbs
+    from dpo_cli.losses import IGNORE_INDEX
+    from dpo_cli.preference_data import sequence_ids
+
+    scorer = CompletionLogProbs(reference_model)
+
+    def logps(rollout: Rollout) -> torch.Tensor:
+        sequences, labels = [], []
+        for prompt, text, finished in zip(rollout.prompts, rollout.texts, rollout.finished.tolist()):
+            completion = [{"role": "assistant", "content": text.strip()}] if isinstance(prompt, list) else text
+            ids, start = sequence_ids(reference_tokenizer, prompt, completion)
+            if not finished and not isinstance(prompt, list):
+                ids = ids[:-1]  # the response never ended: no EOS to score
+            sequences.append(ids)
+            labels.append([IGNORE_INDEX] * start + ids[start:])
+        input_ids, mask = pad(sequences, reference_tokenizer.pad_token_id)
+        target, _ = pad(labels, IGNORE_INDEX)
+        device = rollout.response_mask.device
+        return scorer(input_ids.to(device), mask.to(device), target.to(device))[0]
+
+    return logps
 
 
 def model_reference(reference_model: torch.nn.Module) -> ReferenceLogps:

@@ -193,3 +193,7 @@ def run_pipeline(path: Path, only: str | None, start: str | None, dry_run: bool,
             if step.name in later.inputs and later.action == "skip" and later.reason != "--only":
                 later.action, later.reason = "rerun", f"input {step.name} was re-run"
     print_plan(steps, "pipeline done")
+    for step in steps:
+        report = step.run_dir / "report.md"
+        if step.kind == "compare" and report.is_file():
+            ui.console.print(f"report: {report}  (plots beside it: frontier.png, costs.png, curves.png)")

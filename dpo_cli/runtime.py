@@ -53,6 +53,37 @@ class Runtime:
         return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+class RssMonitor:
+    """The peak resident memory of this process since the monitor started, sampled every 20 ms: unlike
+    ru_maxrss it can start afresh for each stage of a pipeline that runs in one process."""
+
+    def __init__(self, interval: float = 0.02):
+        self.peak = _current_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, _current_rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.peak = max(self.peak, _current_rss())
+        return self.peak
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: the process-lifetime peak is the best there is
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+_MONITOR: RssMonitor | None = None
+
+
 def setup_runtime(train: TrainSection, seed: int) -> Runtime:
     from accelerate.state import AcceleratorState
 
@@ -63,13 +94,19 @@ def setup_runtime(train: TrainSection, seed: int) -> Runtime:
     seed_everything(seed)
     if cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
+    global _MONITOR
+    if _MONITOR is not None:
+        _MONITOR.stop()
+    _MONITOR = RssMonitor()  # this stage's peak, not an earlier stage's of the same process
     return Runtime(accelerator=accelerator, mixed_precision=mixed)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak bytes: allocated on the GPU, or the process's maximum resident set on CPU."""
+    """Peak bytes of the current stage: allocated on the GPU, or the process's resident set on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    if _MONITOR is not None:
+        return _MONITOR.stop(), "cpu_max_rss"
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
 
 

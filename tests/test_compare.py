@@ -118,3 +118,32 @@ def test_human_ab_needs_a_terminal(tmp_path, cli, compare_recipe, tiny_model_dir
     judges = {"function": "sentiment", "reward_model": str(tiny_reward_model_dir), "human": {"a": "base", "b": "same", "pairs": 2}}
     code, _, err = cli("compare", compare_recipe(judges=judges), "--run-dir", tmp_path / "run")
     assert code == 1 and "needs an interactive terminal" in err
+
+
+def test_the_text_reference_equals_the_token_reference_for_the_same_tokenizer(tiny_model_dir, tiny_tokenizer):
+    """Re-tokenising for a reference with another tokenizer: on the same tokenizer, and responses whose tokens
+    are their text's own tokenisation, it gives the same KL as reading the tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cli.evaluation import model_reference, sequence_kl, text_reference
+    from dpo_cli.generate import Generation
+    from dpo_cli.rl import make_rollout
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    prompts, texts = ["The Last Road is", "A film about"], [" a great film.", " a lost child"]
+    prompt_ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = tiny_tokenizer.eos_token_id
+    generations = [
+        Generation(prompt_ids[0], tiny_tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [eos], texts[0], True),
+        Generation(prompt_ids[1], tiny_tokenizer(texts[1], add_special_tokens=False)["input_ids"], texts[1], False),  # cut off
+    ]
+    rollout = make_rollout(prompts, prompt_ids, generations, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    by_tokens = sequence_kl(policy, model_reference(reference), rollout)
+    by_text = sequence_kl(policy, text_reference(reference, tiny_tokenizer), rollout)
+    assert all(abs(k) > 1e-3 for k in by_tokens)
+    assert by_text == pytest.approx(by_tokens, abs=1e-4)

@@ -16,7 +16,7 @@ from dpo_cli import ui
 from dpo_cli.costs import path_cost
 from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.errors import UserError
-from dpo_cli.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, win_rate
+from dpo_cli.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference, win_rate
 from dpo_cli.judges import Judge, RewardModelJudge, build_judge
 from dpo_cli.models import load_policy, load_reward_model
 from dpo_cli.recipes import CompareRecipe, TrainSection
@@ -82,11 +82,11 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
             )
             same_tokens = tokenizer.get_vocab() == reference_tokenizer.get_vocab()
             if not same_tokens:
-                ui.note(f"policies.{name} has another tokenizer than the reference: its KL is not estimated (token-level)")
+                ui.note(f"policies.{name} has another tokenizer than the reference: its responses are re-tokenised for the reference's KL")
+            reference = model_reference(reference_model) if same_tokens else text_reference(reference_model, reference_tokenizer)
             evaluations[name] = evaluate_policy(
-                model, tokenizer, prompts, recipe.generation, recipe.seed, runtime.device, recipe.data.max_length,
-                judge, proxy, model_reference(reference_model) if same_tokens else None,
-            )  # fmt: skip
+                model, tokenizer, prompts, recipe.generation, recipe.seed, runtime.device, recipe.data.max_length, judge, proxy, reference
+            )
             responses[name] = evaluations[name].texts
             if model is not reference_model:
                 del model
