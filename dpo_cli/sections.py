@@ -1,0 +1,191 @@
+"""The recipe sections every stage shares: model, tokenizer, data, train, generation.
+
+Every section forbids unknown keys, so a typo is an error with a did-you-mean rather than a
+silently ignored setting. Fields that hold filesystem paths carry a marker in their annotation;
+the loader (recipe_loader.py) resolves them against the recipe's own folder.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class PathMarker:
+    """Annotation metadata: this string names a local path (`always`) or a path-or-hub-id."""
+
+    def __init__(self, always: bool):
+        self.always = always
+
+
+LocalPath = Annotated[str, PathMarker(always=True)]
+PathOrHubId = Annotated[str, PathMarker(always=False)]
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _switch(value: Any) -> Any:
+    """`lora: true` / `--set model.lora=true` switches a section on with defaults; false/null off."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the output head)."
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved with the adapter.")
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(True, description="Load the base weights in 4 bit (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Dtype = Field("auto", description="dtype of the 4-bit matmuls; auto = bfloat16 on a GPU that has it, else float32.")
+
+
+class InitSection(Section):
+    """Architecture for a model trained from scratch (no pretrained weights)."""
+
+    model_type: str = Field("llama", description="A transformers model type (llama, qwen2, mistral, gpt2, ...).")
+    hidden_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1, description="Default: num_attention_heads (no GQA).")
+    intermediate_size: int | None = Field(None, ge=1, description="Default: 4 x hidden_size.")
+    max_position_embeddings: int = Field(1024, ge=8)
+    tie_word_embeddings: bool = True
+    config: dict[str, Any] = Field(default_factory=dict, description="Any other attribute of that model type's config.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> InitSection:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        return self
+
+
+class ModelSection(Section):
+    name_or_path: PathOrHubId | None = Field(
+        None, description="Hub id, local directory, or another run (its final/ is used; a LoRA adapter is merged onto its base)."
+    )
+    init: InitSection | None = Field(None, description="Build a new model from this architecture instead (pretraining from scratch).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Dtype = Field("auto", description="Weight dtype; auto = float32 when training full weights or on CPU, bfloat16 for frozen bases on a GPU.")
+    lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    quantization: QuantizationSection | None = Field(None, description="Load the frozen base in 4 bit (QLoRA); needs lora.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repository.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
+
+    _switch_lora = field_validator("lora", mode="before")(_switch)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _switch_quantization(cls, value: Any) -> Any:
+        value = _switch(value)
+        if isinstance(value, dict) and value.get("load_in_4bit") is False:
+            return None  # `load_in_4bit: false` means no quantization at all
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.name_or_path is None) == (self.init is None):
+            raise ValueError("give exactly one of model.name_or_path (pretrained weights) or model.init (a new model)")
+        if self.lora is not None and self.init is not None:
+            raise ValueError("a new model (model.init) trains all its weights: LoRA needs pretrained weights (model.name_or_path)")
+        if self.quantization is not None and self.init is not None:
+            raise ValueError("model.quantization needs pretrained weights; a model built from model.init cannot be 4-bit")
+        if self.quantization is not None and self.lora is None:
+            raise ValueError("a 4-bit model cannot be trained in full: add model.lora (e.g. --set model.lora.r=16)")
+        return self
+
+
+class TokenizerSection(Section):
+    name_or_path: PathOrHubId | None = Field(None, description="Default: the model's own tokenizer.")
+    train_vocab_size: int | None = Field(
+        None, ge=64, description="Train a new byte-level BPE tokenizer of this size on the training text (pretraining from scratch)."
+    )
+    chat_template: str | None = Field(None, description="A Jinja chat template that replaces the tokenizer's.")
+
+
+class DataSection(Section):
+    train: PathOrHubId | list[PathOrHubId] = Field(
+        ..., description="Local files (jsonl/json/parquet/csv/txt, globs), a directory, a hub dataset id, or a built-in demo:NAME set."
+    )
+    eval: PathOrHubId | float | None = Field(
+        None, description="Eval data: files/hub id like train, or a fraction (0-1) or a row count carved off train."
+    )
+    split: str = Field("train", description="Split of a hub dataset to train on.")
+    eval_split: str | None = Field(None, description="Split of a hub dataset to evaluate on (when data.eval is a hub id).")
+    subset: str | None = Field(None, description="Configuration name of a hub dataset.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename columns: {expected name: name in your data}.")
+    max_length: int = Field(512, ge=8, description="Longest sequence in tokens (the block size when packing).")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Sequences longer than max_length: truncate (counted), drop (counted), or stop with an error."
+    )
+    bad_rows: Literal["error", "drop"] = Field("error", description="Malformed rows: stop with an error naming the row, or drop and count them.")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_eval_rows: int | None = Field(None, ge=1, description="Use at most this many eval rows.")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_amount(cls, value: Any) -> Any:
+        if isinstance(value, float) and not (0.0 < value < 1.0 or (value >= 1 and value.is_integer())):
+            raise ValueError(f"a fraction must be between 0 and 1 (or a whole row count), got {value}")
+        return value
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train (exclusive with epochs).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is not set).")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Default: batch_size.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the decaying schedules, as a fraction of learning_rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (not applied to biases and norms).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast; auto = bf16 on a GPU that has it, fp16 on older GPUs, none on CPU."
+    )
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end when eval data exists).")
+    save_every: int | None = Field(500, ge=1, description="Checkpoint every N steps (and on SIGINT/SIGTERM); null: only on signals.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to RUN/tensorboard/.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainSection:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give train.max_steps or train.epochs, not both")
+        return self
+
+
+class GenerationSection(Section):
+    """Sampling settings, shared by every stage that generates text."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="0 samples greedily.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
