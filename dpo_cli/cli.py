@@ -220,6 +220,7 @@ def pipeline(
     only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Run this stage alone (its inputs must be complete).")] = None,
     start: Annotated[Optional[str], typer.Option("--from", metavar="STAGE", help="Run this stage and every later one again, from scratch.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would run, what is up to date) and stop.")] = False,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where the stages' run dirs go (default: the file's run_dir).")] = None,
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -229,7 +230,7 @@ def pipeline(
     """
     from dpo_cli.pipeline import run_pipeline
 
-    guarded(debug, lambda: run_pipeline(pipeline_file, only, start, dry_run, smoke))
+    guarded(debug, lambda: run_pipeline(pipeline_file, only, start, dry_run, smoke, run_dir))
 
 
 @app.command()

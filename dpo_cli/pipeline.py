@@ -168,10 +168,12 @@ def print_plan(steps: list[Step], title: str) -> None:
     ui.console.print(table)
 
 
-def run_pipeline(path: Path, only: str | None, start: str | None, dry_run: bool, smoke: bool) -> None:
+def run_pipeline(path: Path, only: str | None, start: str | None, dry_run: bool, smoke: bool, run_dir: Path | None = None) -> None:
     from dpo_cli.cli import run_stage
 
     pipeline = load_pipeline(path)
+    if run_dir is not None:
+        pipeline.run_dir = str(run_dir.expanduser().resolve())
     steps = plan(pipeline, only, start, smoke)
     print_plan(steps, f"pipeline {path}" + (" (dry run: nothing is run)" if dry_run else ""))
     if dry_run:

@@ -109,3 +109,15 @@ def test_bad_pipelines(tmp_path, cli, pipeline_file):
     code, _, err = cli("pipeline", pipeline_file(stages={"dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "nobody"}}}))
     assert code == 1 and "no stage named 'nobody'" in err
     assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
+    """make demo's whole story, capped: every stage of both paths, then the comparison."""
+    from conftest import REPO
+
+    code, out, err = cli("pipeline", REPO / "recipes/demo/pipeline.yaml", "--smoke", "--run-dir", tmp_path / "demo")
+    assert code == 0, err
+    report = json.loads((tmp_path / "demo-smoke" / "compare" / "report.json").read_text())
+    assert set(report["policies"]) == {"sft", "ppo", "dpo", "dpo-low-beta", "dpo-high-beta"}
+    assert set(report["costs"]) == {"rlhf", "dpo"} and all(c["flops"] > 0 for c in report["costs"].values())
+    assert "report:" in out
