@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +66,92 @@ def save_training_state(
     scaler: Any,
     loop_state: dict[str, Any],
 ) -> None:
-    save_file(trainable_state(model), str(folder / TRAINABLE_FILE))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), folder / "scaler.pt")
-    torch.save(capture_rng(), folder / "rng.pt")
+    """A whole checkpoint from one process."""
+    save_shared_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state)
+    torch.save(capture_rng(), folder / "rng-rank0.pt")
     (folder / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")  # last: marks completeness
 
 
-def load_training_state(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> dict[str, Any]:
-    load_trainable_state(model, load_file(str(folder / TRAINABLE_FILE)), folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+def save_shared_state(folder: Path, *, model: torch.nn.Module | None, optimizer: Any, scheduler: Any, scaler: Any, loop_state: dict) -> None:
+    """What every process holds alike (written once): trainable weights (unless an engine saved its shards),
+    optimizer, scheduler and grad scaler."""
+    if model is not None:
+        save_file(trainable_state(model), str(folder / TRAINABLE_FILE))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), folder / "scaler.pt")
+
+
+def write_checkpoint(
+    run: Any,
+    step: int,
+    keep: int,
+    *,
+    runtime: Any,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    loop_state: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """checkpoints/step-N from every process: the main process writes what all hold alike, each process
+    its own RNG states; FSDP and DeepSpeed save their shards through accelerate. Published (renamed into
+    place) only when every part is written, so a crash never leaves a half checkpoint."""
+    from dpo_cli.distributed import barrier
+
+    if runtime.world_size == 1:
+        with run.new_checkpoint(step, keep=keep) as folder:
+            if extra is not None:
+                extra(folder)
+            save_training_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state)
+        return run.checkpoints_dir / f"step-{step}"
+    tmp = run.checkpoint_staging(step)
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(capture_rng(), tmp / f"rng-rank{runtime.rank}.pt")
+    if runtime.sharded:
+        runtime.accelerator.save_state(str(tmp / "engine"))
+    barrier()
+    if runtime.is_main:
+        if extra is not None:
+            extra(tmp)
+        save_shared_state(
+            tmp, model=None if runtime.sharded else model, optimizer=None if runtime.sharded else optimizer,
+            scheduler=scheduler, scaler=scaler, loop_state=loop_state,
+        )  # fmt: skip
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")
+        run.publish_checkpoint(tmp, step, keep)
+    barrier()
+    return run.checkpoints_dir / f"step-{step}"
+
+
+def load_training_state(
+    folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, runtime: Any = None
+) -> dict[str, Any]:
+    """Put a checkpoint back on this process. On another number of processes the RNG of a process that did
+    not exist before is rank 0's (the engines' own shards need the same number of processes)."""
+    rank = runtime.rank if runtime is not None else 0
+    if (folder / "engine").is_dir():
+        saved = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("processes", 1)
+        if runtime is None or not runtime.sharded or saved != runtime.world_size:
+            raise UserError(
+                f"{folder} holds the FSDP/DeepSpeed shards of {saved} processes: resume it with the same "
+                "distributed.strategy on as many processes"
+            )
+        runtime.accelerator.load_state(str(folder / "engine"))
+    elif runtime is not None and runtime.sharded:
+        raise UserError(f"{folder} was written without FSDP/DeepSpeed: resume it with distributed.strategy ddp (or one process)")
+    else:
+        load_trainable_state(model, load_file(str(folder / TRAINABLE_FILE)), folder)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if scaler is not None and (folder / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-    restore_rng(torch.load(folder / "rng.pt", weights_only=True))
+    rng_file = folder / f"rng-rank{rank}.pt"
+    restore_rng(torch.load(rng_file if rng_file.exists() else folder / "rng-rank0.pt", weights_only=True))
     return json.loads((folder / CHECKPOINT_MARKER).read_text())

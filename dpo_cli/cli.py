@@ -40,7 +40,7 @@ STAGE_HELP = {
     "dpo": "Direct Preference Optimization on preference pairs.",
     "compare": "Compare aligned policies side by side: quality, KL, reward hacking and cost, with a report and plots.",
 }
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
 
 RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="The stage's YAML recipe.", show_default=False)]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir, else runs/RECIPE-NAME).")]
@@ -105,44 +105,80 @@ def _mark_failed(run: RunDir, stage: str, status: str, message: str) -> None:
 
 
 def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool) -> None:
+    """Prepare the run dir on the main process (lock, recipe check, --fresh), tell the others what it
+    decided, and run the stage on every process."""
+    from dpo_cli import distributed
+
     if stage in PLANNED_STAGES:
         raise UserError(f"stage `{stage}` is not implemented yet")
     recipe = load_recipe(recipe_path, stage, overrides, smoke)
     path = default_run_dir(recipe, recipe_path, run_dir, smoke)
     recipe.run_dir = str(path)
-    resolved = recipe_to_dict(recipe)
-    with RunDir.open(path) as run:
-        saved = run.saved_recipe()
-        if saved is not None and not fresh:
-            changed = recipe_diff(saved, resolved)
-            if changed:
-                raise UserError(
-                    f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
-                    "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
-                )
-            if run.is_complete() and not recipe.reopens_complete_run():
-                ui.note(f"{run.path} is already complete (use --fresh to train again)")
-                ui.summary_table(run.summary())
-                return
-        if run.has_content() and (fresh or saved is None):
-            if saved is None and not fresh:
-                raise UserError(f"run dir {run.path} is not empty and holds no dpo-cli run; choose another --run-dir")
-            ui.note(f"--fresh: moved the previous run to {run.archive()}")
-        run.write_recipe(recipe_to_yaml(recipe))
-        run.clean_partial()
-        from dpo_cli.stages import stage_runner
+    ui.only_main_process(distributed.is_main())
+    if not distributed.is_main():
+        verdict = distributed.broadcast(None)
+        if verdict != "run":
+            raise SystemExit(0 if verdict == "done" else 1)  # the main process reports why
+        _execute(stage, recipe, RunDir(path), None)
+        return
+    told = False
+    try:
+        with RunDir.open(path) as run:
+            saved = _prepare(run, recipe, fresh)
+            told = distributed.broadcast("run" if saved is not False else "done") is not None
+            if saved is not False:
+                _execute(stage, recipe, run, saved)
+    except BaseException:
+        if not told:  # the others wait for a verdict: never leave them hanging
+            distributed.broadcast("error")
+        raise
 
-        try:
-            stage_runner(stage)(recipe, run)
-        except RunInterrupted as exc:
+
+def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool) -> dict | None | bool:
+    """Refuse a run dir of another recipe, report a complete one (False), move an old run aside with
+    --fresh, write the resolved recipe. Returns the recipe the run dir held before (or None)."""
+    resolved = recipe_to_dict(recipe)
+    saved = run.saved_recipe()
+    if saved is not None and not fresh:
+        changed = recipe_diff(saved, resolved)
+        if changed:
+            raise UserError(
+                f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
+                "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
+            )
+        if run.is_complete() and not recipe.reopens_complete_run():
+            ui.note(f"{run.path} is already complete (use --fresh to train again)")
+            ui.summary_table(run.summary())
+            return False
+    if run.has_content() and (fresh or saved is None):
+        if saved is None and not fresh:
+            raise UserError(f"run dir {run.path} is not empty and holds no dpo-cli run; choose another --run-dir")
+        ui.note(f"--fresh: moved the previous run to {run.archive()}")
+    run.write_recipe(recipe_to_yaml(recipe))
+    run.clean_partial()
+    return saved
+
+
+def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:
+    from dpo_cli import distributed, slurm
+    from dpo_cli.stages import stage_runner
+
+    try:
+        stage_runner(stage)(recipe, run)
+    except RunInterrupted as exc:
+        if distributed.is_main():
             _mark_failed(run, stage, "interrupted", str(exc))
-            raise
-        except BaseException as exc:
+            requeued = slurm.requeue(exc.signal_name, run.path)  # last: Slurm may end this job right away
+            if requeued:
+                ui.note(requeued)
+        raise
+    except BaseException as exc:
+        if distributed.is_main():
             if run.checkpoints() or run.final_dir.exists():
                 _mark_failed(run, stage, "failed", str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
             else:
                 run.discard()  # nothing resumable was made: a corrected rerun starts clean
-            raise
+        raise
 
 
 STAGE_EXAMPLES = {

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dpo_cli import distributed
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.generate import Generation, generate
 from dpo_cli.judges import Judge
@@ -143,9 +144,16 @@ def evaluate_policy(
     judge: Judge | None,
     proxy: Judge | None,
     reference: ReferenceLogps | None,
+    shard: bool = True,
 ) -> PolicyEval:
     """Responses with the given sampling settings, scored; and, against `reference`, the KL estimate on a
-    second set of responses from the full distribution (the same set when the settings already are that)."""
+    second set of responses from the full distribution (the same set when the settings already are that).
+    With several processes each evaluates its share of the prompts (`shard`; not with FSDP / ZeRO-3, whose
+    processes must run the same forward passes) and every process gets the whole result."""
+    if shard and distributed.world_size() > 1:
+        part = distributed.shard(len(prompts))
+        local = evaluate_policy(model, tokenizer, prompts[part.start : part.stop], cfg, seed, device, max_prompt, judge, proxy, reference, shard=False)
+        return PolicyEval(**{name: distributed.gather(getattr(local, name)) for name in PolicyEval.__dataclass_fields__})
     prompt_ids, generations = sample(model, tokenizer, prompts, cfg, seed, device, max_prompt)
     texts = [g.text.strip() for g in generations]
     result = PolicyEval(texts=texts, finished=[g.finished for g in generations], lengths=[len(g.response_ids) for g in generations])
@@ -180,8 +188,8 @@ def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge |
         proxy = RewardModelJudge(f"reward-model:{cfg.reward_model}", model, tokenizer, 16, device, 4096)
     sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=len(prompts))
 
-    def evaluate(model: torch.nn.Module, tokenizer: Any, reference: ReferenceLogps) -> dict[str, Any]:
-        result = evaluate_policy(model, tokenizer, prompts, sampling, seed + 23, device, 512, judge, proxy, reference)
+    def evaluate(model: torch.nn.Module, tokenizer: Any, reference: ReferenceLogps, shard: bool = True) -> dict[str, Any]:
+        result = evaluate_policy(model, tokenizer, prompts, sampling, seed + 23, device, 512, judge, proxy, reference, shard)
         summary = result.summary()
         return {
             "split": "policy_eval",

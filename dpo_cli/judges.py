@@ -31,6 +31,18 @@ class Judge(Protocol):
     def score(self, prompts: list[Prompt], responses: list[str]) -> Scores: ...
 
 
+def score_in_shards(judge: Judge, prompts: list[Prompt], responses: list[str]) -> Scores:
+    """judge.score with several processes each scoring its contiguous share; every process gets all."""
+    from dpo_cli import distributed
+
+    if distributed.world_size() == 1:
+        return judge.score(prompts, responses)
+    part = distributed.shard(len(responses))
+    local = judge.score(prompts[part.start : part.stop], responses[part.start : part.stop])
+    errors = distributed.gather([(part.start + index, why) for index, why in local.errors.items()])
+    return Scores(values=distributed.gather(local.values), errors=dict(errors))
+
+
 def bradley_terry_choice(score_a: float, score_b: float, noise: float | None, tie_margin: float, rng: random.Random) -> str:
     """'A', 'B' or 'tie'. Scores within tie_margin tie; otherwise A wins outright on the higher score, or,
     with noise T, with probability sigmoid((score_a - score_b) / T) - the Bradley-Terry model of a rater."""

@@ -9,17 +9,18 @@ resume and stop signals.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 
-from dpo_cli.checkpoint import load_training_state, save_training_state
+from dpo_cli.checkpoint import load_training_state, write_checkpoint
+from dpo_cli.distributed import fsdp_uniform_dtype, reduce_sum
 from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.optim import build_optimizer, build_scheduler
 from dpo_cli.recipes import TrainSection
@@ -32,16 +33,25 @@ Collate = Callable[[list[dict]], dict[str, Any]]
 
 
 class BatchStream:
-    """Micro-batches over repeated epochs in a seeded order; micro-batch k is the same in every process
-    and after every resume, so the loop's position is one integer."""
+    """Micro-batches over repeated epochs in a seeded order; micro-batch k is the same after every resume,
+    so the loop's position is one integer. With several processes a micro-batch is batch_size rows on each:
+    process r takes rows r*b ... (r+1)*b - 1 of the global batch of world_size * b rows (the same rows one
+    process with a batch of world_size * b would see), and an incomplete global batch at the end of an
+    epoch is left out so that every process has rows."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, collate: Collate, shuffle: bool = True):
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, collate: Collate, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.collate = collate
         self.shuffle = shuffle
-        self.per_epoch = math.ceil(len(dataset) / batch_size)
+        self.rank, self.world_size = rank, world_size
+        rows = batch_size * world_size
+        self.per_epoch = math.ceil(len(dataset) / rows) if world_size == 1 else len(dataset) // rows
+        if self.per_epoch == 0:
+            raise UserError(f"{len(dataset)} rows cannot fill one batch of {batch_size} rows on each of {world_size} processes")
         self._order: tuple[int, list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -56,9 +66,21 @@ class BatchStream:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch, within = divmod(index, self.per_epoch)
-        rows = self._epoch_order(epoch)[within * self.batch_size : (within + 1) * self.batch_size]
+        start = within * self.batch_size * self.world_size + self.rank * self.batch_size
+        rows = self._epoch_order(epoch)[start : start + self.batch_size]
         columns = self.dataset[rows]
         return self.collate([{k: columns[k][i] for k in columns} for i in range(len(rows))])
+
+
+def eval_batches(dataset: Dataset, batch_size: int, collate: Collate) -> list[dict[str, Any]] | None:
+    """This process's share of the eval rows, in order, as batches (None when the share is empty)."""
+    from dpo_cli.distributed import shard
+
+    rows = list(shard(len(dataset)))
+    if not rows:
+        return None
+    part = dataset.select(rows)
+    return [BatchStream(part, batch_size, 0, collate, shuffle=False)[i] for i in range(math.ceil(len(rows) / batch_size))]
 
 
 @dataclass
@@ -69,6 +91,18 @@ class LoopState:
     items: int = 0  # target tokens / pairs seen
     sequences: int = 0  # sequences through the model (for the mean sequence length)
     train_seconds: float = 0.0  # summed over every process that worked on this run
+    processes: int = 1  # how many processes took micro_batches steps through the data
+
+
+def continue_on(state: LoopState, world_size: int) -> str | None:
+    """A run resumed on another number of processes (DDP) goes on from the same place in the data: the
+    rows seen so far are kept, counted in the new global batches. Returns a note for the user."""
+    if state.processes == world_size:
+        return None
+    old = state.processes
+    state.micro_batches = state.micro_batches * old // world_size
+    state.processes = world_size
+    return f"the run continues on {world_size} process(es) instead of {old}: each step now takes {world_size} x train.batch_size rows"
 
 
 @dataclass
@@ -77,6 +111,7 @@ class LoopResult:
     total_steps: int
     last_train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] | None = None
+    model: Any = None  # the model as the engine prepared it (FSDP/DeepSpeed: needed to gather final weights)
 
 
 def total_steps_for(cfg: TrainSection, micro_batches_per_epoch: int) -> int:
@@ -91,18 +126,21 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _scalar(value: Any) -> float:
+    if value is None:  # DeepSpeed reports the gradient norm only after its own step
+        return float("nan")
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runtime: Runtime) -> dict[str, float]:
-    """Item-weighted means of the loss and metrics over the whole eval set."""
+    """Item-weighted means of the loss and metrics over the whole eval set (every process scores its share
+    with the unwrapped model, then the sums are added up)."""
+
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
-    weight = 0
-    for index in range(stream.per_epoch):
-        batch = stream[index]
+    weight = 0.0
+    for batch in eval_batches(stream.dataset, stream.batch_size, stream.collate) or []:
         with runtime.accelerator.autocast():
             loss, metrics = step_fn(model, _to_device(batch, runtime.device))
         n = batch["num_items"]
@@ -110,7 +148,9 @@ def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runti
         for key, value in {"loss": loss, **metrics}.items():
             sums[key] = sums.get(key, 0.0) + _scalar(value) * n
     model.train(was_training)
-    return {key: value / max(weight, 1) for key, value in sums.items()}
+    keys = sorted(set(sums) | {"loss"})
+    totals = reduce_sum([weight] + [sums.get(key, 0.0) for key in keys])
+    return {key: value / max(totals[0], 1) for key, value in zip(keys, totals[1:])}
 
 
 def train(
@@ -130,6 +170,10 @@ def train(
     called with step 0 before a fresh run starts."""
     accelerator = runtime.accelerator
     total_steps = total_steps_for(cfg, train_stream.per_epoch)
+    if runtime.sharded and runtime.distributed.strategy == "fsdp":
+        cast = fsdp_uniform_dtype(model)
+        if cast and runtime.is_main:
+            note(cast)
     optimizer = build_optimizer(model, cfg, runtime.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -140,23 +184,29 @@ def train(
     state = LoopState()
     checkpoint = run.latest_checkpoint()
     if checkpoint is not None:
-        state = LoopState(**load_training_state(checkpoint, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler))
-        note(f"resuming from {checkpoint} (step {state.step} of {total_steps})")
+        loaded = load_training_state(checkpoint, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
+        state = LoopState(**loaded)
+        if runtime.is_main:
+            note(f"resuming from {checkpoint} (step {state.step} of {total_steps})")
+        moved = continue_on(state, runtime.world_size)
+        if moved and runtime.is_main:
+            note(moved)
+    state.processes = runtime.world_size
     metrics_log = run.metrics_log(resume_step=state.step, enabled=runtime.is_main)
     writer = _tensorboard(run, cfg) if runtime.is_main else None
 
     def save_checkpoint() -> str:
-        where = str(run.checkpoints_dir / f"step-{state.step}")
-        if run.latest_checkpoint() == Path(where):  # e.g. a signal right after a periodic save
-            return where
-        with run.new_checkpoint(state.step, keep=cfg.keep_checkpoints) as folder:
-            if on_checkpoint is not None:
-                on_checkpoint(folder)
-            save_training_state(folder, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=asdict(state))
+        where = run.checkpoints_dir / f"step-{state.step}"
+        if run.latest_checkpoint() == where:  # e.g. a signal right after a periodic save
+            return str(where)
+        write_checkpoint(
+            run, state.step, cfg.keep_checkpoints, runtime=runtime, model=unwrapped, optimizer=optimizer,
+            scheduler=scheduler, scaler=scaler, loop_state=asdict(state), extra=on_checkpoint,
+        )  # fmt: skip
         metrics_log.sync()
-        return where
+        return str(where)
 
-    result = LoopResult(state=state, total_steps=total_steps)
+    result = LoopResult(state=state, total_steps=total_steps, model=model)
     interval_start, interval_tokens = time.perf_counter(), 0
     model.train()
     try:
@@ -177,12 +227,16 @@ def train(
                         f"the loss became {step_loss} at step {state.step + 1}: check the data, or lower train.learning_rate "
                         "and start over with --fresh"
                     )
-                step_tokens = sum(batch["num_tokens"] for batch in window)
+                step_tokens, step_items, step_sequences = (
+                    int(v) for v in reduce_sum([
+                        sum(b["num_tokens"] for b in window), sum(b["num_items"] for b in window), sum(int(b["input_ids"].size(0)) for b in window)
+                    ])
+                )  # fmt: skip
                 state.step += 1
                 state.micro_batches += cfg.grad_accum
                 state.tokens += step_tokens
-                state.items += sum(batch["num_items"] for batch in window)
-                state.sequences += sum(int(batch["input_ids"].size(0)) for batch in window)
+                state.items += step_items
+                state.sequences += step_sequences
                 state.train_seconds += time.perf_counter() - step_started
                 interval_tokens += step_tokens
 
@@ -210,14 +264,15 @@ def train(
                 if after_step is not None:
                     _log_extra(after_step(state.step), state.step, metrics_log)
                 if eval_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and unfinished:
-                    _log_eval(evaluate(model, eval_stream, step_fn, runtime), state.step, metrics_log, writer)
+                    _log_eval(evaluate(unwrapped, eval_stream, step_fn, runtime), state.step, metrics_log, writer)
                 if cfg.save_every and state.step % cfg.save_every == 0 and unfinished:
                     save_checkpoint()
-                if stop.received is not None and unfinished:
-                    raise RunInterrupted(state.step, save_checkpoint(), stop.received)
+                stop_signal = stop.agreed()
+                if stop_signal and unfinished:
+                    raise RunInterrupted(state.step, save_checkpoint(), stop_signal)
 
         if eval_stream is not None:
-            result.eval_metrics = evaluate(model, eval_stream, step_fn, runtime)
+            result.eval_metrics = evaluate(unwrapped, eval_stream, step_fn, runtime)
             _log_eval(result.eval_metrics, state.step, metrics_log, writer)
     finally:
         metrics_log.close()
@@ -229,21 +284,28 @@ def train(
 def accumulate_gradients(
     model: torch.nn.Module, window: list[dict[str, Any]], step_fn: StepFn, runtime: Runtime
 ) -> tuple[float, dict[str, float]]:
-    """Forward and backward over one step's micro-batches, each weighted by its share of the step's items,
-    so the gradient and the returned loss are those of one batch holding them all."""
-    window_items = sum(batch["num_items"] for batch in window)
+    """Forward and backward over one step's micro-batches, each weighted by its share of the step's items
+    over every process, so the gradient and the returned loss are those of one batch holding them all.
+    (DDP averages gradients over processes: the shares are scaled by the number of processes to undo it.)"""
+    accelerator, world = runtime.accelerator, runtime.world_size
+    local_items = sum(batch["num_items"] for batch in window)
+    global_items = reduce_sum([local_items])[0] if world > 1 else local_items
     step_loss = torch.zeros((), device=runtime.device)  # summed on the device: one sync per step, not per micro-batch
     sums: dict[str, Any] = {}
-    for batch in window:
-        share = batch["num_items"] / max(window_items, 1)
-        with runtime.accelerator.autocast():
-            loss, metrics = step_fn(model, _to_device(batch, runtime.device))
-        runtime.accelerator.backward(loss * share)
-        step_loss += loss.detach().float() * share
+    for index, batch in enumerate(window):
+        share = batch["num_items"] / max(global_items, 1) * world
+        last = index == len(window) - 1
+        with accelerator.no_sync(model) if world > 1 and not last else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss, metrics = step_fn(model, _to_device(batch, runtime.device))
+            accelerator.backward(loss * share)
+        step_loss += loss.detach().float() * batch["num_items"]
         for key, value in metrics.items():
             value = value.detach().float() if isinstance(value, torch.Tensor) else value
-            sums[key] = sums.get(key, 0.0) + value * share
-    return _scalar(step_loss), {key: _scalar(value) for key, value in sums.items()}
+            sums[key] = sums.get(key, 0.0) + value * batch["num_items"]
+    keys = sorted(sums)
+    totals = reduce_sum([_scalar(step_loss)] + [_scalar(sums[key]) for key in keys]) if world > 1 else [_scalar(step_loss)] + [_scalar(sums[k]) for k in keys]
+    return totals[0] / max(global_items, 1), {key: value / max(global_items, 1) for key, value in zip(keys, totals[1:])}
 
 
 def _log_extra(record: dict[str, Any] | None, step: int, metrics_log: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -128,9 +130,18 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return squares / (count - 1).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (mean kept when shift_mean is False); masked entries become 0."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (mean kept when shift_mean is False); masked entries become 0.
+    sum_over_processes (a tensor summed over every process) makes the mean and std global: each process
+    whitens its share exactly as one process would whiten all of it."""
+    if sum_over_processes is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        count, total = sum_over_processes(torch.stack([mask.sum(), (values * mask).sum()]).to(values.dtype))
+        mean = total / count.clamp(min=1)
+        var = sum_over_processes((((values - mean) ** 2) * mask).sum()) / (count - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

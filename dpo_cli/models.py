@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dpo_cli import distributed
 from dpo_cli.errors import UserError
 from dpo_cli.sources import ModelSource, resolve_source
 from dpo_cli.recipes import ModelSection, QuantizationSection, TokenizerSection
@@ -60,7 +61,7 @@ def quantization_config(cfg: QuantizationSection, device: torch.device) -> BitsA
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=torch.uint8 if cfg.quant_storage == "uint8" else DTYPES[cfg.quant_storage],
     )
 
 
@@ -215,7 +216,8 @@ def build_model(
         if source.is_adapter and (cfg.quantization is not None or cfg.lora is not None):
             folder = cache_dir / "base" if cache_dir is not None else Path(tempfile.mkdtemp(prefix="dpo-cli-base-"))
             folder.parent.mkdir(parents=True, exist_ok=True)
-            source = ModelSource(str(_materialize_merged(auto_cls, source, cfg, dtype, folder, num_labels)))
+            with distributed.main_first():  # written once, by the main process; the others reuse it
+                source = ModelSource(str(_materialize_merged(auto_cls, source, cfg, dtype, folder, num_labels)))
             base_ref = source.path
         if cfg.quantization is not None:
             model = _from_pretrained(
@@ -282,9 +284,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path) -> None:
-    """Plain Hugging Face format: a full model, or a PEFT adapter whose config points at its loadable base."""
-    model.save_pretrained(out_dir)
+def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Plain Hugging Face format: a full model, or a PEFT adapter whose config points at its loadable base.
+    `state_dict`: the full weights gathered from a sharded (FSDP / ZeRO-3) run; peft keeps the adapter's."""
+    if state_dict is None:
+        model.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir, state_dict=state_dict)
     bundle.tokenizer.save_pretrained(out_dir)
     adapter_config = out_dir / "adapter_config.json"
     if adapter_config.is_file() and bundle.base_ref is not None:

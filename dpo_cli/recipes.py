@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dpo_cli.sections import (
     DataSection,
+    DistributedSection,
     Dtype,
     GenerationSection,
     InitSection,
@@ -25,7 +26,7 @@ from dpo_cli.sections import (
 
 # The shared sections are re-exported: a stage imports its schema and its sections from here.
 __all__ = [
-    "DataSection", "Dtype", "GenerationSection", "InitSection", "LocalPath", "LoraSection", "ModelSection", "PathMarker",
+    "DataSection", "DistributedSection", "Dtype", "GenerationSection", "InitSection", "LocalPath", "LoraSection", "ModelSection", "PathMarker",
     "PathOrHubId", "QuantizationSection", "Section", "TokenizerSection", "TrainSection",
     "PretrainRecipe", "SftRecipe", "CollectPrefsRecipe", "DpoRecipe", "RmRecipe", "PpoRecipe", "CompareRecipe",
     "RecipeBase", "TrainingRecipe", "STAGE_SCHEMAS", "PLANNED_STAGES", "ALL_STAGES",
@@ -92,6 +93,7 @@ class TrainingRecipe(RecipeBase):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
 
 class PretrainRecipe(TrainingRecipe):

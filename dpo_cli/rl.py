@@ -165,6 +165,15 @@ class ActorCritic(torch.nn.Module):
             for param in self._trainable:
                 param.requires_grad_(True)
 
+    def forward(
+        self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs and the critic's values of a mini-batch in one call, so that a DDP wrapper
+        sees every trainable parameter used in one forward and one backward. -> (B, T), (B, T)."""
+        part = Rollout([], query_response, attention_mask, context_length, response_mask=attention_mask[:, context_length:], texts=[], finished=None)
+        logps, _ = self.policy_logps(part, temperature)
+        return logps, self.values(part)
+
     def policy_logps(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.adapter("default"):
             return response_logps(self.policy, rollout, temperature, with_entropy)

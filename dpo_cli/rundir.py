@@ -253,8 +253,18 @@ class RunDir:
         self.checkpoints_dir.mkdir(exist_ok=True)
         with _staging(self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}") as tmp:
             yield tmp
-            if not (tmp / CHECKPOINT_MARKER).is_file():
-                raise RuntimeError(f"checkpoint {tmp} was written without {CHECKPOINT_MARKER}")
+        self.publish_checkpoint(tmp, step, keep)
+
+    def checkpoint_staging(self, step: int) -> Path:
+        """The folder every process of a multi-process run writes its part of checkpoint N into (the main
+        process makes it empty first)."""
+        return self.checkpoints_dir / f".tmp-step-{step}"
+
+    def publish_checkpoint(self, tmp: Path, step: int, keep: int) -> Path:
+        """A filled staging folder becomes checkpoints/step-N (complete or absent), then old ones are pruned."""
+        if not (tmp / CHECKPOINT_MARKER).is_file():
+            raise RuntimeError(f"checkpoint {tmp} was written without {CHECKPOINT_MARKER}")
+        fsync_tree(tmp)
         final = self.checkpoints_dir / f"step-{step}"
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
@@ -262,6 +272,7 @@ class RunDir:
         fsync_dir(self.checkpoints_dir)
         for _step, old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        return final
 
     # ------------------------------------------------------------------ final
 

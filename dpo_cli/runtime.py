@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from importlib import metadata
 from types import FrameType
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,21 @@ def resolve_mixed_precision(setting: str, device_type: str) -> str:
 class Runtime:
     accelerator: Accelerator
     mixed_precision: str
+    distributed: Any = None  # the recipe's distributed section (None: single-process stages)
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def sharded(self) -> bool:
+        from dpo_cli.distributed import sharded_engine
+
+        return sharded_engine(self.distributed)
 
     @property
     def device(self) -> torch.device:
@@ -49,8 +65,13 @@ class Runtime:
 
     def device_name(self) -> str:
         if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        if self.world_size > 1:
+            engine = self.distributed.strategy if self.distributed is not None else "ddp"
+            return f"{self.world_size} processes × {name}, {engine}"
+        return name
 
 
 class RssMonitor:
@@ -84,13 +105,15 @@ def _current_rss() -> int:
 _MONITOR: RssMonitor | None = None
 
 
-def setup_runtime(train: TrainSection, seed: int) -> Runtime:
+def setup_runtime(train: TrainSection, seed: int, distributed: Any = None) -> Runtime:
     from accelerate.state import AcceleratorState
+
+    from dpo_cli.distributed import accelerator_kwargs
 
     AcceleratorState._reset_state()  # a fresh mixed-precision setting per stage, also in one process
     cuda = torch.cuda.is_available()
     mixed = resolve_mixed_precision(train.mixed_precision, "cuda" if cuda else "cpu")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda, **accelerator_kwargs(distributed, train.grad_accum, train.max_grad_norm))
     seed_everything(seed)
     if cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -98,7 +121,7 @@ def setup_runtime(train: TrainSection, seed: int) -> Runtime:
     if _MONITOR is not None:
         _MONITOR.stop()
     _MONITOR = RssMonitor()  # this stage's peak, not an earlier stage's of the same process
-    return Runtime(accelerator=accelerator, mixed_precision=mixed)
+    return Runtime(accelerator=accelerator, mixed_precision=mixed, distributed=distributed)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -122,7 +145,7 @@ def library_versions() -> dict[str, str]:
 
 
 class StopSignals:
-    """SIGINT/SIGTERM only set a flag; the loop checkpoints at the next step boundary and stops.
+    """SIGINT/SIGTERM/SIGUSR1 only set a flag; the loop checkpoints at the next step boundary and stops.
 
     A second SIGINT while stopping raises KeyboardInterrupt, for a user who does not want to wait.
     """
@@ -138,10 +161,19 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: Slurm's warning before preemption
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def agreed(self) -> str | None:
+        """The signal any process received (the same answer on every process, so all stop at the same step
+        boundary); a collective call, made by every process at every boundary."""
+        from dpo_cli.distributed import reduce_max
+
+        mine = int(signal.Signals[self.received]) if self.received else 0
+        signum = int(reduce_max(float(mine)))
+        return signal.Signals(signum).name if signum else None

@@ -54,6 +54,9 @@ class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Dtype = Field("auto", description="dtype of the 4-bit matmuls; auto = bfloat16 on a GPU that has it, else float32.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; FSDP + QLoRA needs the model's dtype (bfloat16)."
+    )
 
 
 class InitSection(Section):
@@ -189,3 +192,15 @@ class GenerationSection(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
+
+
+class DistributedSection(Section):
+    """How several processes share the work when launched with torchrun or accelerate launch (one process:
+    ignored). ddp replicates the model; fsdp and deepspeed shard it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="The engine for several processes.")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field("full_shard", description="FSDP: what is sharded.")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep parameters on the CPU between uses.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 the weights too.")
+    zero_offload: bool = Field(False, description="DeepSpeed: offload optimizer state (and with stage 3 the weights) to the CPU.")
+    find_unused_parameters: bool = Field(False, description="DDP: allow parameters that get no gradient in a step.")

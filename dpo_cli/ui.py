@@ -15,7 +15,19 @@ console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty
 err_console = Console(stderr=True, highlight=False)
 
 
+_MAIN_PROCESS = True
+
+
+def only_main_process(is_main: bool) -> None:
+    """With several processes only the main one prints tables and notes; errors come from every process."""
+    global _MAIN_PROCESS
+    _MAIN_PROCESS = is_main
+    console.quiet = not is_main
+
+
 def note(message: str) -> None:
+    if not _MAIN_PROCESS:
+        return
     err_console.print(Text.assemble(("note:", "cyan"), " ", message), soft_wrap=True)
 
 
@@ -46,7 +58,7 @@ class TrainProgress:
         self.enabled = enabled
         self.value_name, self.speed_name = value, speed
         self._progress: Progress | None = None
-        if enabled:
+        if enabled and _MAIN_PROCESS:
             self._progress = Progress(
                 TextColumn(f"[bold]{stage}[/bold]"),
                 BarColumn(),
@@ -87,7 +99,7 @@ class TaskProgress:
 
     def __init__(self, description: str, total: int, enabled: bool = True):
         self._progress = None
-        if enabled and total > 0:
+        if enabled and total > 0 and _MAIN_PROCESS:
             self._progress = Progress(
                 TextColumn(f"[bold]{description}[/bold]"),
                 BarColumn(),

@@ -36,6 +36,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def torchrun(*args: Any, processes: int = 2, env: dict[str, str] | None = None):
+    """`dpo-cli ARGS` on several CPU processes (torchrun, gloo); returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "dpo_cli", *map(str, args)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
 def interrupt_at_call(monkeypatch, module, name: str, call: int, signum: int = signal.SIGTERM) -> None:
     """Wrap module.name so that its call-th call first delivers a real signal to this process (during a
     training step, when the stage's handlers are installed)."""
@@ -156,3 +166,57 @@ def tiny_reward_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
     return folder
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Review pairs: a positive continuation chosen over a negative one."""
+    import random
+
+    from dpo_cli.demo.reviews import make_review
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        good, bad = make_review(rng, "positive"), make_review(rng, "negative")
+        rows.append({"prompt": good["opening"], "chosen": " " + good["continuation"], "rejected": " " + bad["continuation"]})
+    return rows
+
+
+@pytest.fixture()
+def dpo_recipe(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
+
+    def make(name: str = "dpo.yaml", **sections):
+        recipe = {
+            "stage": "dpo",
+            "seed": 11,
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": "prefs.jsonl", "eval": 8, "max_length": 96},
+            "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-3, "log_every": 1, "save_every": 2},
+            "generation": {"max_new_tokens": 6},
+            "dpo": {"beta": 0.1, "show_samples": 1},
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
+        return write_recipe(tmp_path / name, recipe)
+
+    return make
+
+
+@pytest.fixture()
+def ppo_recipe(tmp_path, tiny_model_dir, tiny_reward_model_dir):
+    def make(name: str = "ppo.yaml", **sections):
+        recipe = {
+            "stage": "ppo",
+            "seed": 3,
+            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "dropout": 0.0}},
+            "data": {"train": "demo:prompts?n=16", "max_length": 48},
+            "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant", "log_every": 1, "save_every": 2},
+            "generation": {"max_new_tokens": 6, "temperature": 1.0},
+            "ppo": {"reward_model": str(tiny_reward_model_dir), "mini_batch_size": 2, "ppo_epochs": 2, "sample_every": 2, "show_samples": 1},
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
+        return write_recipe(tmp_path / name, recipe)
+
+    return make

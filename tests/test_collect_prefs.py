@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from conftest import read_jsonl, write_jsonl, write_recipe
+from conftest import read_jsonl, torchrun, write_jsonl, write_recipe
 from dpo_cli.data import load_source
 from dpo_cli.recipes import DataSection
 
@@ -159,3 +159,19 @@ def test_smoke(tmp_path, cli, prefs_recipe):
     code, _, err = cli("collect-prefs", prefs_recipe(data={"train": "demo:prompts"}), "--smoke", "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert len(read_jsonl(tmp_path / "run" / "candidates.jsonl")) == 32
+
+
+def test_two_processes_sample_and_score_their_shares(tmp_path, prefs_recipe, tiny_reward_model_dir):
+    """torchrun: each process samples half the prompts and scores half the responses; the main process
+    alone writes candidates, labels and prefs (each label once)."""
+    recipe = prefs_recipe(label={"by": "reward-model", "reward_model": str(tiny_reward_model_dir)})
+    done = torchrun("collect-prefs", recipe, "--run-dir", tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    candidates = read_jsonl(run / "candidates.jsonl")
+    assert [c["prompt_index"] for c in candidates] == list(range(10)) and all(len(c["responses"]) == 3 for c in candidates)
+    labels = read_jsonl(run / "labels.jsonl")
+    stats = json.loads((run / "stats.json").read_text())
+    assert len(labels) == stats["pairs"] == len({label["pair_id"] for label in labels})
+    assert all(label["scores"] is not None for label in labels)
+    assert done.stdout.count("collect-prefs · completed") == 1

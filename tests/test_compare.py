@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import write_recipe
+from conftest import torchrun, write_recipe
 from dpo_cli.costs import estimate_flops, path_cost
 from dpo_cli.evaluation import distinct_n, mean_ci, win_rate
 from dpo_cli.report import ab_outcome
@@ -147,3 +147,16 @@ def test_the_text_reference_equals_the_token_reference_for_the_same_tokenizer(ti
     by_text = sequence_kl(policy, text_reference(reference, tiny_tokenizer), rollout)
     assert all(abs(k) > 1e-3 for k in by_tokens)
     assert by_text == pytest.approx(by_tokens, abs=1e-4)
+
+
+def test_two_processes_evaluate_their_shares_of_the_prompts(tmp_path, cli, compare_recipe):
+    recipe = compare_recipe()
+    done = torchrun("compare", recipe, "--run-dir", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    for name in ("base", "same"):
+        policy = report["policies"][name]
+        assert policy["judge"]["n"] == policy["proxy"]["n"] == 6 and policy["kl"]["n"] == 6  # every prompt, once
+        assert policy["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert report["policies"]["same"]["win_rate"] == 0.5
+    assert done.stdout.count("compare · completed") == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 from functools import partial
 
 import pytest
@@ -14,8 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpo_cli.stages.dpo
-from conftest import interrupt_at_call, read_jsonl, write_jsonl, write_recipe
-from dpo_cli.demo.reviews import make_review
+from conftest import interrupt_at_call, preference_rows, read_jsonl, write_jsonl
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.models import build_causal_lm
 from dpo_cli.preference_data import collate_pairs, pair_encoder
@@ -25,36 +23,6 @@ from test_resume import assert_same_run
 
 MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
 CPU = torch.device("cpu")
-
-
-def preference_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        good, bad = make_review(rng, "positive"), make_review(rng, "negative")
-        rows.append({"prompt": good["opening"], "chosen": " " + good["continuation"], "rejected": " " + bad["continuation"]})
-    return rows
-
-
-@pytest.fixture()
-def dpo_recipe(tmp_path, tiny_model_dir):
-    write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
-
-    def make(name: str = "dpo.yaml", **sections):
-        recipe = {
-            "stage": "dpo",
-            "seed": 11,
-            "model": {"name_or_path": str(tiny_model_dir)},
-            "data": {"train": "prefs.jsonl", "eval": 8, "max_length": 96},
-            "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-3, "log_every": 1, "save_every": 2},
-            "generation": {"max_new_tokens": 6},
-            "dpo": {"beta": 0.1, "show_samples": 1},
-        }
-        for key, value in sections.items():
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
-        return write_recipe(tmp_path / name, recipe)
-
-    return make
 
 
 @pytest.mark.parametrize("mode", MODES)

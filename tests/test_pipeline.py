@@ -10,7 +10,7 @@ import yaml
 
 import dpo_cli.stages.dpo
 from conftest import interrupt_at_call, write_jsonl, write_recipe
-from test_dpo import preference_rows
+from conftest import preference_rows
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.ppo
-from conftest import interrupt_at_call, read_jsonl, write_jsonl, write_recipe
+from conftest import interrupt_at_call, read_jsonl, write_jsonl
 from dpo_cli.models import build_causal_lm
 from dpo_cli.recipes import ModelSection
 from dpo_cli.rl import ActorCritic, Rollout, ValueHead, response_logps
@@ -35,25 +35,6 @@ def toy_reward_model_dir(tmp_path_factory, tiny_model_dir):
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
     return folder
-
-
-@pytest.fixture()
-def ppo_recipe(tmp_path, tiny_model_dir, tiny_reward_model_dir):
-    def make(name: str = "ppo.yaml", **sections):
-        recipe = {
-            "stage": "ppo",
-            "seed": 3,
-            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "dropout": 0.0}},
-            "data": {"train": "demo:prompts?n=16", "max_length": 48},
-            "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant", "log_every": 1, "save_every": 2},
-            "generation": {"max_new_tokens": 6, "temperature": 1.0},
-            "ppo": {"reward_model": str(tiny_reward_model_dir), "mini_batch_size": 2, "ppo_epochs": 2, "sample_every": 2, "show_samples": 1},
-        }
-        for key, value in sections.items():
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
-        return write_recipe(tmp_path / name, recipe)
-
-    return make
 
 
 METRICS = {
@@ -229,3 +210,31 @@ def test_a_reward_model_with_another_tokenizer_is_re_tokenised(tmp_path, cli, pp
     code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert "re-tokenised" in err and "the critic starts from the policy" in err
+
+
+def test_one_combined_backward_equals_two(tmp_path, ppo_recipe, tiny_model_dir, tiny_tokenizer):
+    """DDP runs policy and critic as one forward and one backward; one GPU frees the policy's graph first.
+    The updates are the same."""
+    from dpo_cli.recipe_loader import load_recipe
+    from dpo_cli.runtime import setup_runtime
+    from dpo_cli.stages.ppo import advantage_phase, experience_phase, update_phase
+
+    recipe = load_recipe(ppo_recipe(), "ppo", [], False)
+    runtime = setup_runtime(recipe.train, recipe.seed)
+    trained = []
+    for combined in (False, True):
+        torch.manual_seed(0)
+        actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
+        rollout = toy_rollout(tiny_tokenizer)
+        rollout.scores = torch.tensor([1.0, -0.5, 0.25])
+        experience_phase(actor_critic, rollout, recipe, 0)
+        advantage_phase(rollout, recipe, 0.05)
+        optimizer = torch.optim.AdamW(actor_critic._trainable, lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0, combined=combined)
+        trained.append(({n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics))
+    (two, metrics_two), (one, metrics_one) = trained
+    assert metrics_two["updates"] == metrics_one["updates"] == 4
+    assert metrics_one["policy_loss"] == pytest.approx(metrics_two["policy_loss"], rel=1e-5)
+    for name in two:
+        assert torch.allclose(one[name], two[name], atol=1e-6), name

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, read_jsonl, write_jsonl, write_recipe
+from conftest import REPO, read_jsonl, torchrun, write_jsonl, write_recipe
 
 SHRINK = [
     "--set", "model.init.hidden_size=32",
@@ -74,3 +74,13 @@ def test_malformed_text_is_named_before_the_tokenizer_is_trained(tmp_path, cli):
     args = ["pretrain", REPO / "recipes/demo/pretrain.yaml", "--smoke", "--run-dir", tmp_path / "run", *SHRINK]
     code, _, err = cli(*args, "--set", f"data.train={tmp_path / 'corpus.jsonl'}")
     assert code == 1 and "data.train row 6: 'text' is missing" in err and "Traceback" not in err
+
+
+def test_pretrain_on_two_processes_trains_the_tokenizer_once(tmp_path):
+    run = tmp_path / "pretrain"
+    done = torchrun("pretrain", REPO / "recipes/demo/pretrain.yaml", "--smoke", "--run-dir", run, *SHRINK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("byte-level BPE tokenizer") == 1  # the main process trains it, the other loads it
+    assert len(AutoTokenizer.from_pretrained(run / "final")) == 300
+    assert AutoModelForCausalLM.from_pretrained(run / "final").config.hidden_size == 32
+    assert json.loads((run / "summary.json").read_text())["device"].startswith("2 processes")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dpo_cli.checkpoint
 import dpo_cli.loop
 import dpo_cli.stages.common
 from conftest import interrupt_at_call, read_jsonl
@@ -93,7 +94,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
     recipe = resume_recipe("lora")
     assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
 
-    real_save = dpo_cli.loop.save_training_state
+    real_save = dpo_cli.checkpoint.save_training_state
     saves = {"n": 0}
 
     def crashing_save(folder, **parts):
@@ -104,7 +105,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
         real_save(folder, **parts)
 
     with monkeypatch.context() as patch:
-        patch.setattr(dpo_cli.loop, "save_training_state", crashing_save)
+        patch.setattr(dpo_cli.checkpoint, "save_training_state", crashing_save)
         code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
     assert code == 1 and "No space left on device" in err
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())

@@ -10,10 +10,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.rm_train
-from conftest import interrupt_at_call, read_jsonl, write_jsonl, write_recipe
+from conftest import interrupt_at_call, preference_rows, read_jsonl, torchrun, write_jsonl, write_recipe
 from dpo_cli.forward import RewardScores
 from dpo_cli.models import load_reward_model
-from test_dpo import preference_rows
 from test_resume import assert_same_run
 
 MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
@@ -157,3 +156,14 @@ def test_score_command_inputs(tmp_path, cli, tiny_reward_model_dir, tiny_model_d
     assert code == 1 and "exists" in err
     code, _, err = cli("score", tiny_model_dir, "--data", tmp_path / "responses.jsonl", "--out", tmp_path / "other.jsonl")
     assert code == 1 and "is not a reward model" in err
+
+
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, rm_recipe):
+    from test_distributed import assert_equivalent
+
+    one = rm_recipe("one.yaml")
+    two = rm_recipe("two.yaml", train={"batch_size": 4})
+    assert cli("rm-train", one, "--run-dir", tmp_path / "one")[0] == 0
+    done = torchrun("rm-train", two, "--run-dir", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_equivalent(tmp_path / "two", tmp_path / "one", ("loss", "accuracy", "grad_norm"))

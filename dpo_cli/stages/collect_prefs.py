@@ -11,13 +11,13 @@ import random
 import time
 from typing import Any
 
-from dpo_cli import ui
+from dpo_cli import distributed, ui
 from dpo_cli.data import DataReport, check_bad_rows, load_prompts, load_splits
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.errors import UserError
 from dpo_cli.generate import generate
 from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
-from dpo_cli.judges import Judge, RewardModelJudge, bradley_terry_choice, build_judge
+from dpo_cli.judges import Judge, RewardModelJudge, bradley_terry_choice, build_judge, score_in_shards
 from dpo_cli.labels import LabelLog, now
 from dpo_cli.models import build_causal_lm, build_tokenizer, load_reward_model
 from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
@@ -36,9 +36,10 @@ def _read_jsonl(path) -> list[dict[str, Any]]:
 
 
 def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime, prompts: list[Any], report: DataReport) -> list[dict]:
-    """`samples_per_prompt` responses per prompt, saved to candidates.jsonl before any labelling (reused on rerun)."""
+    """`samples_per_prompt` responses per prompt, saved to candidates.jsonl before any labelling (reused on rerun).
+    With several processes each samples its share of the prompts; the main process writes them all."""
     path = run.path / "candidates.jsonl"
-    if path.exists():
+    if distributed.main_has(path):
         return _read_jsonl(path)
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
@@ -59,9 +60,11 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
     if too_long:
         (report.dropped if recipe.data.truncation == "drop" else report.truncated)["prompts/too_long"] = too_long
     n = recipe.collect.samples_per_prompt
-    repeated = [ids for ids in encoded for _ in range(n)]
+    share = distributed.shard(len(encoded))
+    repeated = [ids for ids in encoded[share.start : share.stop] for _ in range(n)]
     with ui.TaskProgress("sampling", len(repeated), runtime.is_main) as progress:
-        generations = generate(bundle.model, tokenizer, repeated, recipe.generation, recipe.seed, runtime.device, progress.advance)
+        seed = recipe.seed + 1_000_003 * runtime.rank  # each process's own stream
+        generations = distributed.gather(generate(bundle.model, tokenizer, repeated, recipe.generation, seed, runtime.device, progress.advance))
     candidates = [
         {
             "prompt_index": index,
@@ -71,7 +74,8 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
         }
         for index, prompt in enumerate(kept)
     ]
-    atomic_write_text(path, _jsonl(candidates))
+    if runtime.is_main:
+        atomic_write_text(path, _jsonl(candidates))
     return candidates
 
 
@@ -82,10 +86,11 @@ def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime) -> Judge:
     return RewardModelJudge(f"reward-model:{recipe.label.reward_model}", model, tokenizer, recipe.label.batch_size, runtime.device, 4096)
 
 
-def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair], log: LabelLog, runtime: Runtime) -> dict[str, int]:
+def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair], log: LabelLog | None, runtime: Runtime) -> dict[str, int]:
     """Score each response once, then choose per pair (Bradley-Terry noise seeded per pair). A pair whose
-    score failed is reported and skipped, never labelled."""
-    standing = log.active()
+    score failed is reported and skipped, never labelled. With several processes all score a share of what
+    the main process has left to label; only it (`log` elsewhere None) writes labels."""
+    standing = log.active() if log is not None else set()
     pending = [p for p in pairs if (p.pair_id, judge.name) not in standing]
     keys, prompts, responses = {}, [], []
     for pair in pending:
@@ -95,9 +100,12 @@ def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair],
                 keys[key] = len(responses)
                 prompts.append(pair.prompt)
                 responses.append(response)
+    prompts, responses = distributed.broadcast((prompts, responses))
     with ui.TaskProgress("scoring", len(responses), runtime.is_main) as progress:
-        scores = judge.score(prompts, responses)
+        scores = score_in_shards(judge, prompts, responses)
         progress.advance(len(responses))
+    if log is None:
+        return {}
     failed = 0
     for pair in pending:
         index_a, index_b = keys[(json.dumps(pair.prompt), pair.a)], keys[(json.dumps(pair.prompt), pair.b)]
@@ -178,13 +186,19 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
     started = time.time()
     runtime = setup_runtime(TrainSection(), recipe.seed)
     if recipe.collect.source == "import":
-        return import_prefs(recipe, run, runtime, started)
+        return import_prefs(recipe, run, runtime, started) if runtime.is_main else {}
 
     report = DataReport()
     prompts = load_prompts(recipe.data, recipe.seed, report)
     if recipe.label.by == "human":
+        if runtime.world_size > 1:
+            raise UserError("label.by: human labelling runs in one process; start it without torchrun / accelerate launch")
         require_terminal()  # refuse before sampling, not after
     candidates = sample_candidates(recipe, run, runtime, prompts, report)
+    if not runtime.is_main:  # the others helped sample, and score with a machine judge; the main process writes
+        if recipe.label.by != "human":
+            label_by_scores(recipe, machine_judge(recipe, runtime), form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)[0], None, runtime)
+        return {}
     pairs, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
     if not (run.path / "pairs.jsonl").exists():
         atomic_write_text(run.path / "pairs.jsonl", _jsonl([p.as_dict() for p in pairs]))

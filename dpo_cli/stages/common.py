@@ -28,7 +28,7 @@ from dpo_cli.plots import plot_training
 from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
 from dpo_cli.tokenization import ensure_chat_template
-from dpo_cli import ui
+from dpo_cli import distributed, ui
 
 @dataclass
 class PreferenceSets:
@@ -83,7 +83,7 @@ def train_language_model(
     return train(
         stage=stage,
         model=CompletionLogProbs(bundle.model),
-        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate, rank=runtime.rank, world_size=runtime.world_size),
         eval_stream=BatchStream(eval_set, eval_batch_size, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
         step_fn=lm_step,
         cfg=recipe.train,
@@ -112,10 +112,21 @@ def write_samples(
     return samples
 
 
-def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle) -> None:
+def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle, prepared: torch.nn.Module | None = None) -> None:
+    """final/ from the main process. With FSDP / DeepSpeed ZeRO-3 every process holds a shard: all of them
+    gather the full state dict (`prepared` is the model as the loop trained it), the main one writes it."""
+    state_dict = None
+    if runtime.sharded and prepared is not None:
+        gathered = runtime.accelerator.get_state_dict(prepared)
+        # the loop trains a wrapper (CompletionLogProbs, RewardScores): keep the keys under bundle.model
+        inner = runtime.accelerator.unwrap_model(bundle.model)
+        name = next((n for n, m in runtime.accelerator.unwrap_model(prepared).named_modules() if m is inner), "")
+        prefix = f"{name}." if name else ""
+        state_dict = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
     if runtime.is_main:
         with run.new_final() as folder:
-            save_final(runtime.accelerator.unwrap_model(bundle.model), bundle, folder)
+            save_final(runtime.accelerator.unwrap_model(bundle.model), bundle, folder, state_dict)
+    distributed.barrier()
 
 
 def summarize(

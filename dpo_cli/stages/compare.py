@@ -60,6 +60,8 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
             if not _is_run(path):
                 raise UserError(f"costs.{path_name}: {path} is not a dpo-cli run dir")
             require_complete(Path(path), f"costs.{path_name}")
+    if recipe.judges.human is not None and runtime.world_size > 1:
+        raise UserError("judges.human: the A/B test runs in one process; start compare without torchrun / accelerate launch")
     report = DataReport()
     prompts = load_prompts(recipe.data, recipe.seed, report)
     names = list(recipe.policies)
@@ -84,6 +86,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
             if not same_tokens:
                 ui.note(f"policies.{name} has another tokenizer than the reference: its responses are re-tokenised for the reference's KL")
             reference = model_reference(reference_model) if same_tokens else text_reference(reference_model, reference_tokenizer)
+            # several processes: each evaluates a share of the prompts (evaluate_policy gathers them)
             evaluations[name] = evaluate_policy(
                 model, tokenizer, prompts, recipe.generation, recipe.seed, runtime.device, recipe.data.max_length, judge, proxy, reference
             )
@@ -93,6 +96,8 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
                 gc.collect()
             progress.advance(1)
 
+    if not runtime.is_main:
+        return {}
     summaries = {name: evaluation.summary() for name, evaluation in evaluations.items()}
     scores_for_wins = {name: (e.judge_scores or e.proxy_scores) for name, e in evaluations.items()}
     for name in names:

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save
 
-from dpo_cli import ui
+from dpo_cli import distributed, ui
 from dpo_cli.data import DataReport
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.evaluation import periodic_evaluator
@@ -97,22 +97,25 @@ def attach_reference_logps(
 ) -> Dataset:
     """Reference log-probs of every pair, computed once and saved (RUN/reference_logps-NAME.safetensors)."""
     path = run.path / f"reference_logps-{name}.safetensors"
-    if path.exists():
+    if distributed.main_has(path):
         saved = load_file(str(path))["logps"]
     else:
-        stream = BatchStream(ds, batch_size, 0, collate, shuffle=False)
+        # each process scores its contiguous share; gathered in rank order that is the dataset's order
+        share = ds.select(distributed.shard(len(ds)))
+        stream = BatchStream(share, batch_size, 0, collate, shuffle=False) if len(share) else None
         pieces = []
-        with ui.TaskProgress(f"reference log-probs ({name})", stream.per_epoch, runtime.is_main) as progress:
-            for index in range(stream.per_epoch):
+        with ui.TaskProgress(f"reference log-probs ({name})", stream.per_epoch if stream else 0, runtime.is_main) as progress:
+            for index in range(stream.per_epoch if stream else 0):
                 batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in stream[index].items()}
                 with runtime.accelerator.autocast():
                     sums, _ = reference(batch)
                 pairs = sums.size(0) // 2
                 pieces.append(torch.stack([sums[:pairs], sums[pairs:]], dim=1).float().cpu())  # (B, 2)
                 progress.advance(1)
-        saved = torch.cat(pieces)
+        saved = torch.tensor(distributed.gather(torch.cat(pieces).tolist() if pieces else []), dtype=torch.float32).reshape(-1, 2)
         if runtime.is_main:
             atomic_write_bytes(path, save({"logps": saved}))
+        distributed.barrier()
     if saved.shape != (len(ds), 2):
         raise RuntimeError(f"{path} holds {saved.shape[0]} pairs, the data {len(ds)}; remove it to recompute")
     ds = ds.add_column("ref_chosen_logps", saved[:, 0].tolist())
@@ -128,7 +131,7 @@ def sample(bundle: ModelBundle, prompts: list[Any], recipe: DpoRecipe, runtime: 
 
 def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     started = time.time()
-    runtime = setup_runtime(recipe.train, recipe.seed)
+    runtime = setup_runtime(recipe.train, recipe.seed, recipe.distributed)
 
     # Data: preference records -> chosen/rejected token ids with labels on the completions only.
     report = DataReport()
@@ -144,11 +147,12 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     source = eval_rows if eval_rows is not None else train_rows
     prompts = [source[i]["prompt"] for i in range(min(recipe.dpo.show_samples, len(source)))]
     before_path = run.path / "samples_before.jsonl"
-    if before_path.exists():
+    if distributed.main_has(before_path):
         before = [json.loads(line)["response"] for line in before_path.read_text().splitlines()]
     else:  # the initial policy, before any update (resumed runs reuse what it said)
         before = sample(bundle, prompts, recipe, runtime)
-        atomic_write_text(before_path, "".join(json.dumps({"prompt": str(p), "response": r}) + "\n" for p, r in zip(prompts, before)))
+        if runtime.is_main:
+            atomic_write_text(before_path, "".join(json.dumps({"prompt": str(p), "response": r}) + "\n" for p, r in zip(prompts, before)))
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
@@ -163,12 +167,12 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     def after_step(step: int) -> dict[str, Any] | None:
         if evaluator is None or step % recipe.policy_eval.every:
             return None
-        return evaluator(bundle.model, tokenizer, reference.token_logps)
+        return evaluator(bundle.model, tokenizer, reference.token_logps, shard=not runtime.sharded)
 
     result = train(
         stage="dpo",
         model=policy,
-        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate, rank=runtime.rank, world_size=runtime.world_size),
         eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
         step_fn=make_step(recipe.dpo, reference),
         cfg=recipe.train,
@@ -176,7 +180,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         runtime=runtime,
         after_step=after_step,
     )
-    save_final_model(run, runtime, bundle)
+    save_final_model(run, runtime, bundle, prepared=result.model)
 
     after = sample(bundle, prompts, recipe, runtime)
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from dpo_cli import ui
-from dpo_cli.checkpoint import load_training_state, save_training_state
+from dpo_cli import distributed, ui
+from dpo_cli.checkpoint import load_training_state, write_checkpoint
 from dpo_cli.costs import model_shape
 from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.encoding import prompt_ids_for_generation
@@ -130,33 +130,54 @@ def experience_phase(actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRec
 
 
 def advantage_phase(rollout: Rollout, recipe: PpoRecipe, kl_coef: float) -> torch.Tensor:
+    """KL-penalised rewards, GAE; whitened with the mean and std of every process's rollouts."""
     mask = rollout.response_mask
     rewards, kl = kl_penalized_rewards(rollout.scores, rollout.logps, rollout.ref_logps, mask, kl_coef)
+    total = distributed.sum_tensor if distributed.world_size() > 1 else None
     if recipe.ppo.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, sum_over_processes=total)
     advantages, returns = gae(rewards, rollout.values, mask, recipe.ppo.gamma, recipe.ppo.lam)
-    rollout.rewards, rollout.advantages, rollout.returns = rewards, masked_whiten(advantages, mask), returns
+    rollout.rewards, rollout.advantages, rollout.returns = rewards, masked_whiten(advantages, mask, sum_over_processes=total), returns
     return kl
 
 
 def update_phase(
-    actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRecipe, optimizer: Any, scheduler: Any, runtime: Runtime, iteration: int
+    model: torch.nn.Module,
+    rollout: Rollout,
+    recipe: PpoRecipe,
+    optimizer: Any,
+    scheduler: Any,
+    runtime: Runtime,
+    iteration: int,
+    combined: bool = False,
 ) -> dict[str, float]:
-    """ppo_epochs passes of clipped policy and value updates over shuffled mini-batches."""
+    """ppo_epochs passes of clipped policy and value updates over shuffled mini-batches. `model` is the
+    ActorCritic, or its DDP wrapper; `combined` (needed by DDP) runs policy and critic as one forward and
+    one backward. The default, two backwards, frees the policy's graph before the critic's is built: less
+    memory on one GPU, the same gradients (tested)."""
+    actor_critic = runtime.accelerator.unwrap_model(model)
     cfg, sums, count, trained = recipe.ppo, {}, 0, 0
+    temperature = recipe.generation.temperature
     first_ratio = None
     for epoch in range(cfg.ppo_epochs):
         stop = False
         for index in minibatches(rollout.query_response.size(0), cfg.mini_batch_size, recipe.seed, iteration, epoch):
             part = rollout.rows(index)
-            with runtime.accelerator.autocast():
-                logps, _ = actor_critic.policy_logps(part, recipe.generation.temperature)
-                policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
-            runtime.accelerator.backward(policy_loss)  # the policy adapter's graph, then the critic's
-            with runtime.accelerator.autocast():
-                values = actor_critic.values(part)
-                value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
-            runtime.accelerator.backward(cfg.vf_coef * value_loss)
+            if combined:
+                with runtime.accelerator.autocast():
+                    logps, values = model(part.query_response, part.attention_mask, part.context_length, temperature)
+                    policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
+                    value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
+                runtime.accelerator.backward(policy_loss + cfg.vf_coef * value_loss)
+            else:
+                with runtime.accelerator.autocast():
+                    logps, _ = actor_critic.policy_logps(part, temperature)
+                    policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
+                runtime.accelerator.backward(policy_loss)  # the policy adapter's graph, then the critic's
+                with runtime.accelerator.autocast():
+                    values = actor_critic.values(part)
+                    value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
+                runtime.accelerator.backward(cfg.vf_coef * value_loss)
             grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic._trainable, recipe.train.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -164,19 +185,21 @@ def update_phase(
             step = {"policy_loss": policy_loss, "value_loss": value_loss, "grad_norm": grad_norm, **policy_metrics, **value_metrics}
             trained += 2 * int(part.attention_mask.sum())  # the policy's pass and the critic's
             for key, value in step.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] = sums.get(key, 0.0) + float(value.detach() if isinstance(value, torch.Tensor) else value)
             count += 1
             if first_ratio is None:
                 first_ratio = float(policy_metrics["ratio"])
-            if cfg.early_stop_kl is not None and float(policy_metrics["approx_kl"]) > cfg.early_stop_kl:
-                stop = True
+            if cfg.early_stop_kl is not None and distributed.mean(float(policy_metrics["approx_kl"])) > cfg.early_stop_kl:
+                stop = True  # decided on the mean over processes: every process stops at the same update
                 break
         if stop:
             break
-    metrics = {key: value / max(count, 1) for key, value in sums.items()}
-    metrics["ratio/first_minibatch"] = first_ratio
+    names = sorted(sums)
+    means = distributed.reduce_sum([sums[key] / max(count, 1) for key in names] + [first_ratio or 0.0])
+    metrics = {key: value / runtime.world_size for key, value in zip(names, means)}
+    metrics["ratio/first_minibatch"] = means[-1] / runtime.world_size
     metrics["updates"] = count
-    metrics["trained_tokens"] = trained
+    metrics["trained_tokens"] = int(distributed.reduce_sum([trained])[0])
     return metrics
 
 
@@ -185,9 +208,14 @@ def update_phase(
 
 def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     started = time.time()
-    runtime = setup_runtime(recipe.train, recipe.seed)
+    runtime = setup_runtime(recipe.train, recipe.seed, recipe.distributed)
     if recipe.generation.temperature <= 0:
         raise UserError("generation.temperature: PPO samples its rollouts; use a temperature > 0 (e.g. 1.0)")
+    if runtime.sharded:
+        raise UserError(
+            f"distributed.strategy: ppo runs with ddp on several processes, not {recipe.distributed.strategy} "
+            "(every process samples with the whole policy); use ddp, with model.lora + model.quantization to fit the models"
+        )
 
     # Prompts, and the four roles: policy, reference, critic, reward model.
     report = DataReport()
@@ -202,7 +230,13 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     for message in notes + bundle.notes + role_notes:
         ui.note(message)
 
-    per_epoch = math.ceil(len(raw) / recipe.train.batch_size)
+    # Each process samples batch_size prompts of a global batch of batch_size x processes (an incomplete one
+    # at an epoch's end is left out with several processes, so that all sample alike).
+    world, rank = runtime.world_size, runtime.rank
+    global_batch = recipe.train.batch_size * world
+    per_epoch = math.ceil(len(raw) / global_batch) if world == 1 else len(raw) // global_batch
+    if per_epoch == 0:
+        raise UserError(f"data.train: {len(raw)} prompts cannot fill one batch of {recipe.train.batch_size} on each of {world} processes")
     iterations = total_steps_for(recipe.train, per_epoch)
     updates_per_iteration = recipe.ppo.ppo_epochs * (recipe.train.batch_size // recipe.ppo.mini_batch_size)
     optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
@@ -210,16 +244,21 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     state = PpoState(kl_coef=recipe.ppo.kl_coef)
     checkpoint = run.latest_checkpoint()
     if checkpoint is not None:
-        state = PpoState(**load_training_state(checkpoint, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None))
+        state = PpoState(**load_training_state(checkpoint, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, runtime=runtime))
         ui.note(f"resuming from {checkpoint} (iteration {state.iteration} of {iterations})")
     metrics_log = run.metrics_log(resume_step=state.iteration, enabled=runtime.is_main)
     samples_log = run.jsonl_log(run.path / "samples.jsonl", resume_step=state.iteration, enabled=runtime.is_main)
 
+    # several processes: DDP averages the gradients (policy and critic in one forward, see update_phase)
+    trained, optimizer = runtime.accelerator.prepare(actor_critic, optimizer) if world > 1 else (actor_critic, optimizer)
+
     def save_checkpoint() -> str:
-        with run.new_checkpoint(state.iteration, keep=recipe.train.keep_checkpoints) as folder:
-            save_training_state(folder, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, loop_state=asdict(state))
         metrics_log.sync()
-        return str(run.checkpoints_dir / f"step-{state.iteration}")
+        where = write_checkpoint(
+            run, state.iteration, recipe.train.keep_checkpoints, runtime=runtime,
+            model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, loop_state=asdict(state),
+        )  # fmt: skip
+        return str(where)
 
     order = torch.Generator().manual_seed(recipe.seed)
     last: dict[str, Any] = {}
@@ -238,7 +277,8 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                 iteration = state.iteration
                 epoch, within = divmod(iteration, per_epoch)
                 permutation = torch.randperm(len(raw), generator=order.manual_seed(recipe.seed * 7919 + epoch)).tolist()
-                batch_prompts = [raw[i] for i in permutation[within * recipe.train.batch_size : (within + 1) * recipe.train.batch_size]]
+                start = within * global_batch + rank * recipe.train.batch_size
+                batch_prompts = [raw[i] for i in permutation[start : start + recipe.train.batch_size]]
 
                 began = time.perf_counter()
                 rollout = rollout_phase(actor_critic, tokenizer, batch_prompts, recipe, runtime, iteration)
@@ -246,39 +286,41 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                 generated = time.perf_counter()
                 state.iteration += 1
                 state.time_generate += generated - began
-                if not torch.isfinite(rollout.scores).all():  # never applied: counted and logged
+                if distributed.reduce_max(0.0 if torch.isfinite(rollout.scores).all() else 1.0):  # never applied: counted and logged
                     state.skipped += 1
                     metrics_log.log({"step": state.iteration, "skipped": "non-finite reward", "skipped_total": state.skipped})
                     continue
                 with runtime.accelerator.autocast():  # the same precision as the update: the first ratio is exactly 1
                     experience_phase(actor_critic, rollout, recipe, iteration)
                 kl = advantage_phase(rollout, recipe, state.kl_coef)
-                update = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, iteration)
+                update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=world > 1)
                 state.time_train += time.perf_counter() - generated
-                state.episodes += len(batch_prompts)
-                state.tokens += int(rollout.attention_mask.sum())
+                state.episodes += len(batch_prompts) * world
+                state.tokens += int(distributed.reduce_sum([int(rollout.attention_mask.sum())])[0])
                 state.trained_tokens += update.pop("trained_tokens")
 
+                # every process's episodes: each holds batch_size of them, so means of means are exact
                 mask = rollout.response_mask
-                sequence_kl = float(kl.sum(dim=1).mean())
+                sequence_kl = distributed.mean(float(kl.sum(dim=1).mean()))
+                scores = torch.tensor(distributed.gather(rollout.scores.tolist()))
                 record = {
                     "step": state.iteration,
-                    "reward": float(rollout.scores.mean()),
-                    "reward/std": float(rollout.scores.std()) if len(rollout.scores) > 1 else 0.0,
+                    "reward": float(scores.mean()),
+                    "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
                     "kl": sequence_kl,
                     "kl_coef": state.kl_coef,
-                    "entropy": float(masked_mean(rollout.entropy, mask)),
+                    "entropy": distributed.mean(float(masked_mean(rollout.entropy, mask))),
                     **update,
-                    "value/explained_variance": float(explained_variance(rollout.values, rollout.returns, mask)),
-                    "response_length": float(mask.sum(dim=1).mean()),
-                    "finished_rate": float(rollout.finished.float().mean()),
+                    "value/explained_variance": distributed.mean(float(explained_variance(rollout.values, rollout.returns, mask))),
+                    "response_length": distributed.mean(float(mask.sum(dim=1).mean())),
+                    "finished_rate": distributed.mean(float(rollout.finished.float().mean())),
                     "lr": scheduler.get_last_lr()[0],
                     "time/generate": generated - began,
                     "time/train": time.perf_counter() - generated,
                     "episodes": state.episodes,
                 }
                 if recipe.ppo.target_kl is not None:  # Ziegler et al.'s controller, after the update
-                    state.kl_coef = adaptive_kl_coef(state.kl_coef, sequence_kl, recipe.ppo.target_kl, recipe.ppo.kl_horizon, len(batch_prompts))
+                    state.kl_coef = adaptive_kl_coef(state.kl_coef, sequence_kl, recipe.ppo.target_kl, recipe.ppo.kl_horizon, len(batch_prompts) * world)
                 if state.iteration % recipe.train.log_every == 0 or state.iteration == iterations:
                     metrics_log.log(record)
                 last = record
@@ -299,8 +341,9 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                     )
                 if recipe.train.save_every and state.iteration % recipe.train.save_every == 0 and unfinished:
                     save_checkpoint()
-                if stop.received is not None and unfinished:
-                    raise RunInterrupted(state.iteration, save_checkpoint(), stop.received)
+                stop_signal = stop.agreed()
+                if stop_signal and unfinished:
+                    raise RunInterrupted(state.iteration, save_checkpoint(), stop_signal)
     finally:
         metrics_log.close()
         samples_log.close()

@@ -10,6 +10,7 @@ import time
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo_cli import distributed
 from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
 from dpo_cli.encoding import pack_blocks, text_checker, text_encoder
 from dpo_cli.errors import UserError
@@ -27,19 +28,20 @@ def pretrain_tokenizer(recipe: PretrainRecipe, run: RunDir, texts: Dataset) -> t
     if recipe.tokenizer.train_vocab_size is None:
         return build_tokenizer(recipe.model, recipe.tokenizer)
     saved = run.path / "tokenizer"
-    if not saved.is_dir():
-        tokenizer = train_bpe_tokenizer(texts["text"], recipe.tokenizer.train_vocab_size, recipe.data.max_length)
-        tmp = run.path / f".tmp-tokenizer-{os.getpid()}"
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(saved, ignore_errors=True)
-        os.replace(tmp, saved)
+    with distributed.main_first():  # trained once, by the main process; the others load it
+        if not saved.is_dir():
+            tokenizer = train_bpe_tokenizer(texts["text"], recipe.tokenizer.train_vocab_size, recipe.data.max_length)
+            tmp = run.path / f".tmp-tokenizer-{os.getpid()}"
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(saved, ignore_errors=True)
+            os.replace(tmp, saved)
     tokenizer = AutoTokenizer.from_pretrained(saved)
     return tokenizer, [f"trained a {len(tokenizer)}-token byte-level BPE tokenizer on the corpus ({saved})"]
 
 
 def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
     started = time.time()
-    runtime = setup_runtime(recipe.train, recipe.seed)
+    runtime = setup_runtime(recipe.train, recipe.seed, recipe.distributed)
     block = recipe.data.max_length
 
     # Data: documents -> EOS-separated token stream -> blocks of max_length tokens.
@@ -77,7 +79,7 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
         runtime,
         on_checkpoint=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"),
     )
-    save_final_model(run, runtime, bundle)
+    save_final_model(run, runtime, bundle, prepared=result.model)
 
     # Samples: continue the opening words of a few held-out documents.
     source = eval_rows if eval_rows is not None else train_rows

@@ -46,7 +46,7 @@ def judge_correlation(recipe: RmRecipe, judge_name: str, scorer: RewardModelJudg
 
 def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
     started = time.time()
-    runtime = setup_runtime(recipe.train, recipe.seed)
+    runtime = setup_runtime(recipe.train, recipe.seed, recipe.distributed)
 
     # Data: preference records -> chosen and rejected sequences, scored at their last token.
     report = DataReport()
@@ -62,14 +62,14 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
     result = train(
         stage="rm-train",
         model=RewardScores(bundle.model),
-        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate),
+        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate, rank=runtime.rank, world_size=runtime.world_size),
         eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
         step_fn=make_step(recipe.rm),
         cfg=recipe.train,
         run=run,
         runtime=runtime,
     )
-    save_final_model(run, runtime, bundle)
+    save_final_model(run, runtime, bundle, prepared=result.model)
 
     extra: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9)}
     highlights: dict[str, Any] = {"pairs/s": extra["pairs_per_sec"]}

@@ -42,7 +42,7 @@ def _is_conversational(rows: Dataset, fmt: str) -> bool:
 
 def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
     started = time.time()
-    runtime = setup_runtime(recipe.train, recipe.seed)
+    runtime = setup_runtime(recipe.train, recipe.seed, recipe.distributed)
 
     # Data: rows -> input_ids with labels = -100 on every prompt position.
     report = DataReport()
@@ -66,7 +66,7 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
     announce(notes + bundle.notes)
 
     result = train_language_model("sft", recipe, bundle, train_set, eval_set, run, runtime)
-    save_final_model(run, runtime, bundle)
+    save_final_model(run, runtime, bundle, prepared=result.model)
 
     # Samples: answer a few held-out prompts.
     source = eval_rows if eval_rows is not None else train_rows
