@@ -65,6 +65,7 @@ def _main(
 ) -> None:
     """dpo-cli."""
     _quiet_libraries()
+    ui.only_main_process(os.environ.get("RANK", "0") == "0")  # torchrun / accelerate launch: rank 0 speaks
 
 
 def guarded(debug: bool, action: Callable[[], None]) -> None:
@@ -117,9 +118,11 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
     ui.only_main_process(distributed.is_main())
     if not distributed.is_main():
         verdict = distributed.broadcast(None)
-        if verdict != "run":
-            raise SystemExit(0 if verdict == "done" else 1)  # the main process reports why
-        _execute(stage, recipe, RunDir(path), None)
+        if verdict == "error":
+            raise SystemExit(1)  # the main process reports why
+        if verdict == "run":
+            _execute(stage, recipe, RunDir(path), None)
+        distributed.barrier()
         return
     told = False
     try:
@@ -132,6 +135,7 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
         if not told:  # the others wait for a verdict: never leave them hanging
             distributed.broadcast("error")
         raise
+    distributed.barrier()  # all leave the stage once the main process has written its outputs (pipelines read them next)
 
 
 def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool) -> dict | None | bool:

@@ -251,3 +251,28 @@ def test_a_launcher_that_contradicts_the_recipe_is_refused():
         check_launcher("ddp", {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(UserError, match="set distributed.strategy: deepspeed"):
         check_launcher("fsdp", {"ACCELERATE_USE_DEEPSPEED": "1"})
+
+
+def test_the_gpu_smoke_script_runs_valid_commands(tmp_path, cli):
+    """scripts/gpu_smoke.sh needs 2+ GPUs; here its --dry-run plan is checked: every launch names a shipped
+    accelerate config whose engine the stage's recipe (with the script's --set options) agrees with."""
+    import shlex
+    import subprocess
+
+    from dpo_cli.distributed import check_launcher
+    from dpo_cli.recipe_loader import load_recipe
+
+    plan = subprocess.run(["bash", str(REPO / "scripts" / "gpu_smoke.sh"), "--dry-run", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert plan.returncode == 0, plan.stderr
+    commands = [shlex.split(line.split(": ", 1)[1]) for line in plan.stdout.splitlines() if line.startswith("== ")]
+    assert len(commands) == 12
+    for command in commands:
+        config = yaml.safe_load((REPO / command[command.index("--config_file") + 1]).read_text())
+        stage, recipe, *options = command[command.index("dpo_cli") + 1 :]
+        if stage == "pipeline":
+            assert cli("pipeline", REPO / recipe, "--dry-run", *options)[0] == 0
+            continue
+        overrides = [options[i + 1] for i, option in enumerate(options) if option == "--set"]
+        resolved = load_recipe(REPO / recipe, stage, overrides, smoke=True)
+        launched = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}.get(config["distributed_type"])
+        check_launcher(resolved.distributed.strategy, {launched: "true"} if launched else {})

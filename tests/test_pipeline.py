@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 import dpo_cli.stages.dpo
-from conftest import interrupt_at_call, write_jsonl, write_recipe
-from conftest import preference_rows
+from conftest import REPO, interrupt_at_call, preference_rows, torchrun, write_jsonl, write_recipe
 
 
 @pytest.fixture()
@@ -113,11 +112,21 @@ def test_bad_pipelines(tmp_path, cli, pipeline_file):
 
 def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
     """make demo's whole story, capped: every stage of both paths, then the comparison."""
-    from conftest import REPO
-
     code, out, err = cli("pipeline", REPO / "recipes/demo/pipeline.yaml", "--smoke", "--run-dir", tmp_path / "demo")
     assert code == 0, err
     report = json.loads((tmp_path / "demo-smoke" / "compare" / "report.json").read_text())
     assert set(report["policies"]) == {"sft", "ppo", "dpo", "dpo-low-beta", "dpo-high-beta"}
     assert set(report["costs"]) == {"rlhf", "dpo"} and all(c["flops"] > 0 for c in report["costs"].values())
     assert "report:" in out
+
+
+def test_the_demo_pipeline_runs_on_two_processes(tmp_path):
+    """Every stage, unchanged, under torchrun: each stage waits until the main process has written its
+    outputs before the next reads them, and only the main process prints."""
+    done = torchrun("pipeline", REPO / "recipes/demo/pipeline.yaml", "--smoke", "--run-dir", tmp_path / "demo")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "demo-smoke" / "compare" / "report.json").read_text())
+    assert set(report["policies"]) == {"sft", "ppo", "dpo", "dpo-low-beta", "dpo-high-beta"}
+    assert done.stdout.count("compare · completed") == 1 and done.stderr.count("note: pipeline: compare") == 1  # the main process speaks
+    for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
+        assert json.loads((tmp_path / "demo-smoke" / stage / "summary.json").read_text())["device"].startswith("2 processes"), stage
