@@ -1,5 +1,5 @@
-"""Several processes (torchrun, accelerate launch, srun): who is who, and the few collective operations the
-stages need. With one process every helper is a no-op, so the stages read the same either way.
+"""Several processes (torchrun, accelerate launch; under Slurm through scripts/slurm/): who is who, and the
+few collective operations the stages need. With one process every helper is a no-op, so the stages read the same either way.
 
 Launch: `torchrun --nproc_per_node N -m dpo_cli STAGE RECIPE` or `accelerate launch -m dpo_cli ...`; on CPU
 the processes talk over gloo, on GPUs over NCCL.
