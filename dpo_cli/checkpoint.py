@@ -69,7 +69,12 @@ def save_training_state(
     """A whole checkpoint from one process."""
     save_shared_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state)
     torch.save(capture_rng(), folder / "rng-rank0.pt")
-    (folder / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")  # last: marks completeness
+    mark_complete(folder, loop_state)
+
+
+def mark_complete(folder: Path, loop_state: dict[str, Any]) -> None:
+    """Written last: a checkpoint without it is incomplete."""
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")
 
 
 def save_shared_state(folder: Path, *, model: torch.nn.Module | None, optimizer: Any, scheduler: Any, scaler: Any, loop_state: dict) -> None:
@@ -124,7 +129,7 @@ def write_checkpoint(
             tmp, model=None if runtime.sharded else model, optimizer=None if runtime.sharded else optimizer,
             scheduler=scheduler, scaler=scaler, loop_state=loop_state,
         )  # fmt: skip
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")
+        mark_complete(tmp, loop_state)
         run.publish_checkpoint(tmp, step, keep)
     barrier()
     return run.checkpoints_dir / f"step-{step}"
@@ -152,6 +157,7 @@ def load_training_state(
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if scaler is not None and (folder / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-    rng_file = folder / f"rng-rank{rank}.pt"
-    restore_rng(torch.load(rng_file if rng_file.exists() else folder / "rng-rank0.pt", weights_only=True))
+    # this process's RNG; else rank 0's (a process that did not exist before); rng.pt: checkpoints written before the multi-process version
+    candidates = [folder / f"rng-rank{rank}.pt", folder / "rng-rank0.pt", folder / "rng.pt"]
+    restore_rng(torch.load(next((f for f in candidates if f.exists()), candidates[0]), weights_only=True))
     return json.loads((folder / CHECKPOINT_MARKER).read_text())

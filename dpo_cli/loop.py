@@ -51,7 +51,10 @@ class BatchStream:
         rows = batch_size * world_size
         self.per_epoch = math.ceil(len(dataset) / rows) if world_size == 1 else len(dataset) // rows
         if self.per_epoch == 0:
-            raise UserError(f"{len(dataset)} rows cannot fill one batch of {batch_size} rows on each of {world_size} processes")
+            raise UserError(
+                f"data.train: {len(dataset)} rows cannot fill one batch of {batch_size} rows on each of {world_size} "
+                "processes; lower train.batch_size or use fewer processes"
+            )
         self._order: tuple[int, list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -289,7 +292,7 @@ def accumulate_gradients(
     (DDP averages gradients over processes: the shares are scaled by the number of processes to undo it.)"""
     accelerator, world = runtime.accelerator, runtime.world_size
     local_items = sum(batch["num_items"] for batch in window)
-    global_items = reduce_sum([local_items])[0] if world > 1 else local_items
+    global_items = reduce_sum([local_items])[0]
     step_loss = torch.zeros((), device=runtime.device)  # summed on the device: one sync per step, not per micro-batch
     sums: dict[str, Any] = {}
     for index, batch in enumerate(window):
@@ -304,7 +307,7 @@ def accumulate_gradients(
             value = value.detach().float() if isinstance(value, torch.Tensor) else value
             sums[key] = sums.get(key, 0.0) + value * batch["num_items"]
     keys = sorted(sums)
-    totals = reduce_sum([_scalar(step_loss)] + [_scalar(sums[key]) for key in keys]) if world > 1 else [_scalar(step_loss)] + [_scalar(sums[k]) for k in keys]
+    totals = reduce_sum([_scalar(step_loss)] + [_scalar(sums[key]) for key in keys])
     return totals[0] / max(global_items, 1), {key: value / max(global_items, 1) for key, value in zip(keys, totals[1:])}
 
 

@@ -51,6 +51,21 @@ def human_count(count: float) -> str:
     return f"{count:.3g}" if 0 < abs(count) < 10 else str(int(count))
 
 
+def _bar(title: str, *fields: TextColumn) -> Progress:
+    """title, bar, n/total, the given fields, elapsed, ETA; on stderr, left on screen only in a terminal."""
+    return Progress(
+        TextColumn(f"[bold]{title}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *fields,
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=not err_console.is_terminal,
+    )
+
+
 class TrainProgress:
     """A rich progress bar over optimizer steps with loss, lr and tokens/s; silent off the main process."""
 
@@ -59,17 +74,7 @@ class TrainProgress:
         self.value_name, self.speed_name = value, speed
         self._progress: Progress | None = None
         if enabled and _MAIN_PROCESS:
-            self._progress = Progress(
-                TextColumn(f"[bold]{stage}[/bold]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn(f"{value} {{task.fields[loss]}}  lr {{task.fields[lr]}}  {{task.fields[speed]}} {speed}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=not err_console.is_terminal,
-            )
+            self._progress = _bar(stage, TextColumn(f"{value} {{task.fields[loss]}}  lr {{task.fields[lr]}}  {{task.fields[speed]}} {speed}"))
             self._task = self._progress.add_task(stage, total=total, completed=start, loss="-", lr="-", speed="-")
 
     def __enter__(self) -> TrainProgress:
@@ -100,16 +105,7 @@ class TaskProgress:
     def __init__(self, description: str, total: int, enabled: bool = True):
         self._progress = None
         if enabled and total > 0 and _MAIN_PROCESS:
-            self._progress = Progress(
-                TextColumn(f"[bold]{description}[/bold]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=not err_console.is_terminal,
-            )
+            self._progress = _bar(description)
             self._task = self._progress.add_task(description, total=total)
 
     def __enter__(self) -> TaskProgress:

@@ -36,6 +36,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def with_sections(recipe: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """A test recipe with keyword sections merged in: a dict updates the section, anything else replaces it."""
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
+    return recipe
+
+
 def torchrun(*args: Any, processes: int = 2, env: dict[str, str] | None = None):
     """`dpo-cli ARGS` on several CPU processes (torchrun, gloo); returns the CompletedProcess."""
     import subprocess
@@ -129,12 +136,7 @@ def sft_recipe(tmp_path, tiny_model_dir, sft_rows):
             "generation": {"max_new_tokens": 8},
             "sft": {"show_samples": 1},
         }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-                recipe[key] = {**recipe[key], **value}
-            else:
-                recipe[key] = value
-        return write_recipe(tmp_path / name, recipe)
+        return write_recipe(tmp_path / name, with_sections(recipe, sections))
 
     return make
 
@@ -196,9 +198,7 @@ def dpo_recipe(tmp_path, tiny_model_dir):
             "generation": {"max_new_tokens": 6},
             "dpo": {"beta": 0.1, "show_samples": 1},
         }
-        for key, value in sections.items():
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
-        return write_recipe(tmp_path / name, recipe)
+        return write_recipe(tmp_path / name, with_sections(recipe, sections))
 
     return make
 
@@ -215,8 +215,6 @@ def ppo_recipe(tmp_path, tiny_model_dir, tiny_reward_model_dir):
             "generation": {"max_new_tokens": 6, "temperature": 1.0},
             "ppo": {"reward_model": str(tiny_reward_model_dir), "mini_batch_size": 2, "ppo_epochs": 2, "sample_every": 2, "show_samples": 1},
         }
-        for key, value in sections.items():
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
-        return write_recipe(tmp_path / name, recipe)
+        return write_recipe(tmp_path / name, with_sections(recipe, sections))
 
     return make

@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from conftest import read_jsonl, torchrun, write_jsonl, write_recipe
+from conftest import read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
 from dpo_cli.data import load_source
 from dpo_cli.recipes import DataSection
 
@@ -24,9 +24,7 @@ def prefs_recipe(tmp_path, tiny_model_dir):
             "collect": {"samples_per_prompt": 3},
             "label": {"by": "judge", "judge": "length"},
         }
-        for key, value in sections.items():
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
-        return write_recipe(tmp_path / name, recipe)
+        return write_recipe(tmp_path / name, with_sections(recipe, sections))
 
     return make
 

@@ -276,3 +276,23 @@ def test_the_gpu_smoke_script_runs_valid_commands(tmp_path, cli):
         resolved = load_recipe(REPO / recipe, stage, overrides, smoke=True)
         launched = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}.get(config["distributed_type"])
         check_launcher(resolved.distributed.strategy, {launched: "true"} if launched else {})
+
+
+def test_process_shards_of_a_global_batch_are_the_one_process_batch():
+    """Rank r of W takes rows r*b ... (r+1)*b - 1 of the global batch one process with batch W*b sees;
+    an epoch's incomplete global batch is left out; too few rows for one is a clear error."""
+    from datasets import Dataset
+
+    from dpo_cli.errors import UserError
+    from dpo_cli.loop import BatchStream
+
+    data = Dataset.from_dict({"row": list(range(21))})
+    rows = lambda batch: [r["row"] for r in batch]  # noqa: E731
+    one = BatchStream(data, 6, seed=3, collate=rows)
+    ranks = [BatchStream(data, 3, seed=3, collate=rows, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0].per_epoch == 3 and one.per_epoch == 4  # 21 rows: 3 full global batches of 6
+    for index in range(2 * ranks[0].per_epoch):  # two epochs
+        epoch, within = divmod(index, ranks[0].per_epoch)
+        assert ranks[0][index] + ranks[1][index] == one[epoch * one.per_epoch + within]
+    with pytest.raises(UserError, match="data.train: 21 rows cannot fill one batch of 8 rows on each of 4 processes; lower train.batch_size"):
+        BatchStream(data, 8, seed=3, collate=rows, world_size=4)

@@ -82,6 +82,20 @@ def test_sigterm_then_resume_is_exact(mode, tmp_path, cli, resume_recipe, monkey
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
+def test_a_checkpoint_of_the_single_process_layout_still_resumes(tmp_path, cli, resume_recipe, monkeypatch):
+    """Checkpoints written before the multi-process version hold rng.pt (not rng-rank0.pt)."""
+    recipe = resume_recipe("full")
+    assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+    with monkeypatch.context() as patch:
+        signal_at_call(patch, call=9, signum=signal.SIGTERM)
+        assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 143
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-5"
+    (checkpoint / "rng-rank0.pt").rename(checkpoint / "rng.pt")
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
 def test_sigint_checkpoints_and_exits_130(tmp_path, cli, resume_recipe, monkeypatch):
     recipe = resume_recipe("full")
     signal_at_call(monkeypatch, call=3, signum=signal.SIGINT)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.rm_train
-from conftest import interrupt_at_call, preference_rows, read_jsonl, torchrun, write_jsonl, write_recipe
+from conftest import interrupt_at_call, preference_rows, read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
 from dpo_cli.forward import RewardScores
 from dpo_cli.models import load_reward_model
 from test_resume import assert_same_run
@@ -32,9 +32,7 @@ def rm_recipe(tmp_path, tiny_model_dir):
             "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256},
             "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3, "log_every": 1, "save_every": 2},
         }
-        for key, value in sections.items():
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
-        return write_recipe(tmp_path / name, recipe)
+        return write_recipe(tmp_path / name, with_sections(recipe, sections))
 
     return make
 

@@ -236,7 +236,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     global_batch = recipe.train.batch_size * world
     per_epoch = math.ceil(len(raw) / global_batch) if world == 1 else len(raw) // global_batch
     if per_epoch == 0:
-        raise UserError(f"data.train: {len(raw)} prompts cannot fill one batch of {recipe.train.batch_size} on each of {world} processes")
+        raise UserError(f"data.train: {len(raw)} prompts cannot fill one batch of {recipe.train.batch_size} on each of {world} processes; lower train.batch_size or use fewer processes")
     iterations = total_steps_for(recipe.train, per_epoch)
     updates_per_iteration = recipe.ppo.ppo_epochs * (recipe.train.batch_size // recipe.ppo.mini_batch_size)
     optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
