@@ -14,7 +14,7 @@ import typer
 
 from dpo_cli import __version__, ui
 from dpo_cli.errors import RunInterrupted, UserError
-from dpo_cli.recipe_loader import load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
+from dpo_cli.recipe_loader import check_data_paths, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
 from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, RecipeBase
 from dpo_cli.rundir import RunDir
 
@@ -113,6 +113,10 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
     if stage in PLANNED_STAGES:
         raise UserError(f"stage `{stage}` is not implemented yet")
     recipe = load_recipe(recipe_path, stage, overrides, smoke)
+    if getattr(recipe, "model", None) is not None:
+        from dpo_cli.models import check_model_input
+
+        check_model_input(recipe.model, "reward" if stage == "rm-train" else "causal-lm")
     path = default_run_dir(recipe, recipe_path, run_dir, smoke)
     recipe.run_dir = str(path)
     ui.only_main_process(distributed.is_main())
@@ -242,14 +246,17 @@ def validate(
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Print the fully resolved recipe (every default filled in), or every error in it.
+    """Print the fully resolved recipe (every default filled in), or every error in it, including local data
+    paths (data.train, data.eval) that do not exist.
 
     Example: dpo-cli validate recipes/demo/sft.yaml --set model.lora.r=8
     """
 
     def action() -> None:
         which = stage_of(recipe, read_recipe_file(recipe), stage)
-        typer.echo(recipe_to_yaml(load_recipe(recipe, which, overrides or [], smoke)), nl=False)
+        resolved = load_recipe(recipe, which, overrides or [], smoke)
+        check_data_paths(recipe, resolved)
+        typer.echo(recipe_to_yaml(resolved), nl=False)
 
     guarded(debug, action)
 
@@ -261,35 +268,54 @@ def pipeline(
     start: Annotated[Optional[str], typer.Option("--from", metavar="STAGE", help="Run this stage and every later one again, from scratch.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would run, what is up to date) and stop.")] = False,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where the stages' run dirs go (default: the file's run_dir).")] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", metavar="[STAGE:]KEY=VALUE", help="Override a key in every stage, or with STAGE: in one (repeatable)."),
+    ] = None,
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run the stages of a pipeline file in order; up-to-date stages are skipped, an interrupted one resumes.
 
     Example: dpo-cli pipeline recipes/demo/pipeline.yaml --dry-run
+
+    Example: dpo-cli pipeline recipes/qwen2.5-0.5b/pipeline.yaml --set sft:data.train=my-chats.jsonl --set generation.temperature=0.8
     """
     from dpo_cli.pipeline import run_pipeline
 
-    guarded(debug, lambda: run_pipeline(pipeline_file, only, start, dry_run, smoke, run_dir))
+    guarded(debug, lambda: run_pipeline(pipeline_file, only, start, dry_run, smoke, run_dir, overrides or []))
 
 
 @app.command()
 def score(
     model: Annotated[str, typer.Argument(metavar="RUN_OR_MODEL", help="An rm-train run dir, its final/, or any scalar sequence classifier.")],
-    data: Annotated[Path, typer.Option("--data", help="Rows with prompt + response, or prompt + chosen + rejected (jsonl, json, csv, parquet).")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Rows with prompt + response or prompt + completion, or preference pairs (prompt + chosen + rejected, or any layout dpo reads): "
+            "a file (jsonl, json, csv, parquet), a folder or a save_to_disk folder.",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="The scored rows, as JSONL (an existing file is never overwritten).")] = Path("scores.jsonl"),
+    column: Annotated[
+        Optional[list[str]],
+        typer.Option("--column", metavar="WANTED=THEIRS", help="Read a column under another name (repeatable), like data.columns: --column prompt=question"),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 16,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Longest sequence in tokens (longer ones keep their end).")] = 2048,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the hub.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Score prompt/response rows with a reward model; with chosen/rejected rows, also the pairwise accuracy.
+    """Score prompt/response (or prompt/completion) rows with a reward model; with preference pairs, both sides and the pairwise accuracy.
 
     Example: dpo-cli score runs/demo/rm --data runs/demo/collect-prefs/prefs.jsonl --out scored.jsonl
-    """
-    from dpo_cli.stages.score import score_file
 
-    guarded(debug, lambda: score_file(model, data, out, batch_size, max_length, trust_remote_code))
+    Other column names: dpo-cli score runs/demo/rm --data qa.jsonl --column prompt=question --column response=answer
+    """
+    from dpo_cli.stages.score import parse_columns, score_file
+
+    guarded(debug, lambda: score_file(model, data, out, batch_size, max_length, trust_remote_code, parse_columns(column or [])))
 
 
 @app.command()

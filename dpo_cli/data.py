@@ -45,20 +45,148 @@ def _is_local(value: str) -> bool:
     return os.path.isabs(value) or value.startswith((".", "~")) or os.path.exists(value)
 
 
-def _local_files(value: str, what: str) -> list[str]:
+SAVED_METADATA = ("dataset_dict.json", "state.json", "dataset_info.json")  # what save_to_disk writes beside the .arrow shards
+SPLIT_KEYS = {"data.train": "data.split", "data.eval": "data.eval_split"}  # the recipe key that picks a split of `what`
+
+
+def _saved_layout(path: Path) -> str | None:
+    """'dict' for a folder written by DatasetDict.save_to_disk, 'dataset' for Dataset.save_to_disk, else None."""
+    if (path / "dataset_dict.json").is_file():
+        return "dict"
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return "dataset"
+    return None
+
+
+def _saved_shards(folder: Path, what: str) -> list[str]:
+    """The .arrow shards a Dataset.save_to_disk folder holds (its state.json lists them)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return [str(folder / item["filename"]) for item in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{what}: {folder / 'state.json'} is not the one Dataset.save_to_disk writes; save the dataset again") from None
+
+
+def _is_saved_extra(path: Path, what: str) -> bool:
+    """save_to_disk's metadata, or a cache file a later map left, in a save_to_disk folder: not data."""
+    if path.name in SAVED_METADATA and _saved_layout(path.parent) is not None:
+        return True
+    return _saved_layout(path.parent) == "dataset" and str(path) not in _saved_shards(path.parent, what)
+
+
+def _saved_split(path: Path, base: Path) -> tuple[str, Path] | None:
+    """(split name, DatasetDict folder) when `path` lies in a split folder of a saved DatasetDict at or below `base`."""
+    for folder in path.parents:
+        if _saved_layout(folder) == "dataset" and (folder.parent / "dataset_dict.json").is_file():
+            return folder.name, folder.parent
+        if folder == base or folder == folder.parent:
+            return None
+    return None
+
+
+def _split_groups(files: list[str], base: Path) -> tuple[dict[str, list[str]], Path]:
+    """The files grouped by the split their place names, and the folder that holds the splits; no groups when
+    they name at most one split. A split is a split folder of a saved DatasetDict, or a split by the hub's file
+    naming, which `datasets` infers (data/train-00000-of-00001.parquet, train.jsonl + test.jsonl, train/ + test/)."""
+    base = base.resolve()
+    saved = {f: _saved_split(Path(f).resolve(), base) for f in files}
+    if any(saved.values()):
+        groups: dict[str, list[str]] = {}
+        for name, place in saved.items():
+            groups.setdefault(place[0] if place else "(outside the saved splits)", []).append(name)
+        folder = next(place[1] for place in saved.values() if place)
+        return (groups if len(groups) > 1 else {}), folder
+    if any(ch in str(base) for ch in "*?["):
+        return {}, base  # the hub's patterns cannot be anchored under such a folder name
+    from datasets.data_files import get_data_patterns, resolve_pattern
+
+    try:
+        patterns = get_data_patterns(str(base))
+    except Exception:  # no data files datasets recognises: no split naming either
+        return {}, base
+    if len(patterns) < 2:
+        return {}, base
+    ours = {os.path.abspath(f): f for f in files}
+    groups = {}
+    for split, split_patterns in patterns.items():
+        found: set[str] = set()
+        for pattern in split_patterns:
+            try:
+                found.update(ours[m] for m in map(os.path.abspath, resolve_pattern(pattern, base_path=str(base))) if m in ours)
+            except FileNotFoundError:
+                continue
+        if found:
+            groups[str(split)] = sorted(found)
+    return (groups if len(groups) > 1 else {}), base
+
+
+def _how_to_pick(what: str, folder: Path, names: list[str]) -> str:
+    key = SPLIT_KEYS.get(what)
+    if key:
+        return f"set {what} to the folder {folder} and {key} to one of {', '.join(names)}"
+    return f"point {what} at the files of one split"
+
+
+def _missing_split(what: str, path: Path, kind: str, names: list[str], split: str) -> UserError:
+    key = SPLIT_KEYS.get(what)
+    fix = f"set {key} to one of them" if key else f"point {what} at the files of one split"
+    return UserError(f"{what}: {path} is {kind} with the splits {', '.join(names)}, but no split {split!r}; {fix}")
+
+
+def _saved_files(path: Path, what: str, split: str) -> list[str]:
+    """The shards of a folder written by Dataset.save_to_disk, or of the `split` of one written by
+    DatasetDict.save_to_disk. They are read like any other files, so nothing is ever written into the folder."""
+    if _saved_layout(path) == "dataset":
+        return _saved_shards(path, what)
+    try:
+        names = [str(name) for name in json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{what}: {path}/dataset_dict.json is not the one DatasetDict.save_to_disk writes; save the dataset again") from None
+    if split not in names:
+        raise _missing_split(what, path, "a DatasetDict saved with save_to_disk", names, split)
+    if _saved_layout(path / split) != "dataset":
+        raise UserError(f"{what}: {path} lists the split {split!r}, but {path / split} holds no saved dataset; save the dataset again")
+    return _saved_shards(path / split, what)
+
+
+def _local_part(value: str, what: str, split: str) -> list[str]:
+    """The data files one local source names: a file, a folder (a save_to_disk folder: its shards), a glob."""
     path = Path(value)
     if path.is_dir() and (path / "prefs.jsonl").is_file() and (path / "recipe.yaml").is_file():
         require_complete(path, what)
         return [str(path / "prefs.jsonl")]  # a collect-prefs run dir
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in BUILDERS and p.is_file())
+        if _saved_layout(path):
+            return _saved_files(path, what, split)
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in BUILDERS and p.is_file() and not _is_saved_extra(p, what))
         if not files:
             raise UserError(f"{what}: folder {path} holds no data files ({', '.join(BUILDERS)})")
-        return files
-    files = sorted(glob.glob(value, recursive=True)) if any(ch in value for ch in "*?[") else ([value] if path.exists() else [])
+        groups, _ = _split_groups(files, path)
+        if not groups:
+            return files  # one split (or none named): every data file
+        if split not in groups:
+            raise _missing_split(what, path, "a folder laid out like a hub dataset", list(groups), split)
+        return groups[split]
+    if any(ch in value for ch in "*?["):
+        files = sorted(f for f in glob.glob(value, recursive=True) if os.path.isfile(f) and not _is_saved_extra(Path(f), what))
+    else:
+        files = [value] if path.exists() else []
     if not files:
         raise UserError(f"{what}: no file matches {value}")
+    if len(files) > 1:
+        groups, folder = _split_groups(files, Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])))
+        if groups:
+            counts = ", ".join(f"{name} ({len(found)} file{'s' if len(found) > 1 else ''})" for name, found in groups.items())
+            raise UserError(
+                f"{what}: {value} matches files of several splits: {counts}; to use one split, {_how_to_pick(what, folder, list(groups))}"
+                " (to use them all on purpose, list the files)"
+            )
     return files
+
+
+def _last_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
 
 
 def _is_blank(name: str) -> bool:
@@ -108,13 +236,13 @@ def _load_local(files: list[str], what: str) -> Dataset:
 
 
 def load_source(source: str | list[str], cfg: DataSection, what: str, split: str) -> Dataset:
-    """Rows from demo:NAME, local files/folders/globs (one or a list), or a hub dataset id."""
+    """Rows from demo:NAME, local files/folders/globs (one or a list), a save_to_disk folder (of a DatasetDict:
+    its `split`), or a hub dataset id."""
     sources = source if isinstance(source, list) else [source]
     if len(sources) == 1 and sources[0].startswith("demo:"):
         return Dataset.from_list(demo_rows(sources[0]))
     if all(_is_local(s) or any(ch in s for ch in "*?[") for s in sources):
-        files = [f for s in sources for f in _local_files(s, what)]
-        return _load_local(files, what)
+        return _load_local([f for s in sources for f in _local_part(s, what, split)], what)
     if len(sources) > 1:
         raise UserError(f"{what}: a list may only hold local files; give one hub dataset id")
     try:
@@ -124,16 +252,56 @@ def load_source(source: str | list[str], cfg: DataSection, what: str, split: str
         raise UserError(f"{what}: cannot load {sources[0]!r}: no such local path, and the hub did not provide it ({first})") from None
 
 
-def rename_columns(ds: Dataset, columns: dict[str, str], what: str) -> Dataset:
-    """data.columns maps the names a stage expects to the names in the user's data."""
+def rename_columns(ds: Dataset, columns: dict[str, str], what: str, option: str = "data.columns.{wanted}") -> Dataset:
+    """data.columns (score: --column) maps the names a stage expects to the names in the user's data."""
     for wanted, have in columns.items():
         if wanted == have:
             continue
         if have not in ds.column_names:
-            raise UserError(f"data.columns.{wanted}: {what} has no column {have!r} (columns: {', '.join(ds.column_names)})")
+            where = option.format(wanted=wanted, have=have)
+            raise UserError(f"{where}: {what} has no column {have!r} (columns: {', '.join(c for c in ds.column_names if c != ROW_NUMBER)})")
         if wanted in ds.column_names:
             ds = ds.remove_columns(wanted)
         ds = ds.rename_column(have, wanted)
+    return ds
+
+
+# ShareGPT names the speaker `from` (human, gpt, system) and the text `value`; everything else here is role/content.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool",
+}  # fmt: skip
+MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+
+
+def as_role_content(value: Any) -> Any:
+    """A ShareGPT message ({from, value}) or a list of them as {role, content} messages; anything else unchanged
+    (an unknown speaker keeps its name, for the row check to report)."""
+    if isinstance(value, list):
+        return [as_role_content(message) for message in value]
+    if isinstance(value, dict) and "from" in value and "role" not in value:
+        speaker = value["from"]
+        return {"role": SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker, "content": value.get("value")}
+    return value
+
+
+def _sharegpt_columns(ds: Dataset) -> list[str]:
+    found = []
+    for name in MESSAGE_COLUMNS:
+        feature = ds.features.get(name)
+        inner = getattr(feature, "feature", feature)  # a list of messages, or one message
+        if isinstance(inner, dict) and {"from", "value"} <= set(inner) and "role" not in inner:
+            found.append(name)
+    return found
+
+
+def standard_layout(ds: Dataset) -> Dataset:
+    """ShareGPT data as role/content messages: its messages converted, and a `conversations` column (the
+    conversation of an sft set) named `messages`; a preference set keeps `conversations` (its prompt)."""
+    columns = _sharegpt_columns(ds)
+    if columns:
+        ds = ds.map(lambda row: {name: as_role_content(row[name]) for name in columns}, desc=None)
+    if "conversations" in ds.column_names and "messages" not in ds.column_names and not {"chosen", "rejected"} & set(ds.column_names):
+        ds = ds.rename_column("conversations", "messages")
     return ds
 
 
@@ -143,13 +311,13 @@ def _numbered(ds: Dataset) -> Dataset:
 
 def load_splits(cfg: DataSection, seed: int, report: DataReport) -> tuple[Dataset, Dataset | None]:
     """The training rows and the eval rows (given, carved off train, or none)."""
-    train = _numbered(rename_columns(load_source(cfg.train, cfg, "data.train", cfg.split), cfg.columns, "data.train"))
+    train = _numbered(standard_layout(rename_columns(load_source(cfg.train, cfg, "data.train", cfg.split), cfg.columns, "data.train")))
     if len(train) == 0:
         raise UserError("data.train: the dataset is empty")
     evaluation: Dataset | None = None
     if isinstance(cfg.eval, str):
         evaluation = rename_columns(load_source(cfg.eval, cfg, "data.eval", cfg.eval_split or cfg.split), cfg.columns, "data.eval")
-        evaluation = _numbered(evaluation)
+        evaluation = _numbered(standard_layout(evaluation))
         if len(evaluation) == 0:
             raise UserError("data.eval: the dataset is empty")
     elif cfg.eval is not None:
@@ -169,16 +337,16 @@ def load_splits(cfg: DataSection, seed: int, report: DataReport) -> tuple[Datase
     return train, evaluation
 
 
-def require_columns(ds: Dataset, options: list[tuple[str, ...]], what: str) -> tuple[str, ...]:
-    """The first set of columns the dataset has out of `options`, else a clear error."""
+def require_columns(
+    ds: Dataset, options: list[tuple[str, ...]], what: str, hint: str = "map yours with data.columns, e.g. data.columns.prompt=question"
+) -> tuple[str, ...]:
+    """The first set of columns the dataset has out of `options`, else a clear error ending in `hint`."""
     for option in options:
         if all(c in ds.column_names for c in option):
             return option
     wanted = " or ".join("/".join(o) for o in options)
-    raise UserError(
-        f"{what}: expected columns {wanted}, found {', '.join(c for c in ds.column_names if c != ROW_NUMBER)} "
-        "(map yours with data.columns, e.g. data.columns.prompt=question)"
-    )
+    found = ", ".join(c for c in ds.column_names if not c.startswith("__")) or "none"
+    raise UserError(f"{what}: expected columns {wanted}, found {found} ({hint})")
 
 
 def check_bad_rows(problems: list[tuple[int, str]], what: str, cfg: DataSection) -> None:
@@ -187,6 +355,16 @@ def check_bad_rows(problems: list[tuple[int, str]], what: str, cfg: DataSection)
         number, problem = problems[0]
         more = f" ({len(problems) - 1} more bad rows; data.bad_rows: drop skips them)" if len(problems) > 1 else ""
         raise UserError(f"{what} row {number}: {problem}{more}")
+
+
+def _encoded_features(ds: Dataset, encode: Callable[[dict[str, Any]], dict[str, Any]]) -> datasets.Features | None:
+    """The feature types of the first row that encodes: without them the writer would fix each column's type by
+    the first 1000 rows, which may all be malformed (empty token lists), and then refuse the good ones."""
+    for row in ds:
+        out = encode(row)
+        if not out["problem"]:
+            return Dataset.from_list([out]).features
+    return None
 
 
 def encode_rows(
@@ -203,7 +381,7 @@ def encode_rows(
     data.bad_rows: drop. Over-long rows are truncated, dropped or refused per data.truncation.
     """
     numbers = ds[ROW_NUMBER] if ROW_NUMBER in ds.column_names else list(range(1, len(ds) + 1))
-    encoded = ds.map(encode, remove_columns=ds.column_names, desc=None)
+    encoded = ds.map(encode, remove_columns=ds.column_names, features=_encoded_features(ds, encode), desc=None)
     if ROW_NUMBER not in encoded.column_names:
         encoded = encoded.add_column(ROW_NUMBER, numbers)
     problems = [(i, p) for i, p in enumerate(encoded["problem"]) if p]
@@ -238,12 +416,18 @@ def load_prompts(cfg: DataSection, seed: int, report: DataReport) -> list[Any]:
     that does not end with an assistant turn)."""
     rows, _ = load_splits(cfg, seed, report)
     column = require_columns(rows, [("prompt",), ("messages",)], "data.train")[0]
-    prompts, problems = [], []
+    prompts, problems, answered = [], [], 0
     for position, row in enumerate(rows):
         value = row[column]
         if isinstance(value, list):
             problem = check_messages(value, column)
-            if problem is None and value[-1]["role"] == "assistant":
+            if problem is None and column == "messages" and value[-1]["role"] == "assistant":
+                asked = [i for i, message in enumerate(value) if message["role"] != "assistant"]
+                if asked:  # a chat dataset's conversation: the prompt is everything before its last answer
+                    value, answered = value[: asked[-1] + 1], answered + 1
+                else:
+                    problem = "'messages' holds only assistant turns: nothing to answer"
+            elif problem is None and value[-1]["role"] == "assistant":
                 problem = f"'{column}' ends with an assistant turn: nothing is left to answer"
         elif not isinstance(value, str):
             problem = f"'{column}' is missing" if value is None else f"'{column}' must be a string or a list of messages"
@@ -258,4 +442,6 @@ def load_prompts(cfg: DataSection, seed: int, report: DataReport) -> list[Any]:
         report.dropped["prompts/malformed"] = len(problems)
     if not prompts:
         raise UserError("data.train: no usable prompts")
+    if answered:
+        report.notes.append(f"{answered} conversations end with an assistant answer: the prompt is the conversation before it")
     return prompts

@@ -52,6 +52,16 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_ge
     return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool", "developer": "Developer"}
+
+
+def plain_transcript(messages: list[dict]) -> str:
+    """A conversation as Anthropic HH-style text ("\n\nHuman: ...\n\nAssistant: ...") for models without a chat
+    template (classifier reward models); ends with the cue for the assistant's turn."""
+    turns = "".join(f"\n\n{TRANSCRIPT_ROLES[m['role']]}: {m['content']}" for m in messages)
+    return f"{turns}\n\nAssistant:"
+
+
 def _token_labels_for_spans(
     tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
 ) -> tuple[list[int], list[int]]:
@@ -86,12 +96,18 @@ def encode_conversation(
     return _token_labels_for_spans(tokenizer, full, spans)
 
 
-def encode_prompt_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def plain_sequence(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
+    """Ids of prompt + completion + EOS with the tokenizer's own special tokens (a Llama BOS), and where the
+    completion starts (where the two tokenisations diverge)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     full_ids = tokenizer(prompt + completion)["input_ids"]
     if tokenizer.eos_token_id is not None and (not full_ids or full_ids[-1] != tokenizer.eos_token_id):
         full_ids = full_ids + [tokenizer.eos_token_id]
-    start = divergence(prompt_ids, full_ids)
+    return full_ids, divergence(prompt_ids, full_ids)
+
+
+def encode_prompt_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    full_ids, start = plain_sequence(tokenizer, prompt, completion)
     return full_ids, [IGNORE_INDEX] * start + full_ids[start:]
 
 

@@ -145,10 +145,21 @@ class RewardModelJudge:
         self.batch_size = batch_size
         self.device = device
         self.max_length = max_length
+        self.told_transcript = False
 
     def ids(self, prompt: Prompt, response: str) -> list[int]:
+        """A conversation goes through the reward model's chat template; one without (a classifier reward
+        model with its own vocabulary) reads it as a plain HH-style transcript, as such models were trained."""
+        from dpo_cli.encoding import plain_transcript
         from dpo_cli.preference_data import sequence_ids
 
+        if isinstance(prompt, list) and not getattr(self.tokenizer, "chat_template", None):
+            if not self.told_transcript:
+                from dpo_cli import ui
+
+                ui.note(f"{self.name} has no chat template: conversations are scored as plain 'Human: ... Assistant: ...' transcripts")
+                self.told_transcript = True
+            prompt, response = plain_transcript(prompt), " " + response.strip()
         completion = [{"role": "assistant", "content": response.strip()}] if isinstance(prompt, list) else response
         return sequence_ids(self.tokenizer, prompt, completion)[0][-self.max_length :]
 

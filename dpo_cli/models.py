@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -33,12 +34,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
+class MergeOnSave:
+    """A LoRA trained on a base that exists only inside its run dir (another run's adapter, merged): final/
+    holds the merged model, since an adapter's base must be loadable wherever final/ goes."""
+
+    auto_cls: Any
+    cfg: ModelSection
+    dtype: torch.dtype
+    num_labels: int | None
+
+
+@dataclass
 class ModelBundle:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     base_ref: str | None  # loadable location of the frozen base when the model is base + new LoRA
     base_revision: str | None = None  # hub revision of that base
     notes: list[str] = field(default_factory=list)
+    merge_on_save: MergeOnSave | None = None
 
 
 def weight_dtype(cfg: ModelSection, device: torch.device) -> torch.dtype:
@@ -82,10 +95,16 @@ def _load_unquantized(
         return _from_pretrained(
             auto_cls, source.path, source.revision, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation, **labels
         )
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     base = _load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype, num_labels)
-    return PeftModel.from_pretrained(base, source.path).merge_and_unload()
+    adapter_config = PeftConfig.from_pretrained(source.path)
+    if HEAD_OF_TASK.get(adapter_config.task_type) is not auto_cls:
+        # A policy's adapter under another head (an SFT run as a reward model's body): inject the LoRA weights
+        # by module name, without the task wrapper, whose head-specific methods the other model lacks.
+        adapter_config.task_type = None
+    merged = PeftModel.from_pretrained(base, source.path, config=adapter_config).merge_and_unload()
+    return merged.requires_grad_(True)  # peft loads adapters frozen for inference; the merged weights train
 
 
 def _materialize_merged(
@@ -187,6 +206,29 @@ HEADS = {
     "causal-lm": (AutoModelForCausalLM, "CAUSAL_LM", None),
     "reward": (AutoModelForSequenceClassification, "SEQ_CLS", 1),
 }
+HEAD_OF_TASK = {task: auto_cls for auto_cls, task, _ in HEADS.values()}
+
+
+def check_model_input(cfg: ModelSection, head: str) -> None:
+    """Before a run dir is touched: the model input exists, is complete, and can be this kind of model."""
+    if cfg.init is None and cfg.name_or_path is not None:
+        check_head(resolve_source(cfg.name_or_path, cfg.revision), head)
+
+
+def check_head(source: ModelSource, head: str) -> None:
+    """A reward model (or a reward model's adapter) is not a policy: refused before anything loads."""
+    if head != "causal-lm":
+        return
+    if source.is_adapter:
+        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
+        if task == "SEQ_CLS":
+            raise UserError(f"model.name_or_path: {source.path} is a reward model's adapter (SEQ_CLS), not a policy; give an SFT run or a causal LM")
+        return
+    if not Path(source.path).is_dir():
+        return  # a hub id: transformers says what it is
+    architectures = json.loads((Path(source.path) / "config.json").read_text()).get("architectures") or []
+    if architectures and all(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"model.name_or_path: {source.path} is a reward model ({architectures[0]}), not a policy; give an SFT run or a causal LM")
 
 
 def build_model(
@@ -202,6 +244,7 @@ def build_model(
     head is trained in full and saved with the adapter)."""
     auto_cls, task_type, num_labels = HEADS[head]
     notes: list[str] = []
+    merge_on_save: MergeOnSave | None = None
     dtype = weight_dtype(cfg, device)
     torch.manual_seed(seed)  # the same seed gives the same fresh weights, heads and LoRA init
     base_ref: str | None = None
@@ -210,6 +253,7 @@ def build_model(
         model = auto_cls.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
     else:
         source = resolve_source(cfg.name_or_path, cfg.revision)
+        check_head(source, head)
         base_ref = source.path
         if source.is_adapter:
             notes.append(f"{source.path} is a LoRA adapter: merged into its base {source.adapter_base} before training")
@@ -219,6 +263,9 @@ def build_model(
             with distributed.main_first():  # written once, by the main process; the others reuse it
                 source = ModelSource(str(_materialize_merged(auto_cls, source, cfg, dtype, folder, num_labels)))
             base_ref = source.path
+            if cfg.lora is not None:
+                merge_on_save = MergeOnSave(auto_cls, cfg, dtype, num_labels)
+                notes.append("the base exists only in this run dir, so final/ will hold the trained LoRA merged into it (a movable, plain model)")
         if cfg.quantization is not None:
             model = _from_pretrained(
                 auto_cls,
@@ -264,6 +311,7 @@ def build_model(
         base_ref=base_ref if lora else None,
         base_revision=source.revision if lora and cfg.init is None else None,
         notes=notes,
+        merge_on_save=merge_on_save,
     )
 
 
@@ -286,12 +334,27 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path, state_dict: dict | None = None) -> None:
     """Plain Hugging Face format: a full model, or a PEFT adapter whose config points at its loadable base.
-    `state_dict`: the full weights gathered from a sharded (FSDP / ZeRO-3) run; peft keeps the adapter's."""
+    `state_dict`: the full weights gathered from a sharded (FSDP / ZeRO-3) run; peft keeps the adapter's.
+    generation_config.json lists every token generation stops at (a base model's EOS and the chat
+    template's end of turn), so transformers' generate and pipelines stop where dpo-cli does."""
+    from dpo_cli.generate import stop_token_ids
+
+    stops = stop_token_ids(bundle.tokenizer, model)
+    if bundle.merge_on_save is not None:
+        model = _merged_for_saving(model, bundle, out_dir, state_dict)
+        state_dict = None
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = bundle.tokenizer.pad_token_id
     if state_dict is None:
         model.save_pretrained(out_dir)
     else:
         model.save_pretrained(out_dir, state_dict=state_dict)
     bundle.tokenizer.save_pretrained(out_dir)
+    if generation_config is not None and not (out_dir / "generation_config.json").exists():
+        generation_config.save_pretrained(out_dir)  # an adapter's too: peft saves none of its own
     adapter_config = out_dir / "adapter_config.json"
     if adapter_config.is_file() and bundle.base_ref is not None:
         config = json.loads(adapter_config.read_text())
@@ -300,11 +363,27 @@ def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path, state
         adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _merged_for_saving(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path, state_dict: dict | None) -> PreTrainedModel:
+    """The trained adapter merged into the run's own base, unquantized (a 4-bit run's too), in the base's dtype."""
+    spec = bundle.merge_on_save
+    adapter_dir = out_dir.parent / f".tmp-adapter-{os.getpid()}"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    try:
+        model.save_pretrained(adapter_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
+        merged = _load_unquantized(spec.auto_cls, ModelSource(str(adapter_dir), adapter_base=bundle.base_ref), spec.cfg, spec.dtype, spec.num_labels)
+    finally:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    if getattr(model, "generation_config", None) is not None:
+        merged.generation_config = model.generation_config
+    merged.config.pad_token_id = bundle.tokenizer.pad_token_id  # a reward model scores padded batches
+    return merged
+
+
 def trained_quantization(source: ModelSource) -> QuantizationSection | None:
     """The 4-bit settings a dpo-cli run trained with (from the recipe.yaml beside its final/), if any."""
     recipe_path = Path(source.path).parent / "recipe.yaml"
-    if Path(source.path).name != "final" or not recipe_path.is_file():
-        return None
+    if Path(source.path).name != "final" or not recipe_path.is_file() or not source.is_adapter:
+        return None  # a merged final/ is a plain model at full precision
     import yaml
 
     quantization = (yaml.safe_load(recipe_path.read_text()) or {}).get("model", {}).get("quantization")

@@ -106,11 +106,27 @@ def identity(run_dir: Path) -> str | None:
     return hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
 
 
-def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: bool) -> list[Step]:
+def split_overrides(overrides: list[str], names: list[str]) -> dict[str, list[str]]:
+    """`--set STAGE:key=value` for one stage, `--set key=value` for every stage (given after the file's own)."""
+    by_stage: dict[str, list[str]] = {name: [] for name in names}
+    for override in overrides:
+        target, colon, rest = override.partition(":")
+        if colon and "=" not in target:
+            if target not in by_stage:
+                raise UserError(f"--set {override}: no stage {target!r} in the pipeline; stages: {', '.join(names)}")
+            by_stage[target].append(rest)
+        else:
+            for name in names:
+                by_stage[name].append(override)
+    return by_stage
+
+
+def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: bool, extra: list[str] | None = None) -> list[Step]:
     names = order(pipeline)
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
             raise UserError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
+    extra_by_stage = split_overrides(extra or [], names)
     root = Path(pipeline.run_dir + ("-smoke" if smoke else ""))
     steps: list[Step] = []
     forced = False
@@ -122,6 +138,7 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
         for key, source in stage.inputs.items():
             dirs = [str(root / s) for s in ([source] if isinstance(source, str) else source)]
             overrides.append(f"{key}={json.dumps(dirs[0] if isinstance(source, str) else dirs)}")
+        overrides += extra_by_stage[name]
         sources = {s for v in stage.inputs.values() for s in ([v] if isinstance(v, str) else v)}
         step = Step(name, stage.stage or name, Path(stage.recipe), run_dir, overrides, {s: identity(root / s) for s in sorted(sources)})
         forced = forced or name == start
@@ -131,6 +148,8 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
             step.action, step.reason = "rerun", "--from"
         else:
             step.action, step.reason = decide(step, smoke, steps)
+        if step.action != "skip":
+            load_recipe(step.recipe, step.kind, step.overrides, smoke)  # a bad key or --set fails now, not hours later
         steps.append(step)
     return steps
 
@@ -168,13 +187,15 @@ def print_plan(steps: list[Step], title: str) -> None:
     ui.console.print(table)
 
 
-def run_pipeline(path: Path, only: str | None, start: str | None, dry_run: bool, smoke: bool, run_dir: Path | None = None) -> None:
+def run_pipeline(
+    path: Path, only: str | None, start: str | None, dry_run: bool, smoke: bool, run_dir: Path | None = None, overrides: list[str] | None = None
+) -> None:
     from dpo_cli.cli import run_stage
 
     pipeline = load_pipeline(path)
     if run_dir is not None:
         pipeline.run_dir = str(run_dir.expanduser().resolve())
-    steps = plan(pipeline, only, start, smoke)
+    steps = plan(pipeline, only, start, smoke, overrides)
     print_plan(steps, f"pipeline {path}" + (" (dry run: nothing is run)" if dry_run else ""))
     if dry_run:
         return

@@ -1,8 +1,8 @@
 """Preference pairs as model inputs (dpo, and rm-train later): row checks, tokenisation, truncation, collation.
 
-Tokenisation follows the common convention so results agree with other tools: the prompt and
-prompt+completion are tokenised without extra special tokens, the tokenizer's EOS is appended to each
-plain-text completion, and the completion starts where the two token sequences diverge. Conversations are
+Tokenisation follows the common convention so results agree with other tools (TRL's DPOTrainer): the prompt
+and prompt+completion are tokenised with the tokenizer's own special tokens (a Llama BOS), the tokenizer's
+EOS is appended to each plain-text completion, and the completion starts where the two token sequences diverge. Conversations are
 rendered with the chat template, whose end-of-turn marker ends the completion. Prompts are cut from the
 left to max_prompt_length, completions from the right to fit max_length; a pair left without a completion
 token is dropped and counted, never trained on.
@@ -17,46 +17,48 @@ import torch
 from datasets import Dataset
 
 from dpo_cli.data import DataReport, require_columns
-from dpo_cli.encoding import check_messages, divergence, pad, render_chat
+from dpo_cli.encoding import divergence, pad, plain_sequence, render_chat
 from dpo_cli.losses import IGNORE_INDEX
-from dpo_cli.prefs_import import from_hh
+from dpo_cli.prefs_import import normalize_pair, validate_pair
+
+PROBLEM = "__problem__"  # why normalize_pairs could not read a row
 
 
-def implicit_prompts(ds: Dataset) -> Dataset:
-    """chosen/rejected that hold whole conversations (no prompt column): split off the shared prompt."""
-
-    def split(row: dict) -> dict:
+def normalize_pairs(ds: Dataset) -> Dataset:
+    """Every row as TRL's explicit-prompt pair (prefs_import.normalize_pair: implicit prompts and Anthropic HH
+    split at their shared beginning, HuggingFaceH4's repeated prompts cut off, ShareGPT messages converted).
+    A row that cannot be read keeps its problem in PROBLEM, reported with its row number by the encoder, and
+    empty fields of the type the other rows have (text, or lists of messages)."""
+    names = ("prompt", "chosen", "rejected")
+    columns: dict[str, list[Any]] = {name: [] for name in (*names, PROBLEM)}
+    for row in ds:
         try:
-            prompt, chosen, rejected = from_hh(row)
-        except ValueError:
-            return {"prompt": None, "chosen": row["chosen"], "rejected": row["rejected"]}
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-    return ds.map(split)
+            values, problem = normalize_pair(row), ""
+        except ValueError as exc:
+            values, problem = (None, None, None), str(exc)
+        for name, value in zip(names, values):
+            columns[name].append(value)
+        columns[PROBLEM].append(problem)
+    read = next((i for i, problem in enumerate(columns[PROBLEM]) if not problem), None)
+    if read is not None:
+        for name in names:
+            empty = type(columns[name][read])()
+            columns[name] = [empty if value is None else value for value in columns[name]]
+    # Added as whole columns, whose Arrow type is read off every row (a map's writer fixes it by the first rows).
+    for name, values in columns.items():
+        ds = ds.add_column(f"__new_{name}", values)
+    ds = ds.remove_columns([name for name in columns if name in ds.column_names])
+    return ds.rename_columns({f"__new_{name}": name for name in columns})
 
 
 def _check_pair(row: dict) -> str | None:
-    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
-    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if value is None:
-            return f"'{name}' is missing"
-    conversational = [isinstance(v, list) for v in (prompt, chosen, rejected)]
-    if any(conversational) and not all(conversational):
-        return "prompt, chosen and rejected must all be text or all be lists of messages"
-    if all(conversational):
-        problem = check_messages(prompt, "prompt") or check_messages(chosen, "chosen") or check_messages(rejected, "rejected")
-        if problem:
-            return problem
-        if prompt[-1]["role"] == "assistant":
-            return "the prompt ends with an assistant turn; the completions should hold it"
-        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-            return "chosen and rejected must end with an assistant message"
-    elif not all(isinstance(v, str) for v in (prompt, chosen, rejected)):
-        return "prompt, chosen and rejected must be strings (or lists of messages)"
-    elif not chosen.strip() or not rejected.strip():
-        return f"'{'chosen' if not chosen.strip() else 'rejected'}' is empty"
-    if chosen == rejected:
-        return "'chosen' and 'rejected' are the same"
+    """Why a pair cannot be trained on, or None (the same checks as normalize_pair, which prepare_pairs ran)."""
+    if row.get(PROBLEM):
+        return row[PROBLEM]
+    try:
+        validate_pair(row.get("prompt"), row.get("chosen"), row.get("rejected"))
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -66,8 +68,7 @@ def sequence_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int
         prompt_ids = tokenizer(render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(render_chat(tokenizer, prompt + completion, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
     else:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return plain_sequence(tokenizer, prompt, completion)
     return full_ids, divergence(prompt_ids, full_ids)
 
 
@@ -120,14 +121,12 @@ def drop_ties(ds: Dataset) -> tuple[Dataset, int]:
 
 
 def prepare_pairs(rows: Dataset, what: str, report: DataReport, key: str) -> Dataset:
-    """Preference rows ready to encode: implicit prompts split off, the columns checked, ties left out (counted)."""
-    if "prompt" not in rows.column_names and {"chosen", "rejected"} <= set(rows.column_names):
-        rows = implicit_prompts(rows)
-    require_columns(rows, [("prompt", "chosen", "rejected")], what)
+    """Preference rows ready to encode: every layout normalised to prompt/chosen/rejected, ties left out (counted)."""
+    require_columns(rows, [("prompt", "chosen", "rejected"), ("chosen", "rejected")], what)
     rows, ties = drop_ties(rows)
     if ties:
         report.dropped[f"{key}/ties"] = ties
-    return rows
+    return normalize_pairs(rows)
 
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:

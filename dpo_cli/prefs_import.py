@@ -1,8 +1,10 @@
 """Converting existing preference datasets into the canonical prompt/chosen/rejected record.
 
-    trl            prompt, chosen, rejected (strings, or lists of messages)
+    trl            prompt, chosen, rejected (strings, or lists of messages); also a text prompt with chosen and
+                   rejected conversations that repeat it (HuggingFaceH4/ultrafeedback_binarized)
     hh             chosen and rejected hold whole conversations (Anthropic HH: "\n\nHuman: ...\n\nAssistant: ..."
-                   strings, or message lists); the prompt is their shared beginning
+                   strings, or message lists: TRL's implicit prompt); the prompt is their shared beginning. A
+                   ShareGPT `conversations` column, when present, is the prompt
     ultrafeedback  a prompt (or instruction) and scored completions; binarised: the best-scored completion is
                    chosen, a seeded random one of those scored lower is rejected
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from dpo_cli.data import as_role_content
 from dpo_cli.encoding import check_messages
 from dpo_cli.errors import UserError
 
@@ -84,6 +87,73 @@ def from_trl(row: dict[str, Any]) -> tuple[Any, Any, Any]:
     return prompt, chosen, rejected
 
 
+def _answers_after_text_prompt(prompt: str, chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """A text prompt with chosen/rejected conversations that repeat it (HuggingFaceH4/ultrafeedback_binarized):
+    the prompt becomes their shared turns before the final answer, whose last user turn must hold the text."""
+    problem = check_messages(chosen, "chosen") or check_messages(rejected, "rejected")
+    if problem:
+        raise ValueError(problem)
+    split = _shared_prefix_messages(chosen, rejected)
+    if split == 0:
+        raise ValueError(
+            "'prompt' is text but chosen and rejected are conversations that share no prompt turns; give all three as text or as messages"
+        )
+    asked = [m for m in chosen[:split] if m["role"] == "user"]
+    if not asked or prompt.strip() not in asked[-1]["content"]:
+        raise ValueError("'prompt' does not match the last user turn that chosen and rejected share; the columns disagree")
+    return chosen[:split], chosen[split:], rejected[split:]
+
+
+def validate_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """The checks every pair passes before training (dpo, rm-train) or import: ValueError naming the problem."""
+    prompt, chosen, rejected = from_trl({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    conversational = [isinstance(v, list) for v in (prompt, chosen, rejected)]
+    if any(conversational) and not all(conversational):
+        raise ValueError("prompt, chosen and rejected must all be text or all be lists of messages")
+    if all(conversational):
+        if prompt[-1]["role"] == "assistant":
+            raise ValueError("the prompt ends with an assistant turn; the completions should hold it")
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise ValueError("chosen and rejected must end with an assistant message")
+    elif not chosen.strip() or not rejected.strip():
+        raise ValueError(f"'{'chosen' if not chosen.strip() else 'rejected'}' is empty")
+    if chosen == rejected:
+        raise ValueError("'chosen' and 'rejected' are the same")
+    return prompt, chosen, rejected
+
+
+def normalize_pair(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A preference row in any layout dpo-cli reads, as TRL's explicit-prompt pair (prompt, chosen, rejected),
+    checked; the one place dpo, rm-train, score and collect-prefs import read pairs. Raises ValueError naming
+    the problem.
+
+    - prompt + chosen + rejected, text or messages (TRL standard and conversational): as they are;
+    - a text prompt + chosen/rejected conversations that repeat it (HuggingFaceH4/ultrafeedback_binarized): the
+      prompt is their shared turns before the final answer (the text must be the last shared user turn);
+    - a conversational prompt that chosen and rejected both repeat: the answers after it;
+    - no prompt, whole conversations or Anthropic HH strings (TRL's implicit prompt): the shared beginning;
+    - ShareGPT ({from, value} messages; `conversations` as the prompt, one message as a completion).
+    """
+    prompt = row.get("prompt")
+    if prompt is None and row.get("conversations") is not None:
+        prompt = row["conversations"]
+    prompt, chosen, rejected = (as_role_content(v) for v in (prompt, row.get("chosen"), row.get("rejected")))
+    chosen, rejected = ([v] if isinstance(v, dict) else v for v in (chosen, rejected))
+    if chosen is not None and chosen == rejected:
+        raise ValueError("'chosen' and 'rejected' are the same")
+    if prompt is None and chosen is not None and rejected is not None:
+        prompt, chosen, rejected = from_hh({"chosen": chosen, "rejected": rejected})
+    elif isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list) and any(
+        isinstance(m, dict) and m.get("role") != "assistant" for m in chosen
+    ):
+        prompt, chosen, rejected = _answers_after_text_prompt(prompt, chosen, rejected)
+    elif isinstance(prompt, list) and prompt and isinstance(chosen, list) and isinstance(rejected, list):
+        turns = len(prompt)
+        if min(len(chosen), len(rejected)) > turns and chosen[:turns] == prompt and rejected[:turns] == prompt:
+            chosen, rejected = chosen[turns:], rejected[turns:]
+    return validate_pair(prompt, chosen, rejected)
+
+
 def from_ultrafeedback(row: dict[str, Any], rng: random.Random) -> tuple[Any, Any, Any, dict[str, float]]:
     prompt = row.get("prompt", row.get("instruction"))
     completions = row.get("completions")
@@ -120,10 +190,9 @@ def convert_rows(ds: Dataset, fmt: str, seed: int, stamp: str, source: str) -> t
         try:
             if fmt == "ultrafeedback":
                 prompt, chosen, rejected, scores = from_ultrafeedback(row, random.Random(f"{seed}:uf:{number}"))
-            elif fmt == "hh":
-                prompt, chosen, rejected = from_hh(row)
-            else:
-                prompt, chosen, rejected = from_trl(row)
+                prompt, chosen, rejected = validate_pair(prompt, chosen, rejected)
+            else:  # trl and hh: every pair layout goes through the normaliser dpo and rm-train use
+                prompt, chosen, rejected = normalize_pair(row if fmt == "trl" else {k: v for k, v in row.items() if k != "prompt"})
         except ValueError as exc:
             problems.append((number, str(exc)))
             continue

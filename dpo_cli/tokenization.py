@@ -73,3 +73,11 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | Non
         return None
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return "the tokenizer has no chat template; using dpo-cli's simple default (<|role|>\\ncontent<eos>, see docs/recipes.md)"
+
+
+def chat_template_notes(tokenizer: PreTrainedTokenizerBase, override: str | None, prompts: list) -> list[str]:
+    """Prompts given as conversations need a chat template: the recipe's, the tokenizer's, or the default."""
+    if not any(isinstance(prompt, list) for prompt in prompts):
+        return []
+    note = ensure_chat_template(tokenizer, override)
+    return [note] if note else []

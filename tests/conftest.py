@@ -218,3 +218,48 @@ def ppo_recipe(tmp_path, tiny_model_dir, tiny_reward_model_dir):
         return write_recipe(tmp_path / name, with_sections(recipe, sections))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """zoo(name) -> the folder of a tiny hub-style model of that family (qwen2, llama3, mistral, rm), built once
+    per session (tests/model_zoo.py says what each one is like)."""
+    from model_zoo import save_family
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = save_family(name, tmp_path_factory.mktemp(f"zoo-{name}"))
+        return built[name]
+
+    return get
+
+
+def chat_sft_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversations as chat datasets hold them (OpenAI-style messages, a system turn in some)."""
+    import random
+
+    from dpo_cli.demo.reviews import make_review
+
+    rng = random.Random(seed)
+    rows = []
+    for index in range(n):
+        review = make_review(rng, "positive")
+        messages = [{"role": "user", "content": f"Continue this review: {review['opening']}"}, {"role": "assistant", "content": review["continuation"]}]
+        if index % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "You write film reviews."})
+        rows.append({"messages": messages})
+    return rows
+
+
+def chat_preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """TRL's conversational preference format with an explicit prompt."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Continue this review: {row['prompt']}"}],
+            "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"].strip()}],
+        }
+        for row in preference_rows(n, seed)
+    ]

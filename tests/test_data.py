@@ -119,3 +119,25 @@ def test_nothing_left_is_an_error(tiny_tokenizer):
     ds = Dataset.from_list([{"prompt": "a", "completion": ""}])
     with pytest.raises(UserError, match="no usable rows left"):
         encode_rows(ds, sft_encoder(tiny_tokenizer, "prompt_completion", 64), "data.train", section(bad_rows="drop"), DataReport(), "train")
+
+
+def test_validate_refuses_local_data_paths_that_do_not_exist(cli, tmp_path):
+    """Relative paths resolve against the recipe's folder, as the stages resolve them; hub ids and demo sets
+    are not checked (offline)."""
+    from conftest import write_recipe
+
+    def validate(data: dict) -> tuple[int, str]:
+        recipe = write_recipe(tmp_path / "recipes" / "sft.yaml", {"model": {"name_or_path": "Qwen/Qwen2.5-0.5B"}, "data": data})
+        code, _, err = cli("validate", recipe)
+        return code, err
+
+    write_jsonl(tmp_path / "recipes" / "data" / "train.jsonl", ROWS)
+    assert validate({"train": "data/train.jsonl", "eval": "data/*.jsonl"})[0] == 0
+    assert validate({"train": "trl-lib/Capybara", "eval": "demo:sft"})[0] == 0
+    code, err = validate({"train": "data/missing.jsonl"})
+    assert code == 1 and f"data.train: {tmp_path / 'recipes' / 'data' / 'missing.jsonl'} does not exist" in err and "Traceback" not in err
+    code, err = validate({"train": ["data/train.jsonl", "./gone"], "eval": "data/*.parquet"})
+    assert code == 1 and "2 data path errors" in err
+    assert "data.train[1]: " in err and "data.eval: no file matches" in err
+    code, err = validate({"train": "data/sub/folder"})  # more separators than a hub id has
+    assert code == 1 and "data.train: data/sub/folder does not exist" in err

@@ -130,3 +130,13 @@ def test_the_demo_pipeline_runs_on_two_processes(tmp_path):
     assert done.stdout.count("compare · completed") == 1 and done.stderr.count("note: pipeline: compare") == 1  # the main process speaks
     for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
         assert json.loads((tmp_path / "demo-smoke" / stage / "summary.json").read_text())["device"].startswith("2 processes"), stage
+
+
+def test_command_line_overrides_reach_every_stage_or_the_named_one():
+    from dpo_cli.errors import UserError
+    from dpo_cli.pipeline import split_overrides
+
+    split = split_overrides(["train.log_every=5", "sft:data.train=a.jsonl", "dpo:dpo.beta=0.2", "data.eval=x:y"], ["sft", "dpo"])
+    assert split == {"sft": ["train.log_every=5", "data.train=a.jsonl", "data.eval=x:y"], "dpo": ["train.log_every=5", "dpo.beta=0.2", "data.eval=x:y"]}
+    with pytest.raises(UserError, match="--set ppo:ppo.kl_coef=1: no stage 'ppo' in the pipeline; stages: sft, dpo"):
+        split_overrides(["ppo:ppo.kl_coef=1"], ["sft", "dpo"])

@@ -6,7 +6,7 @@ from datasets import Dataset
 
 from dpo_cli.encoding import divergence
 from dpo_cli.losses import IGNORE_INDEX
-from dpo_cli.preference_data import collate_pairs, drop_ties, implicit_prompts, pair_encoder
+from dpo_cli.preference_data import collate_pairs, drop_ties, normalize_pairs, pair_encoder
 from dpo_cli.tokenization import DEFAULT_CHAT_TEMPLATE
 
 PAIR = {"prompt": "The Last Road is a drama.", "chosen": " The acting is superb.", "rejected": " Dull."}
@@ -77,7 +77,25 @@ def test_collate_puts_chosen_then_rejected_in_one_batch():
 
 def test_implicit_prompts_and_ties():
     ds = Dataset.from_list([{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go.", "tie": False}])
-    split = implicit_prompts(ds)
+    split = normalize_pairs(ds)
     assert split[0]["prompt"] == "\n\nHuman: Hi\n\nAssistant:" and split[0]["chosen"] == " Hello."
     kept, ties = drop_ties(Dataset.from_list([{"tie": False}, {"tie": True}, {"tie": False}]))
     assert len(kept) == 2 and ties == 1
+
+
+def test_unreadable_rows_before_readable_ones_are_dropped_and_counted(tiny_tokenizer):
+    """More unreadable rows than one write batch (1000) before the first readable one still give a column
+    of messages, and with data.bad_rows: drop only the readable rows are trained on."""
+    from dpo_cli.data import DataReport, encode_rows
+    from dpo_cli.preference_data import prepare_pairs
+    from dpo_cli.recipes import DataSection
+
+    tiny_tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    ask = [{"role": "user", "content": "A film?"}]
+    good = {"prompt": "A film?", "chosen": ask + [{"role": "assistant", "content": "Yes."}], "rejected": ask + [{"role": "assistant", "content": "No."}]}
+    same = {**good, "rejected": good["chosen"]}
+    report = DataReport()
+    pairs = prepare_pairs(Dataset.from_list([same] * 1001 + [good] * 2), "data.train", report, "train")
+    assert pairs[0]["prompt"] == [] and pairs[-1]["prompt"] == ask
+    out = encode_rows(pairs, pair_encoder(tiny_tokenizer, 128, None), "data.train", DataSection(train="x", bad_rows="drop"), report, "train")
+    assert len(out) == 2 and report.dropped == {"train/malformed": 1001}

@@ -75,6 +75,6 @@ def test_bad_rows_are_reported_with_their_number():
     ]
     records, problems = convert(rows, "trl")
     assert len(records) == 1
-    assert problems == [(2, "'chosen' and 'rejected' are the same"), (3, "'chosen' is missing"), (4, "an empty completion")]
+    assert problems == [(2, "'chosen' and 'rejected' are the same"), (3, "'chosen' is missing"), (4, "'chosen' is empty")]
     _, problems = convert([{"instruction": "Q", "completions": [{"response": "a", "overall_score": 1}, {"response": "b", "overall_score": 1}]}], "ultrafeedback")
     assert "same score" in problems[0][1]

@@ -85,10 +85,15 @@ def test_sft_from_a_lora_run_starts_from_base_plus_adapter(tmp_path, cli, sft_re
     code, _, err = cli("sft", second, "--run-dir", tmp_path / "second")
     assert code == 0, err
     assert "merged into its base" in err
-    # The second adapter's base is the first run's merged model, saved in the run dir and loadable as is.
-    base = json.loads((tmp_path / "second" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base == str(tmp_path / "second" / "base")
-    assert load_final(tmp_path / "second" / "final") is not None
+    # The second adapter's base (the first run merged) exists only in the run dir: final/ holds the adapter
+    # merged into it, a plain model whose weights moved away from that base.
+    final = tmp_path / "second" / "final"
+    assert not (final / "adapter_config.json").exists()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "second" / "base").eval()
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["full", "qlora"])

@@ -19,6 +19,7 @@ from dpo_cli.generate import generate
 from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
 from dpo_cli.judges import Judge, RewardModelJudge, bradley_terry_choice, build_judge, score_in_shards
 from dpo_cli.labels import LabelLog, now
+from dpo_cli.tokenization import chat_template_notes
 from dpo_cli.models import build_causal_lm, build_tokenizer, load_reward_model
 from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
 from dpo_cli.prefs_import import convert_rows, detect_format
@@ -42,6 +43,7 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
     if distributed.main_has(path):
         return _read_jsonl(path)
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    notes += report.notes + chat_template_notes(tokenizer, recipe.tokenizer.chat_template, prompts)
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     for message in notes + bundle.notes:
         ui.note(message)

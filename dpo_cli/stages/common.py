@@ -22,12 +22,12 @@ from dpo_cli.losses import mean_nll
 from dpo_cli.encoding import collate_causal
 from dpo_cli.loop import BatchStream, LoopResult, train
 from dpo_cli.models import ModelBundle, build_tokenizer, count_parameters, save_final
-from dpo_cli.preference_data import pair_encoder, prepare_pairs
+from dpo_cli.preference_data import PROBLEM, pair_encoder, prepare_pairs
 from dpo_cli.recipes import GenerationSection, TrainingRecipe
 from dpo_cli.plots import plot_training
 from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
-from dpo_cli.tokenization import ensure_chat_template
+from dpo_cli.tokenization import chat_template_notes
 from dpo_cli import distributed, ui
 
 @dataclass
@@ -50,13 +50,13 @@ def load_preference_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_
     if with_margin and "margin" not in train_rows.column_names:
         raise UserError("rm.margin: data.train has no `margin` column (map yours with data.columns.margin=NAME)")
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
-    if isinstance(train_rows[0]["prompt"], list):
-        template_note = ensure_chat_template(tokenizer, recipe.tokenizer.chat_template)
-        notes += [template_note] if template_note else []
+    prompts = list(train_rows["prompt"]) + (list(eval_rows["prompt"]) if eval_rows is not None else [])
+    notes += chat_template_notes(tokenizer, recipe.tokenizer.chat_template, prompts)
     encoder = pair_encoder(tokenizer, recipe.data.max_length, max_prompt_length, with_margin=with_margin)
     train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
     eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
-    return PreferenceSets(train_rows, eval_rows, train_set, eval_set, tokenizer, notes)
+    readable = lambda rows: rows.filter(lambda row: not row[PROBLEM]) if rows is not None and PROBLEM in rows.column_names else rows  # noqa: E731
+    return PreferenceSets(readable(train_rows), readable(eval_rows), train_set, eval_set, tokenizer, notes)  # samples and judges read these
 
 
 def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

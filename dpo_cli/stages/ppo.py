@@ -39,6 +39,7 @@ from dpo_cli.rl import ActorCritic, Rollout, ValueHead, make_rollout
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import Runtime, StopSignals, setup_runtime
 from dpo_cli.stages.common import save_final_model, summarize
+from dpo_cli.tokenization import chat_template_notes
 
 
 @dataclass
@@ -221,6 +222,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     report = DataReport()
     raw = load_prompts(recipe.data, recipe.seed, report)
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    notes += report.notes + chat_template_notes(tokenizer, recipe.tokenizer.chat_template, raw)
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     reward_model, reward_tokenizer = load_reward_model(recipe.ppo.reward_model, runtime.device, "ppo.reward_model", quantization=recipe.ppo.reward_quantization)
     reward = RewardModelJudge(recipe.ppo.reward_model, reward_model, reward_tokenizer, recipe.ppo.reward_batch_size, runtime.device, 4096)
