@@ -14,7 +14,8 @@ import typer
 
 from dpo_cli import __version__, ui
 from dpo_cli.errors import RunInterrupted, UserError
-from dpo_cli.recipe_loader import check_data_paths, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
+from dpo_cli.data_files import check_data_paths
+from dpo_cli.recipe_loader import load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
 from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, RecipeBase
 from dpo_cli.rundir import RunDir
 

@@ -1,30 +1,25 @@
-"""Datasets: where rows come from (local files, hub ids, built-in demo sets), column mapping,
+"""Datasets: where rows come from (local files - see data_files.py -, hub ids, built-in demo sets), column mapping,
 row checks with clear errors, and the eval split. Tokenisation lives in encoding.py."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
 from datasets import Dataset
 
+from dpo_cli.data_files import is_local, load_local, local_files
 from dpo_cli.demo import demo_rows
 from dpo_cli.encoding import check_messages
 from dpo_cli.errors import UserError
 from dpo_cli.recipes import DataSection
-from dpo_cli.sources import require_complete
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
 
 ROW_NUMBER = "__row__"  # the row's number in its file (from 1), kept through splits so errors point at the file
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 
 
 @dataclass
@@ -41,208 +36,14 @@ class DataReport:
         return {"rows": self.rows, "dropped": self.dropped, "truncated": self.truncated}
 
 
-def _is_local(value: str) -> bool:
-    return os.path.isabs(value) or value.startswith((".", "~")) or os.path.exists(value)
-
-
-SAVED_METADATA = ("dataset_dict.json", "state.json", "dataset_info.json")  # what save_to_disk writes beside the .arrow shards
-SPLIT_KEYS = {"data.train": "data.split", "data.eval": "data.eval_split"}  # the recipe key that picks a split of `what`
-
-
-def _saved_layout(path: Path) -> str | None:
-    """'dict' for a folder written by DatasetDict.save_to_disk, 'dataset' for Dataset.save_to_disk, else None."""
-    if (path / "dataset_dict.json").is_file():
-        return "dict"
-    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        return "dataset"
-    return None
-
-
-def _saved_shards(folder: Path, what: str) -> list[str]:
-    """The .arrow shards a Dataset.save_to_disk folder holds (its state.json lists them)."""
-    try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        return [str(folder / item["filename"]) for item in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{what}: {folder / 'state.json'} is not the one Dataset.save_to_disk writes; save the dataset again") from None
-
-
-def _is_saved_extra(path: Path, what: str) -> bool:
-    """save_to_disk's metadata, or a cache file a later map left, in a save_to_disk folder: not data."""
-    if path.name in SAVED_METADATA and _saved_layout(path.parent) is not None:
-        return True
-    return _saved_layout(path.parent) == "dataset" and str(path) not in _saved_shards(path.parent, what)
-
-
-def _saved_split(path: Path, base: Path) -> tuple[str, Path] | None:
-    """(split name, DatasetDict folder) when `path` lies in a split folder of a saved DatasetDict at or below `base`."""
-    for folder in path.parents:
-        if _saved_layout(folder) == "dataset" and (folder.parent / "dataset_dict.json").is_file():
-            return folder.name, folder.parent
-        if folder == base or folder == folder.parent:
-            return None
-    return None
-
-
-def _split_groups(files: list[str], base: Path) -> tuple[dict[str, list[str]], Path]:
-    """The files grouped by the split their place names, and the folder that holds the splits; no groups when
-    they name at most one split. A split is a split folder of a saved DatasetDict, or a split by the hub's file
-    naming, which `datasets` infers (data/train-00000-of-00001.parquet, train.jsonl + test.jsonl, train/ + test/)."""
-    base = base.resolve()
-    saved = {f: _saved_split(Path(f).resolve(), base) for f in files}
-    if any(saved.values()):
-        groups: dict[str, list[str]] = {}
-        for name, place in saved.items():
-            groups.setdefault(place[0] if place else "(outside the saved splits)", []).append(name)
-        folder = next(place[1] for place in saved.values() if place)
-        return (groups if len(groups) > 1 else {}), folder
-    if any(ch in str(base) for ch in "*?["):
-        return {}, base  # the hub's patterns cannot be anchored under such a folder name
-    from datasets.data_files import get_data_patterns, resolve_pattern
-
-    try:
-        patterns = get_data_patterns(str(base))
-    except Exception:  # no data files datasets recognises: no split naming either
-        return {}, base
-    if len(patterns) < 2:
-        return {}, base
-    ours = {os.path.abspath(f): f for f in files}
-    groups = {}
-    for split, split_patterns in patterns.items():
-        found: set[str] = set()
-        for pattern in split_patterns:
-            try:
-                found.update(ours[m] for m in map(os.path.abspath, resolve_pattern(pattern, base_path=str(base))) if m in ours)
-            except FileNotFoundError:
-                continue
-        if found:
-            groups[str(split)] = sorted(found)
-    return (groups if len(groups) > 1 else {}), base
-
-
-def _how_to_pick(what: str, folder: Path, names: list[str]) -> str:
-    key = SPLIT_KEYS.get(what)
-    if key:
-        return f"set {what} to the folder {folder} and {key} to one of {', '.join(names)}"
-    return f"point {what} at the files of one split"
-
-
-def _missing_split(what: str, path: Path, kind: str, names: list[str], split: str) -> UserError:
-    key = SPLIT_KEYS.get(what)
-    fix = f"set {key} to one of them" if key else f"point {what} at the files of one split"
-    return UserError(f"{what}: {path} is {kind} with the splits {', '.join(names)}, but no split {split!r}; {fix}")
-
-
-def _saved_files(path: Path, what: str, split: str) -> list[str]:
-    """The shards of a folder written by Dataset.save_to_disk, or of the `split` of one written by
-    DatasetDict.save_to_disk. They are read like any other files, so nothing is ever written into the folder."""
-    if _saved_layout(path) == "dataset":
-        return _saved_shards(path, what)
-    try:
-        names = [str(name) for name in json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{what}: {path}/dataset_dict.json is not the one DatasetDict.save_to_disk writes; save the dataset again") from None
-    if split not in names:
-        raise _missing_split(what, path, "a DatasetDict saved with save_to_disk", names, split)
-    if _saved_layout(path / split) != "dataset":
-        raise UserError(f"{what}: {path} lists the split {split!r}, but {path / split} holds no saved dataset; save the dataset again")
-    return _saved_shards(path / split, what)
-
-
-def _local_part(value: str, what: str, split: str) -> list[str]:
-    """The data files one local source names: a file, a folder (a save_to_disk folder: its shards), a glob."""
-    path = Path(value)
-    if path.is_dir() and (path / "prefs.jsonl").is_file() and (path / "recipe.yaml").is_file():
-        require_complete(path, what)
-        return [str(path / "prefs.jsonl")]  # a collect-prefs run dir
-    if path.is_dir():
-        if _saved_layout(path):
-            return _saved_files(path, what, split)
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in BUILDERS and p.is_file() and not _is_saved_extra(p, what))
-        if not files:
-            raise UserError(f"{what}: folder {path} holds no data files ({', '.join(BUILDERS)})")
-        groups, _ = _split_groups(files, path)
-        if not groups:
-            return files  # one split (or none named): every data file
-        if split not in groups:
-            raise _missing_split(what, path, "a folder laid out like a hub dataset", list(groups), split)
-        return groups[split]
-    if any(ch in value for ch in "*?["):
-        files = sorted(f for f in glob.glob(value, recursive=True) if os.path.isfile(f) and not _is_saved_extra(Path(f), what))
-    else:
-        files = [value] if path.exists() else []
-    if not files:
-        raise UserError(f"{what}: no file matches {value}")
-    if len(files) > 1:
-        groups, folder = _split_groups(files, Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])))
-        if groups:
-            counts = ", ".join(f"{name} ({len(found)} file{'s' if len(found) > 1 else ''})" for name, found in groups.items())
-            raise UserError(
-                f"{what}: {value} matches files of several splits: {counts}; to use one split, {_how_to_pick(what, folder, list(groups))}"
-                " (to use them all on purpose, list the files)"
-            )
-    return files
-
-
-def _last_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1][:300] if text else type(exc).__name__
-
-
-def _is_blank(name: str) -> bool:
-    """True for an empty file, or a text file with nothing but blank lines (read up to the first content)."""
-    if os.path.getsize(name) == 0:
-        return True
-    if Path(name).suffix.lower() not in (".jsonl", ".json", ".csv", ".txt"):
-        return False
-    with open(name, encoding="utf-8", errors="replace") as handle:
-        return all(not line.strip() for line in handle)
-
-
-def _first_bad_json_line(files: list[str]) -> str | None:
-    for name in files:
-        if not name.endswith(".jsonl"):
-            continue
-        with open(name, encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    return f"{name} line {number}: invalid JSON ({exc.msg})"
-                if not isinstance(row, dict):
-                    return f"{name} line {number}: each line must be a JSON object, got {type(row).__name__}"
-    return None
-
-
-def _load_local(files: list[str], what: str) -> Dataset:
-    suffixes = {Path(f).suffix.lower() for f in files}
-    unknown = suffixes - set(BUILDERS)
-    if unknown:
-        raise UserError(f"{what}: unsupported file type {', '.join(sorted(unknown))}; use {', '.join(BUILDERS)}")
-    builders = {BUILDERS[s] for s in suffixes}
-    if len(builders) > 1:
-        raise UserError(f"{what}: mixed file types ({', '.join(sorted(suffixes))}); give files of one type")
-    for name in files:
-        if _is_blank(name):
-            raise UserError(f"{what}: {name} is empty")
-    try:
-        return datasets.load_dataset(builders.pop(), data_files=files, split="train")
-    except Exception as exc:  # datasets wraps parser errors in several exception types
-        bad = _first_bad_json_line(files)
-        detail = bad or str(exc).strip().splitlines()[-1][:300]
-        raise UserError(f"{what}: cannot read {files[0] if len(files) == 1 else f'{len(files)} files'}: {detail}") from None
-
-
 def load_source(source: str | list[str], cfg: DataSection, what: str, split: str) -> Dataset:
     """Rows from demo:NAME, local files/folders/globs (one or a list), a save_to_disk folder (of a DatasetDict:
     its `split`), or a hub dataset id."""
     sources = source if isinstance(source, list) else [source]
     if len(sources) == 1 and sources[0].startswith("demo:"):
         return Dataset.from_list(demo_rows(sources[0]))
-    if all(_is_local(s) or any(ch in s for ch in "*?[") for s in sources):
-        return _load_local([f for s in sources for f in _local_part(s, what, split)], what)
+    if all(is_local(s) or any(ch in s for ch in "*?[") for s in sources):
+        return load_local([f for s in sources for f in local_files(s, what, split)], what)
     if len(sources) > 1:
         raise UserError(f"{what}: a list may only hold local files; give one hub dataset id")
     try:
@@ -288,7 +89,7 @@ def _sharegpt_columns(ds: Dataset) -> list[str]:
     found = []
     for name in MESSAGE_COLUMNS:
         feature = ds.features.get(name)
-        inner = getattr(feature, "feature", feature)  # a list of messages, or one message
+        inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", feature)  # datasets 3 / 4+ lists
         if isinstance(inner, dict) and {"from", "value"} <= set(inner) and "role" not in inner:
             found.append(name)
     return found

@@ -174,11 +174,14 @@ def text_checker(row: dict) -> dict:
 
 
 def text_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict], dict]:
-    """Raw text for pretraining: tokens of the document followed by EOS."""
+    """Raw text for pretraining: the document with the tokenizer's own special tokens (a Llama BOS, as sft,
+    dpo and generation see it), then EOS."""
 
     def encode(row: dict) -> dict:
         problem = text_problem(row)
-        ids = [] if problem else tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = [] if problem else tokenizer(row["text"])["input_ids"]
+        if ids and tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+            ids = ids + [tokenizer.eos_token_id]
         return {"input_ids": ids, "problem": problem, "truncated": False, "emptied": False}
 
     return encode

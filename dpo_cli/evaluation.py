@@ -93,7 +93,7 @@ def text_reference(reference_model: torch.nn.Module, reference_tokenizer: Any) -
         for prompt, text, finished in zip(rollout.prompts, rollout.texts, rollout.finished.tolist()):
             completion = [{"role": "assistant", "content": text.strip()}] if isinstance(prompt, list) else text
             ids, start = sequence_ids(reference_tokenizer, prompt, completion)
-            if not finished and not isinstance(prompt, list):
+            if not finished and not isinstance(prompt, list) and ids[-1] == reference_tokenizer.eos_token_id:
                 ids = ids[:-1]  # the response never ended: no EOS to score
             sequences.append(ids)
             labels.append([IGNORE_INDEX] * start + ids[start:])
@@ -178,7 +178,7 @@ def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge |
         return None
     from dpo_cli.data import DataReport, load_prompts
     from dpo_cli.judges import RewardModelJudge, build_judge
-    from dpo_cli.models import load_reward_model
+    from dpo_cli.model_io import load_reward_model
     from dpo_cli.recipes import DataSection
 
     prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts), seed + 17, DataReport())

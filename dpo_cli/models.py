@@ -1,4 +1,4 @@
-"""The one place models are built: pretrained or new, full weights / LoRA / 4-bit + LoRA, and saved to final/.
+"""The one place models are built: pretrained or new, full weights / LoRA / 4-bit + LoRA (final/ and frozen loads: model_io.py).
 
 A model given as another run (or its final/) that holds a LoRA adapter is that adapter merged into its
 base in full precision, before any quantization - never silently the bare base.
@@ -78,7 +78,7 @@ def quantization_config(cfg: QuantizationSection, device: torch.device) -> BitsA
     )
 
 
-def _from_pretrained(auto_cls, path: str, revision: str | None, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
+def load_pretrained(auto_cls, path: str, revision: str | None, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
     try:
         return auto_cls.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
@@ -86,25 +86,36 @@ def _from_pretrained(auto_cls, path: str, revision: str | None, trust_remote_cod
         raise UserError(f"cannot load model {path!r}: not a local model folder and not reachable on the hub ({first})") from None
 
 
-def _load_unquantized(
+def load_unquantized(
     auto_cls, source: ModelSource, cfg: ModelSection, dtype: torch.dtype, num_labels: int | None = None
 ) -> PreTrainedModel:
     """Full-precision weights; an adapter source is merged into its (recursively resolved) base."""
     if not source.is_adapter:
         labels = {"num_labels": num_labels} if num_labels is not None else {}
-        return _from_pretrained(
+        return load_pretrained(
             auto_cls, source.path, source.revision, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation, **labels
         )
     from peft import PeftConfig, PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
 
-    base = _load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype, num_labels)
+    base = load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype, num_labels)
     adapter_config = PeftConfig.from_pretrained(source.path)
     if HEAD_OF_TASK.get(adapter_config.task_type) is not auto_cls:
         # A policy's adapter under another head (an SFT run as a reward model's body): inject the LoRA weights
         # by module name, without the task wrapper, whose head-specific methods the other model lacks.
         adapter_config.task_type = None
-    merged = PeftModel.from_pretrained(base, source.path, config=adapter_config).merge_and_unload()
-    return merged.requires_grad_(True)  # peft loads adapters frozen for inference; the merged weights train
+    weights = load_peft_weights(source.path, device="cpu")
+    vocabulary = max((w.shape[0] for k, w in weights.items() if k.endswith(EMBEDDING_KEYS) and w.dim() == 2), default=0)
+    if vocabulary > base.get_input_embeddings().num_embeddings:  # the adapter's run resized the embeddings
+        base.resize_token_embeddings(vocabulary)
+    model = PeftModel.from_pretrained(base, source.path, config=adapter_config)
+    unmatched = sorted(set(weights) - set(get_peft_model_state_dict(model)))
+    if unmatched:  # peft only warns: the merge would silently be (partly) the bare base
+        raise UserError(
+            f"model.name_or_path: adapter {source.path} does not fit its base {source.adapter_base}: {len(unmatched)} of its "
+            f"{len(weights)} weights match no module (e.g. {unmatched[0]}); give the base it was trained on"
+        )
+    return model.merge_and_unload().requires_grad_(True)  # peft loads adapters frozen for inference; the merged weights train
 
 
 def _materialize_merged(
@@ -115,7 +126,7 @@ def _materialize_merged(
     wanted = {"adapter": source.path, "base": source.adapter_base, "dtype": str(dtype), "head": auto_cls.__name__}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return folder
-    merged = _load_unquantized(auto_cls, source, cfg, dtype, num_labels)
+    merged = load_unquantized(auto_cls, source, cfg, dtype, num_labels)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -171,7 +182,7 @@ def new_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase):
     return AutoConfig.for_model(init.model_type, **values)
 
 
-def _keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
     """bitsandbytes repacks 4-bit weights for a faster CPU kernel the first time a layer runs in eval mode
     without gradients (an eval, a reference pass, sampling), and keeps using that kernel, which has no
     backward, when training resumes: gradients through the frozen base would silently go wrong. Opt out."""
@@ -207,6 +218,7 @@ HEADS = {
     "reward": (AutoModelForSequenceClassification, "SEQ_CLS", 1),
 }
 HEAD_OF_TASK = {task: auto_cls for auto_cls, task, _ in HEADS.values()}
+EMBEDDING_KEYS = ("embed_tokens.weight", "lm_head.weight", "embed_in.weight", "embed_out.weight", "wte.weight")
 
 
 def check_model_input(cfg: ModelSection, head: str) -> None:
@@ -267,7 +279,7 @@ def build_model(
                 merge_on_save = MergeOnSave(auto_cls, cfg, dtype, num_labels)
                 notes.append("the base exists only in this run dir, so final/ will hold the trained LoRA merged into it (a movable, plain model)")
         if cfg.quantization is not None:
-            model = _from_pretrained(
+            model = load_pretrained(
                 auto_cls,
                 source.path,
                 source.revision,
@@ -279,7 +291,7 @@ def build_model(
                 **labels,
             )
         else:
-            model = _load_unquantized(auto_cls, source, cfg, dtype, num_labels)
+            model = load_unquantized(auto_cls, source, cfg, dtype, num_labels)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
         notes.append(f"resized the embeddings to the tokenizer's {len(tokenizer)} tokens")
@@ -288,7 +300,7 @@ def build_model(
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        _keep_4bit_layout_trainable(model)
+        keep_4bit_layout_trainable(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -330,149 +342,3 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_logical_numel(p) for p in model.parameters())
     return trainable, total
-
-
-def save_final(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path, state_dict: dict | None = None) -> None:
-    """Plain Hugging Face format: a full model, or a PEFT adapter whose config points at its loadable base.
-    `state_dict`: the full weights gathered from a sharded (FSDP / ZeRO-3) run; peft keeps the adapter's.
-    generation_config.json lists every token generation stops at (a base model's EOS and the chat
-    template's end of turn), so transformers' generate and pipelines stop where dpo-cli does."""
-    from dpo_cli.generate import stop_token_ids
-
-    stops = stop_token_ids(bundle.tokenizer, model)
-    if bundle.merge_on_save is not None:
-        model = _merged_for_saving(model, bundle, out_dir, state_dict)
-        state_dict = None
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = bundle.tokenizer.pad_token_id
-    if state_dict is None:
-        model.save_pretrained(out_dir)
-    else:
-        model.save_pretrained(out_dir, state_dict=state_dict)
-    bundle.tokenizer.save_pretrained(out_dir)
-    if generation_config is not None and not (out_dir / "generation_config.json").exists():
-        generation_config.save_pretrained(out_dir)  # an adapter's too: peft saves none of its own
-    adapter_config = out_dir / "adapter_config.json"
-    if adapter_config.is_file() and bundle.base_ref is not None:
-        config = json.loads(adapter_config.read_text())
-        config["base_model_name_or_path"] = bundle.base_ref
-        config["revision"] = bundle.base_revision
-        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _merged_for_saving(model: torch.nn.Module, bundle: ModelBundle, out_dir: Path, state_dict: dict | None) -> PreTrainedModel:
-    """The trained adapter merged into the run's own base, unquantized (a 4-bit run's too), in the base's dtype."""
-    spec = bundle.merge_on_save
-    adapter_dir = out_dir.parent / f".tmp-adapter-{os.getpid()}"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    try:
-        model.save_pretrained(adapter_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
-        merged = _load_unquantized(spec.auto_cls, ModelSource(str(adapter_dir), adapter_base=bundle.base_ref), spec.cfg, spec.dtype, spec.num_labels)
-    finally:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-    if getattr(model, "generation_config", None) is not None:
-        merged.generation_config = model.generation_config
-    merged.config.pad_token_id = bundle.tokenizer.pad_token_id  # a reward model scores padded batches
-    return merged
-
-
-def trained_quantization(source: ModelSource) -> QuantizationSection | None:
-    """The 4-bit settings a dpo-cli run trained with (from the recipe.yaml beside its final/), if any."""
-    recipe_path = Path(source.path).parent / "recipe.yaml"
-    if Path(source.path).name != "final" or not recipe_path.is_file() or not source.is_adapter:
-        return None  # a merged final/ is a plain model at full precision
-    import yaml
-
-    quantization = (yaml.safe_load(recipe_path.read_text()) or {}).get("model", {}).get("quantization")
-    return QuantizationSection(**quantization) if quantization else None
-
-
-def load_reward_model(
-    name_or_path: str,
-    device: torch.device,
-    what: str = "label.reward_model",
-    trust_remote_code: bool = False,
-    quantization: QuantizationSection | None = None,
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A frozen scalar reward model: an rm-train run (or its final/, adapter included) or any sequence
-    classifier with exactly one output. The one loader collect-prefs, ppo and compare share.
-    A run trained in 4-bit is loaded in 4-bit with its adapter (so it scores as it was trained), unless
-    `quantization` says otherwise."""
-    source = resolve_source(name_or_path)
-    config_source = resolve_source(source.adapter_base).path if source.is_adapter else source.path
-    if source.is_adapter:
-        task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
-        if task != "SEQ_CLS":
-            raise UserError(f"{what}: {name_or_path} is a {task or 'untyped'} adapter, not a reward model (SEQ_CLS)")
-    else:
-        try:
-            config = AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{what}: cannot load {name_or_path!r} ({str(exc).strip().splitlines()[0]})") from None
-        architectures = getattr(config, "architectures", None) or []
-        classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-        if not classifier or config.num_labels != 1:
-            found = f"a classifier with {config.num_labels} outputs" if classifier else (", ".join(architectures) or config.model_type)
-            raise UserError(f"{what}: {name_or_path} is not a reward model: expected a sequence classifier with one output, found {found}")
-    quantization = quantization or trained_quantization(source)
-    cfg = ModelSection(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    if quantization is not None:
-        body = resolve_source(source.adapter_base) if source.is_adapter else source
-        if body.is_adapter:
-            raise UserError(f"{what}: a 4-bit reward model's base must be a plain model, not another adapter ({body.path})")
-        model = _from_pretrained(
-            AutoModelForSequenceClassification,
-            body.path,
-            body.revision,
-            trust_remote_code,
-            quantization_config=quantization_config(quantization, device),
-            dtype=dtype,
-            device_map={"": device},
-            num_labels=1,
-        )
-        _keep_4bit_layout_trainable(model)
-        if source.is_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, source.path)  # kept unmerged: 4-bit weights stay exact
-    else:
-        model = _load_unquantized(AutoModelForSequenceClassification, source, cfg, dtype, num_labels=1)
-    tokenizer_dir = source.path if (Path(source.path) / "tokenizer_config.json").is_file() else config_source
-    tokenizer = load_tokenizer(tokenizer_dir, source.revision, trust_remote_code)
-    ensure_pad_token(tokenizer)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.requires_grad_(False)
-    if quantization is None:
-        model.to(device)
-    return model.eval(), tokenizer
-
-
-def load_policy(name_or_path: str, device: torch.device, cache_dir: Path, what: str = "policies") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A policy to evaluate (frozen): a run trained in 4-bit comes back in 4-bit with its adapter (as it was
-    trained); anything else at full precision, adapters merged."""
-    source = resolve_source(name_or_path)
-    quantization = trained_quantization(source)
-    cfg = ModelSection(name_or_path=name_or_path)
-    tokenizer, _ = build_tokenizer(cfg, TokenizerSection())
-    if quantization is not None and source.is_adapter:
-        from peft import PeftModel
-
-        body = resolve_source(source.adapter_base)
-        model = _from_pretrained(
-            AutoModelForCausalLM, body.path, body.revision, False,
-            quantization_config=quantization_config(quantization, device), device_map={"": device},
-        )  # fmt: skip
-        _keep_4bit_layout_trainable(model)
-        model = PeftModel.from_pretrained(model, source.path)
-    else:
-        model = build_causal_lm(cfg, tokenizer, device, seed=0, cache_dir=cache_dir).model
-    model.requires_grad_(False)
-    return model.eval(), tokenizer

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from dpo_cli import ui
 from dpo_cli.errors import UserError
-from dpo_cli.recipe_loader import format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value
+from dpo_cli.recipe_loader import format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for
 from dpo_cli.recipes import ALL_STAGES, LocalPath, Section
 from dpo_cli.rundir import RunDir, atomic_write_json
 
@@ -106,18 +106,23 @@ def identity(run_dir: Path) -> str | None:
     return hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
 
 
-def split_overrides(overrides: list[str], names: list[str]) -> dict[str, list[str]]:
-    """`--set STAGE:key=value` for one stage, `--set key=value` for every stage (given after the file's own)."""
-    by_stage: dict[str, list[str]] = {name: [] for name in names}
+def split_overrides(overrides: list[str], kinds: dict[str, str]) -> dict[str, list[str]]:
+    """`--set STAGE:key=value` for one stage; `--set key=value` for every stage whose recipe has that section
+    (train.* skips compare), given after the file's own."""
+    by_stage: dict[str, list[str]] = {name: [] for name in kinds}
     for override in overrides:
         target, colon, rest = override.partition(":")
         if colon and "=" not in target:
             if target not in by_stage:
-                raise UserError(f"--set {override}: no stage {target!r} in the pipeline; stages: {', '.join(names)}")
+                raise UserError(f"--set {override}: no stage {target!r} in the pipeline; stages: {', '.join(kinds)}")
             by_stage[target].append(rest)
-        else:
-            for name in names:
-                by_stage[name].append(override)
+            continue
+        section = override.split("=", 1)[0].split(".", 1)[0]
+        takers = [name for name, kind in kinds.items() if section in schema_for(kind).model_fields]
+        if not takers:
+            raise UserError(f"--set {override}: no stage of this pipeline has a {section!r} section")
+        for name in takers:
+            by_stage[name].append(override)
     return by_stage
 
 
@@ -126,7 +131,12 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
             raise UserError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
-    extra_by_stage = split_overrides(extra or [], names)
+    extra_by_stage = split_overrides(extra or [], {name: pipeline.stages[name].stage or name for name in names})
+    for override in extra or []:
+        key = override.split("=", 1)[0]
+        wired = [name for name in names if key in pipeline.stages[name].inputs and ":" not in key]
+        if wired:  # an override for every stage would silently cut the wiring of these
+            raise UserError(f"--set {override}: in {', '.join(wired)}, {key} is another stage's output (inputs:); set it for one stage with --set STAGE:{override}")
     root = Path(pipeline.run_dir + ("-smoke" if smoke else ""))
     steps: list[Step] = []
     forced = False

@@ -359,57 +359,6 @@ def load_recipe(
         raise UserError(f"{path}: {len(lines)} recipe {noun}:\n  " + "\n  ".join(lines)) from None
 
 
-def _looks_local(value: str) -> bool:
-    """A data source that can only be a local path: absolute, ./ ../ ~, a glob, a data-file suffix, or more
-    path separators than a hub id (owner/name) has."""
-    return (
-        os.path.isabs(os.path.expanduser(value))
-        or value.startswith((".", "~"))
-        or any(ch in value for ch in "*?[")
-        or value.lower().endswith(_DATA_SUFFIXES)
-        or value.count("/") > 1
-        or "\\" in value
-    )
-
-
-def missing_data_paths(recipe: RecipeBase) -> list[str]:
-    """`KEY: problem` for every local data source of the recipe (data.train, data.eval, list entries) that does not
-    exist. Paths are checked as the recipe resolved them (relative ones against the recipe's folder); hub ids and
-    demo: sets are not checked (that needs the network)."""
-    data = getattr(recipe, "data", None)
-    if data is None:
-        return []
-    sources: list[tuple[str, str]] = []
-    for key in ("train", "eval"):
-        value = getattr(data, key)
-        if isinstance(value, list):
-            sources += [(f"data.{key}[{index}]", v) for index, v in enumerate(value)]
-        elif isinstance(value, str):
-            sources.append((f"data.{key}", value))
-    problems = []
-    for key, value in sources:
-        if value.startswith("demo:") or "://" in value or not _looks_local(value):
-            continue
-        expanded = os.path.expanduser(value)
-        if any(ch in value for ch in "*?["):
-            if not glob.glob(expanded, recursive=True):
-                problems.append(f"{key}: no file matches {value}")
-        elif not os.path.exists(expanded):
-            problems.append(
-                f"{key}: {value} does not exist (relative paths resolve against the recipe's folder; a stage's run dir exists once it has run)"
-            )
-    return problems
-
-
-def check_data_paths(path: Path, recipe: RecipeBase) -> None:
-    """One UserError listing every missing local data source (what `dpo-cli validate` checks beyond the schema)."""
-    problems = missing_data_paths(recipe)
-    if len(problems) == 1:
-        raise UserError(f"{path}: {problems[0]}")
-    if problems:
-        raise UserError(f"{path}: {len(problems)} data path errors:\n  " + "\n  ".join(problems))
-
-
 def recipe_to_dict(recipe: RecipeBase) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 

@@ -160,3 +160,17 @@ def test_two_processes_evaluate_their_shares_of_the_prompts(tmp_path, cli, compa
         assert policy["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert report["policies"]["same"]["win_rate"] == 0.5
     assert done.stdout.count("compare · completed") == 1
+
+
+def test_conversational_prompts_for_a_policy_without_a_chat_template(tmp_path, cli, tiny_model_dir, tiny_reward_model_dir):
+    """The demo-style tokenizer has no template: compare installs the default one and says so, not a traceback."""
+    from conftest import write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"A film, take {i}:"}]} for i in range(4)])
+    recipe = write_recipe(tmp_path / "compare.yaml", {
+        "stage": "compare", "policies": {"base": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "prompts.jsonl"), "max_length": 64},
+        "generation": {"max_new_tokens": 4}, "judges": {"function": "length", "reward_model": str(tiny_reward_model_dir)},
+    })  # fmt: skip
+    code, _, err = cli("compare", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "no chat template" in err

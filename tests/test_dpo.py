@@ -135,7 +135,7 @@ def test_reference_of_a_lora_sft_run_is_the_sft_model(quantized, tmp_path, tiny_
     """The trap: with an SFT adapter as the start, the reference must be base + SFT adapter, not the bare base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from dpo_cli.models import _keep_4bit_layout_trainable, quantization_config
+    from dpo_cli.models import keep_4bit_layout_trainable, quantization_config
     from dpo_cli.recipes import QuantizationSection
 
     sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -157,7 +157,7 @@ def test_reference_of_a_lora_sft_run_is_the_sft_model(quantized, tmp_path, tiny_
         load = partial(AutoModelForCausalLM.from_pretrained, quantization_config=four_bit, device_map={"": "cpu"})
         sft_model, bare = load(tmp_path / "run" / "base"), load(tiny_model_dir)
         for model in (sft_model, bare):  # the same 4-bit kernel as training uses
-            _keep_4bit_layout_trainable(model)
+            keep_4bit_layout_trainable(model)
     else:
         sft_model, bare = merged, AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -257,3 +257,23 @@ def test_agrees_with_trl_over_two_steps(tmp_path, cli, dpo_recipe, tiny_model_di
     (-torch.nn.functional.logsigmoid(0.1 * h).mean()).backward()
     exact_norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item()
     assert ours[0]["grad_norm"] == pytest.approx(exact_norm, rel=1e-5)
+
+
+def test_saved_reference_logps_are_recomputed_when_the_token_sequences_change(tmp_path, cli, dpo_recipe, monkeypatch):
+    """The precomputed reference log-probs carry a fingerprint of the pairs' tokens: a file for other tokens
+    (changed data or tokenisation, or one an older version wrote) is scored again on resume, never reused."""
+    from safetensors.torch import load_file, save_file
+
+    from dpo_cli.stages.dpo import saved_fingerprint
+
+    recipe = dpo_recipe(dpo={"precompute_ref": True, "show_samples": 0})
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, dpo_cli.stages.dpo, "dpo_loss", 3)
+        assert cli("dpo", recipe, "--run-dir", tmp_path / "run")[0] == 143
+    path = tmp_path / "run" / "reference_logps-train.safetensors"
+    honest, fingerprint = load_file(path)["logps"], saved_fingerprint(path)
+    assert fingerprint
+    save_file({"logps": honest + 5.0}, path)  # stale numbers, no fingerprint
+    code, _, err = cli("dpo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert saved_fingerprint(path) == fingerprint and torch.equal(load_file(path)["logps"], honest)

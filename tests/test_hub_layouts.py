@@ -9,7 +9,7 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import read_jsonl, write_jsonl, write_recipe
+from conftest import preference_rows, read_jsonl, write_jsonl, write_recipe
 from dpo_cli.data import DataReport, encode_rows, load_splits
 from dpo_cli.encoding import sft_encoder, sft_format
 from dpo_cli.errors import UserError
@@ -339,3 +339,16 @@ def test_anthropic_hh_trains_rm_train(tmp_path, cli, tiny_model_dir):
     write_jsonl(tmp_path / "hh.jsonl", [HH_ROW] * 6)
     summary = run_stage(cli, tmp_path, "rm-train", {"train": "hh.jsonl", "eval": 2}, tiny_model_dir)
     assert summary["status"] == "completed" and "eval_accuracy" in summary
+
+
+def test_a_file_named_for_a_split_beside_others_is_not_mixed_into_training(tmp_path):
+    """prefs.jsonl + eval.jsonl: `eval` names the test split, so data.split=train takes prefs.jsonl alone."""
+    from dpo_cli.data import DataReport, load_splits
+    from dpo_cli.recipes import DataSection
+
+    write_jsonl(tmp_path / "data" / "prefs.jsonl", preference_rows(6))
+    write_jsonl(tmp_path / "data" / "eval.jsonl", preference_rows(2, seed=9))
+    train, _ = load_splits(DataSection(train=str(tmp_path / "data")), 0, DataReport())
+    assert len(train) == 6
+    evaluation, _ = load_splits(DataSection(train=str(tmp_path / "data"), split="test"), 0, DataReport())
+    assert len(evaluation) == 2

@@ -194,8 +194,8 @@ def test_a_lora_run_on_an_adapter_input_is_saved_merged_and_moves_with_its_run_d
     assert code == 0, err
     final = tmp_path / "run" / "final"
     assert not (final / "adapter_config.json").exists() and (final / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "base").exists()  # merged into final/, the cache of the base is removed
     shutil.move(tmp_path / "run", tmp_path / "moved")
-    shutil.rmtree(tmp_path / "moved" / "base")  # nothing in final/ points back into the run dir
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moved" / "final")
     assert "dpo-cli" not in json.dumps(model.config.to_dict())  # a plain config: no path of this machine in it
 
@@ -213,7 +213,7 @@ def test_a_reward_model_with_its_own_vocabulary_scores_chat_prompts(tmp_path, cl
     """A classifier RM without a chat template reads conversations as HH transcripts (ppo and score)."""
     from dpo_cli.encoding import plain_transcript
     from dpo_cli.judges import RewardModelJudge
-    from dpo_cli.models import load_reward_model
+    from dpo_cli.model_io import load_reward_model
 
     model, tokenizer = load_reward_model(str(zoo("rm")), torch.device("cpu"))
     judge = RewardModelJudge("rm", model, tokenizer, 4, torch.device("cpu"), 256)
@@ -307,3 +307,14 @@ def test_the_gpu_check_script_loads_and_lists_the_matrix():
 
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--allow-cpu" in result.stdout
+
+
+def test_an_adapter_that_does_not_fit_its_base_is_refused(tmp_path, cli, zoo):
+    """peft only warns when an adapter's weights match no module: training would run on the bare base."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_peft_adapter(zoo("qwen2"), tmp_path / "adapter")
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({key.replace("q_proj", "qkv_proj"): value for key, value in weights.items()}, adapter / "adapter_model.safetensors")
+    code, _, err = cli("sft", stage_recipe(tmp_path, "sft", {"name_or_path": str(adapter)}), "--run-dir", tmp_path / "run")
+    assert code == 1 and "does not fit its base" in err and "match no module" in err and "Traceback" not in err

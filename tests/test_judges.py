@@ -11,7 +11,7 @@ import torch
 
 from dpo_cli.errors import UserError
 from dpo_cli.judges import RewardModelJudge, bradley_terry_choice, build_judge, length, sentiment
-from dpo_cli.models import load_reward_model
+from dpo_cli.model_io import load_reward_model
 
 
 def test_bradley_terry_without_noise_and_ties():

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_cli.errors import UserError
-from dpo_cli.models import build_causal_lm, build_tokenizer, count_parameters, save_final
+from dpo_cli.models import build_causal_lm, build_tokenizer, count_parameters
+from dpo_cli.model_io import save_final
 from dpo_cli.sources import resolve_source
 from dpo_cli.recipes import ModelSection, TokenizerSection
 

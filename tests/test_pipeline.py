@@ -136,7 +136,21 @@ def test_command_line_overrides_reach_every_stage_or_the_named_one():
     from dpo_cli.errors import UserError
     from dpo_cli.pipeline import split_overrides
 
-    split = split_overrides(["train.log_every=5", "sft:data.train=a.jsonl", "dpo:dpo.beta=0.2", "data.eval=x:y"], ["sft", "dpo"])
-    assert split == {"sft": ["train.log_every=5", "data.train=a.jsonl", "data.eval=x:y"], "dpo": ["train.log_every=5", "dpo.beta=0.2", "data.eval=x:y"]}
-    with pytest.raises(UserError, match="--set ppo:ppo.kl_coef=1: no stage 'ppo' in the pipeline; stages: sft, dpo"):
-        split_overrides(["ppo:ppo.kl_coef=1"], ["sft", "dpo"])
+    kinds = {"sft": "sft", "dpo": "dpo", "compare": "compare"}
+    split = split_overrides(["train.log_every=5", "sft:data.train=a.jsonl", "dpo:dpo.beta=0.2", "data.eval=x:y"], kinds)
+    assert split == {
+        "sft": ["train.log_every=5", "data.train=a.jsonl", "data.eval=x:y"],
+        "dpo": ["train.log_every=5", "dpo.beta=0.2", "data.eval=x:y"],
+        "compare": ["data.eval=x:y"],  # compare has no train section
+    }
+    with pytest.raises(UserError, match="--set ppo:ppo.kl_coef=1: no stage 'ppo' in the pipeline; stages: sft, dpo, compare"):
+        split_overrides(["ppo:ppo.kl_coef=1"], kinds)
+    with pytest.raises(UserError, match="no stage of this pipeline has a 'ppo' section"):
+        split_overrides(["ppo.kl_coef=1"], kinds)
+
+
+def test_a_command_line_override_of_a_wired_input_must_name_its_stage(tmp_path, cli):
+    code, _, err = cli("pipeline", REPO / "recipes" / "demo" / "pipeline.yaml", "--dry-run", "--run-dir", tmp_path, "--set", "model.name_or_path=x")
+    assert code == 1 and "model.name_or_path is another stage's output" in err and "--set STAGE:model.name_or_path=x" in err
+    code, _, err = cli("pipeline", REPO / "recipes" / "demo" / "pipeline.yaml", "--dry-run", "--run-dir", tmp_path, "--set", "train.lerning_rate=1")
+    assert code == 1 and "lerning_rate" in err and not (tmp_path / "sft").exists()  # a bad key fails before anything runs

@@ -87,11 +87,13 @@ def test_sft_from_a_lora_run_starts_from_base_plus_adapter(tmp_path, cli, sft_re
     assert "merged into its base" in err
     # The second adapter's base (the first run merged) exists only in the run dir: final/ holds the adapter
     # merged into it, a plain model whose weights moved away from that base.
+    from peft import AutoPeftModelForCausalLM
+
     final = tmp_path / "second" / "final"
-    assert not (final / "adapter_config.json").exists()
+    assert not (final / "adapter_config.json").exists() and not (tmp_path / "second" / "base").exists()  # the merge cache is gone
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "second" / "base").eval()
+    base = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "first" / "final").merge_and_unload().eval()
     with torch.no_grad():
         assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
 

@@ -20,7 +20,8 @@ from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
 from dpo_cli.judges import Judge, RewardModelJudge, bradley_terry_choice, build_judge, score_in_shards
 from dpo_cli.labels import LabelLog, now
 from dpo_cli.tokenization import chat_template_notes
-from dpo_cli.models import build_causal_lm, build_tokenizer, load_reward_model
+from dpo_cli.models import build_causal_lm, build_tokenizer
+from dpo_cli.model_io import load_reward_model
 from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
 from dpo_cli.prefs_import import convert_rows, detect_format
 from dpo_cli.recipes import CollectPrefsRecipe, TrainSection

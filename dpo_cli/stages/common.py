@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from functools import partial
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,8 @@ from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.losses import mean_nll
 from dpo_cli.encoding import collate_causal
 from dpo_cli.loop import BatchStream, LoopResult, train
-from dpo_cli.models import ModelBundle, build_tokenizer, count_parameters, save_final
+from dpo_cli.models import ModelBundle, build_tokenizer, count_parameters
+from dpo_cli.model_io import save_final
 from dpo_cli.preference_data import PROBLEM, pair_encoder, prepare_pairs
 from dpo_cli.recipes import GenerationSection, TrainingRecipe
 from dpo_cli.plots import plot_training
@@ -126,6 +129,8 @@ def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle, prepare
     if runtime.is_main:
         with run.new_final() as folder:
             save_final(runtime.accelerator.unwrap_model(bundle.model), bundle, folder, state_dict)
+        if bundle.merge_on_save is not None and bundle.base_ref is not None and Path(bundle.base_ref).is_relative_to(run.path):
+            shutil.rmtree(bundle.base_ref, ignore_errors=True)  # merged into final/: a cache for resume no more (a full model's size)
     distributed.barrier()
 
 

@@ -18,12 +18,13 @@ from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.errors import UserError
 from dpo_cli.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference, win_rate
 from dpo_cli.judges import Judge, RewardModelJudge, build_judge
-from dpo_cli.models import load_policy, load_reward_model
+from dpo_cli.model_io import load_policy, load_reward_model
 from dpo_cli.recipes import CompareRecipe, TrainSection
 from dpo_cli.report import human_win_rate, render_report
 from dpo_cli.rundir import RunDir, read_metrics
 from dpo_cli.runtime import library_versions, setup_runtime
 from dpo_cli.sources import require_complete
+from dpo_cli.tokenization import chat_template_notes
 
 
 def _is_run(path: str) -> bool:
@@ -74,14 +75,18 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         reward_model, reward_tokenizer = load_reward_model(recipe.judges.reward_model, runtime.device, "judges.reward_model")
         proxy = RewardModelJudge(f"reward-model:{recipe.judges.reward_model}", reward_model, reward_tokenizer, 16, runtime.device, 4096)
 
-    reference_model, reference_tokenizer = load_policy(recipe.policies[reference_name], runtime.device, run.path / "cache", f"policies.{reference_name}")
+    def policy(name: str) -> tuple[torch.nn.Module, Any]:
+        model, tokenizer = load_policy(recipe.policies[name], runtime.device, run.path / "cache", f"policies.{name}")
+        for note in chat_template_notes(tokenizer, None, prompts):  # conversational prompts, a policy without a template
+            ui.note(f"policies.{name}: {note}")
+        return model, tokenizer
+
+    reference_model, reference_tokenizer = policy(reference_name)
     evaluations: dict[str, PolicyEval] = {}
     responses: dict[str, list[str]] = {}
     with ui.TaskProgress("evaluating policies", len(names), runtime.is_main) as progress:
         for name in names:
-            model, tokenizer = (reference_model, reference_tokenizer) if name == reference_name else load_policy(
-                recipe.policies[name], runtime.device, run.path / "cache", f"policies.{name}"
-            )
+            model, tokenizer = (reference_model, reference_tokenizer) if name == reference_name else policy(name)
             same_tokens = tokenizer.get_vocab() == reference_tokenizer.get_vocab()
             if not same_tokens:
                 ui.note(f"policies.{name} has another tokenizer than the reference: its responses are re-tokenised for the reference's KL")

@@ -4,9 +4,11 @@ initial policy (under LoRA: the same weights with the adapter switched off, no s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,14 +94,30 @@ def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
     return step
 
 
+def token_fingerprint(ds: Dataset) -> str:
+    """What the reference log-probs were computed on: every pair's token ids, hashed."""
+    digest = hashlib.sha256()
+    for column in ("chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels"):
+        digest.update(json.dumps(list(ds[column])).encode())
+    return digest.hexdigest()[:32]
+
+
+def saved_fingerprint(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("tokens")
+
+
 def attach_reference_logps(
     ds: Dataset, name: str, reference: Reference, collate: Any, batch_size: int, run: RunDir, runtime: Runtime
 ) -> Dataset:
     """Reference log-probs of every pair, computed once and saved (RUN/reference_logps-NAME.safetensors)."""
     path = run.path / f"reference_logps-{name}.safetensors"
-    if distributed.main_has(path):
+    fingerprint = token_fingerprint(ds)
+    if distributed.main_has(path) and distributed.broadcast(saved_fingerprint(path)) == fingerprint:
         saved = load_file(str(path))["logps"]
-    else:
+    else:  # none saved, or saved for other token sequences (the data or its tokenisation changed)
         # each process scores its contiguous share; gathered in rank order that is the dataset's order
         share = ds.select(distributed.shard(len(ds)))
         stream = BatchStream(share, batch_size, 0, collate, shuffle=False) if len(share) else None
@@ -114,7 +132,7 @@ def attach_reference_logps(
                 progress.advance(1)
         saved = torch.tensor(distributed.gather(torch.cat(pieces).tolist() if pieces else []), dtype=torch.float32).reshape(-1, 2)
         if runtime.is_main:
-            atomic_write_bytes(path, save({"logps": saved}))
+            atomic_write_bytes(path, save({"logps": saved}, metadata={"tokens": fingerprint}))
         distributed.barrier()
     if saved.shape != (len(ds), 2):
         raise RuntimeError(f"{path} holds {saved.shape[0]} pairs, the data {len(ds)}; remove it to recompute")

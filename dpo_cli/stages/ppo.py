@@ -32,7 +32,8 @@ from dpo_cli.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from dpo_cli.models import ModelBundle, build_causal_lm, build_model, build_tokenizer, load_reward_model
+from dpo_cli.models import ModelBundle, build_causal_lm, build_model, build_tokenizer
+from dpo_cli.model_io import load_reward_model
 from dpo_cli.optim import build_optimizer, build_scheduler
 from dpo_cli.recipes import ModelSection, PpoRecipe
 from dpo_cli.rl import ActorCritic, Rollout, ValueHead, make_rollout

@@ -84,7 +84,7 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
     # Samples: continue the opening words of a few held-out documents.
     source = eval_rows if eval_rows is not None else train_rows
     openings = [" ".join(text.split()[:4]) for text in source["text"][: recipe.pretrain.show_samples]]
-    prompts = [(text, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in openings if text]
+    prompts = [(text, tokenizer(text)["input_ids"]) for text in openings if text]
     samples = write_samples(run, runtime, bundle, prompts, recipe.generation, recipe.seed)
     extra = {}
     if result.eval_metrics:

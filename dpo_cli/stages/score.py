@@ -16,7 +16,7 @@ from dpo_cli.data import ROW_NUMBER, load_source, rename_columns, require_column
 from dpo_cli.encoding import check_messages
 from dpo_cli.errors import UserError
 from dpo_cli.judges import RewardModelJudge
-from dpo_cli.models import load_reward_model
+from dpo_cli.model_io import load_reward_model
 from dpo_cli.prefs_import import normalize_pair
 from dpo_cli.recipes import DataSection
 from dpo_cli.rundir import atomic_write_text
