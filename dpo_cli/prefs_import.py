@@ -139,7 +139,7 @@ def normalize_pair(row: dict[str, Any]) -> tuple[Any, Any, Any]:
         prompt = row["conversations"]
     prompt, chosen, rejected = (as_role_content(v) for v in (prompt, row.get("chosen"), row.get("rejected")))
     chosen, rejected = ([v] if isinstance(v, dict) else v for v in (chosen, rejected))
-    if chosen is not None and chosen == rejected:
+    if chosen is not None and chosen == rejected:  # said first: splitting identical conversations finds no prompt
         raise ValueError("'chosen' and 'rejected' are the same")
     if prompt is None and chosen is not None and rejected is not None:
         prompt, chosen, rejected = from_hh({"chosen": chosen, "rejected": rejected})
@@ -184,23 +184,14 @@ def convert_rows(ds: Dataset, fmt: str, seed: int, stamp: str, source: str) -> t
     for position, row in enumerate(ds):
         number = row.get("__row__", position + 1)
         scores = None
-        if row.get("chosen") is not None and row.get("chosen") == row.get("rejected"):
-            problems.append((number, "'chosen' and 'rejected' are the same"))
-            continue
         try:
             if fmt == "ultrafeedback":
                 prompt, chosen, rejected, scores = from_ultrafeedback(row, random.Random(f"{seed}:uf:{number}"))
                 prompt, chosen, rejected = validate_pair(prompt, chosen, rejected)
             else:  # trl and hh: every pair layout goes through the normaliser dpo and rm-train use
                 prompt, chosen, rejected = normalize_pair(row if fmt == "trl" else {k: v for k, v in row.items() if k != "prompt"})
-        except ValueError as exc:
+        except ValueError as exc:  # validate_pair's checks: the same pairs are refused here as in dpo and rm-train
             problems.append((number, str(exc)))
-            continue
-        if chosen == rejected:
-            problems.append((number, "'chosen' and 'rejected' are the same"))
-            continue
-        if not chosen or not rejected or (isinstance(chosen, str) and not chosen.strip()) or (isinstance(rejected, str) and not rejected.strip()):
-            problems.append((number, "an empty completion"))
             continue
         records.append(
             {
