@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -168,6 +169,13 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool) -> dict | None | bool
     return saved
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC from Python, or torch's serializer failing to write (its RuntimeError carries no errno)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and ("No space left on device" in str(exc) or "file write failed" in str(exc))
+
+
 def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:
     from dpo_cli import distributed, slurm
     from dpo_cli.stages import stage_runner
@@ -182,11 +190,18 @@ def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) ->
                 ui.note(requeued)
         raise
     except BaseException as exc:
+        if is_disk_full(exc):
+            exc = UserError(run.no_space_message(getattr(exc, "filename", None)))
         if distributed.is_main():
-            if run.checkpoints() or run.final_dir.exists():
-                _mark_failed(run, stage, "failed", str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
-            else:
-                run.discard()  # nothing resumable was made: a corrected rerun starts clean
+            try:
+                if run.holds_work():  # checkpoints, final/, labels, candidates: kept, marked failed, resumed by a rerun
+                    _mark_failed(run, stage, "failed", str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+                else:
+                    run.discard()  # nothing resumable was made: a corrected rerun starts clean
+            except OSError:
+                pass  # a full disk can refuse even the failure record: the run dir keeps what it had
+        if isinstance(exc, UserError):
+            raise exc from None
         raise
 
 

@@ -16,6 +16,7 @@ from datasets import Dataset
 from dpo_cli.errors import UserError
 from dpo_cli.sources import require_complete
 
+RUN_MARKS = ("summary.json", "labels.jsonl", "candidates.jsonl", "pairs.jsonl", "checkpoints", ".lock")  # beside recipe.yaml: a run dir
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 
 
@@ -134,8 +135,10 @@ def _saved_files(path: Path, what: str, split: str) -> list[str]:
 def local_files(value: str, what: str, split: str) -> list[str]:
     """The data files one local source names: a file, a folder (a save_to_disk folder: its shards), a glob."""
     path = Path(value)
-    if path.is_dir() and (path / "prefs.jsonl").is_file() and (path / "recipe.yaml").is_file():
-        require_complete(path, what)
+    if path.is_dir() and (path / "recipe.yaml").is_file() and any((path / name).exists() for name in RUN_MARKS):
+        require_complete(path, what)  # a dpo-cli run dir: finished, or refused as the incomplete run it is
+        if not (path / "prefs.jsonl").is_file():
+            raise UserError(f"{what}: {path} is a dpo-cli run without preferences (no prefs.jsonl); give a collect-prefs run or data files")
         return [str(path / "prefs.jsonl")]  # a collect-prefs run dir
     if path.is_dir():
         if _saved_layout(path):
@@ -198,6 +201,23 @@ def _first_bad_json_line(files: list[str]) -> str | None:
     return None
 
 
+def _first_bad_utf8(files: list[str]) -> str | None:
+    """Where a text data file stops being UTF-8, as `FILE line N (row M): ...`."""
+    for name in files:
+        if Path(name).suffix.lower() not in (".jsonl", ".json", ".csv", ".txt"):
+            continue
+        with open(name, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return (
+                        f"{name} line {number}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                        "save the file as UTF-8"
+                    )
+    return None
+
+
 def load_local(files: list[str], what: str) -> Dataset:
     suffixes = {Path(f).suffix.lower() for f in files}
     unknown = suffixes - set(BUILDERS)
@@ -209,6 +229,9 @@ def load_local(files: list[str], what: str) -> Dataset:
     for name in files:
         if _is_blank(name):
             raise UserError(f"{what}: {name} is empty")
+    undecodable = _first_bad_utf8(files)
+    if undecodable:
+        raise UserError(f"{what}: {undecodable}")
     try:
         return datasets.load_dataset(builders.pop(), data_files=files, split="train")
     except Exception as exc:  # datasets wraps parser errors in several exception types

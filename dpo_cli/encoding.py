@@ -48,8 +48,23 @@ def check_messages(messages: Any, field: str = "messages") -> str | None:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The conversation as the chat template writes it; a template that cannot render is one clear error."""
+    from dpo_cli.errors import UserError
+
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # transformers then says it needs jinja2
+        TemplateError = ()  # noqa: N806
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        line = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise UserError(
+            f"the chat template of {name} cannot render a conversation ({type(exc).__name__} at template{line}: {exc.message}); "
+            "fix it or set tokenizer.chat_template"
+        ) from None
 
 
 TRANSCRIPT_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool", "developer": "Developer"}

@@ -1,6 +1,8 @@
 """The label log: every preference label is an event appended to RUN/labels.jsonl and fsynced before the
 next pair is shown. Nothing is rewritten in place: an undo is a new event that retracts an earlier one.
-A line torn by a crash (kill -9, power loss) is detected when the log is opened and cut off.
+A line torn by a crash (kill -9, power loss) is detected when the log is opened and cut off; a malformed
+line elsewhere is skipped and reported by its number. Nothing that is dropped or skipped is lost: its bytes
+are appended to RUN/labels.quarantine (once).
 
 Events:
     {"event": "label", "id": "ann-7", "pair_id": "12-0-1", "annotator": "ann", "choice": "A"|"B"|"tie"|"skip",
@@ -18,6 +20,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """A label event from one line of the log, or None for a blank, torn or foreign line."""
+    try:
+        event = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return event if isinstance(event, dict) and event.get("event") in ("label", "undo") else None
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -25,13 +36,41 @@ def now() -> str:
 class LabelLog:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.quarantine_path = self.path.with_suffix(".quarantine")
         self.repaired_bytes = self._repair()
         self.events: list[dict[str, Any]] = []
+        self.skipped: list[int] = []  # line numbers (from 1) of malformed lines, kept in the file and skipped
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    self.events.append(json.loads(line))
+            for number, raw in enumerate(self.path.read_bytes().splitlines(keepends=True), start=1):
+                event = _parse(raw)
+                if event is not None:
+                    self.events.append(event)
+                elif raw.strip():
+                    self.skipped.append(number)
+                    self._quarantine(raw)
         self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _quarantine(self, raw: bytes) -> None:
+        """Keep a dropped or skipped line verbatim (once): a person may still read a label from it."""
+        line = raw if raw.endswith(b"\n") else raw + b"\n"
+        if self.quarantine_path.exists() and line in self.quarantine_path.read_bytes().splitlines(keepends=True):
+            return
+        with open(self.quarantine_path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def problems(self) -> list[str]:
+        """What opening the log found, for the user."""
+        found = []
+        if self.repaired_bytes:
+            found.append(f"{self.path.name} ended in a torn line ({self.repaired_bytes} bytes, from a crash): cut off, every complete label kept")
+        if self.skipped:
+            lines = ", ".join(map(str, self.skipped[:5])) + (" ..." if len(self.skipped) > 5 else "")
+            found.append(f"{self.path.name} line {lines}: not a label event; skipped, every other label kept")
+        if found:
+            found.append(f"what was cut off or skipped is kept verbatim in {self.quarantine_path}")
+        return found
 
     def _repair(self) -> int:
         """Cut a torn last line (no newline, or not JSON); returns how many bytes were dropped."""
@@ -42,14 +81,11 @@ class LabelLog:
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
         lines = data[:keep].splitlines(keepends=True)
-        while lines:  # a complete-looking line that does not parse is torn too
-            try:
-                json.loads(lines[-1])
-                break
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                keep -= len(lines.pop())
+        while lines and lines[-1].strip() and _parse(lines[-1]) is None:  # a complete-looking last line that does not parse is torn too
+            keep -= len(lines.pop())
         if keep == len(data):
             return 0
+        self._quarantine(data[keep:])
         with open(self.path, "r+b") as handle:
             handle.truncate(keep)
             handle.flush()

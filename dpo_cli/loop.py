@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 
 from dpo_cli.checkpoint import load_training_state, write_checkpoint
-from dpo_cli.distributed import fsdp_uniform_dtype, reduce_sum
+from dpo_cli.distributed import fsdp_uniform_dtype, reduce_max, reduce_sum
 from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.optim import build_optimizer, build_scheduler
 from dpo_cli.recipes import TrainSection
@@ -95,6 +95,7 @@ class LoopState:
     sequences: int = 0  # sequences through the model (for the mean sequence length)
     train_seconds: float = 0.0  # summed over every process that worked on this run
     processes: int = 1  # how many processes took micro_batches steps through the data
+    skipped_steps: int = 0  # steps whose loss or gradient norm was not finite (train.nonfinite: skip): never applied
 
 
 def continue_on(state: LoopState, world_size: int) -> str | None:
@@ -153,7 +154,10 @@ def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runti
     model.train(was_training)
     keys = sorted(set(sums) | {"loss"})
     totals = reduce_sum([weight] + [sums.get(key, 0.0) for key in keys])
-    return {key: value / max(totals[0], 1) for key, value in zip(keys, totals[1:])}
+    result = {key: value / max(totals[0], 1) for key, value in zip(keys, totals[1:])}
+    if totals[0] and not math.isfinite(result["loss"]):
+        raise UserError(f"the eval loss became {result['loss']}: the model is broken; nothing is written as final/ (the newest checkpoint is the last one saved)")
+    return result
 
 
 def train(
@@ -222,13 +226,30 @@ def train(
                 step_loss, step_metrics = accumulate_gradients(model, window, step_fn, runtime)
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 lr = scheduler.get_last_lr()[0]
+                broken = nonfinite_step(step_loss, grad_norm)
+                if broken:  # nothing is applied: the weights are still those of the last good step
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.nonfinite == "skip" and state.skipped_steps < cfg.max_skipped_steps:
+                        state.skipped_steps += 1
+                        state.micro_batches += cfg.grad_accum
+                        metrics_log.log({"step": state.step + 1, "skipped": broken, "skipped_total": state.skipped_steps})
+                        continue
+                    where = save_checkpoint() if state.step > 0 else None
+                    kept = f"stopped with a checkpoint of step {state.step}, the last good state ({where}); " if where else "stopped; "
+                    how = "set train.nonfinite: skip and run the same command to skip such steps, or lower train.learning_rate and start over with --fresh"
+                    if cfg.nonfinite == "skip":
+                        how = f"more than train.max_skipped_steps={cfg.max_skipped_steps} steps were skipped; lower train.learning_rate and start over with --fresh"
+                    raise UserError(f"{broken} at step {state.step + 1}: {kept}{how}")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if not math.isfinite(step_loss):
+                if not weights_finite(params):
+                    last = run.latest_checkpoint()
                     raise UserError(
-                        f"the loss became {step_loss} at step {state.step + 1}: check the data, or lower train.learning_rate "
-                        "and start over with --fresh"
+                        f"the weights became non-finite in the update of step {state.step + 1} (an overflow: train.learning_rate "
+                        f"{lr:g} is too large for these gradients); nothing is written as final/"
+                        + (f"; {last} is the last good state" if last else "")
+                        + "; lower train.learning_rate and start over with --fresh"
                     )
                 step_tokens, step_items, step_sequences = (
                     int(v) for v in reduce_sum([
@@ -282,6 +303,24 @@ def train(
         if writer is not None:
             writer.close()
     return result
+
+
+def nonfinite_step(step_loss: float, grad_norm: Any) -> str | None:
+    """Why a step must not be applied, or None (every process sees the same reduced loss and norm)."""
+    if not math.isfinite(step_loss):
+        return f"the loss became {step_loss}"
+    norm = _scalar(grad_norm)
+    if grad_norm is not None and not math.isfinite(norm):
+        return f"the gradient norm became {norm}"
+    return None
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """One fused pass over the trainable weights (a norm is inf or NaN when any element is); over every
+    process, whose shards differ under FSDP / ZeRO-3."""
+    norms = torch._foreach_norm([p.detach() for p in params]) if params else []
+    local = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()) if norms else True
+    return reduce_max(0.0 if local else 1.0) == 0.0
 
 
 def accumulate_gradients(

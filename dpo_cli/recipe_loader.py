@@ -23,6 +23,8 @@ RESUME_SAFE_KEYS = (
     "train.log_every",
     "train.keep_checkpoints",
     "train.tensorboard",
+    "train.nonfinite",  # switch a stopped run to skipping, and resume it
+    "train.max_skipped_steps",
     "generation.batch_size",
     "label.annotator",  # several people label into one run
     "label.batch_size",

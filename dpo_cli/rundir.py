@@ -122,6 +122,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+PRECIOUS_FILES = ("labels.jsonl", "labels.quarantine", "candidates.jsonl", "pairs.jsonl", "prefs.jsonl")  # never discarded
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path).resolve()
@@ -210,6 +212,22 @@ class RunDir:
         fsync_dir(target)
         return target
 
+    def holds_work(self) -> bool:
+        """Anything a rerun resumes from, or that people made: checkpoints, final/, labels, sampled candidates,
+        pairs. A failed run that holds work is marked failed and kept, never discarded."""
+        return bool(self.checkpoints()) or self.final_dir.exists() or any((self.path / name).exists() for name in PRECIOUS_FILES)
+
+    def no_space_message(self, filename: str | None) -> str:
+        """The one line for a full disk: which file system, which file, what is safe, what to do."""
+        where = Path(filename or self.path).absolute()
+        mount = where
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        labels = self.path / "labels.jsonl"
+        count = sum(1 for line in labels.read_text(encoding="utf-8", errors="replace").splitlines() if '"event": "label"' in line) if labels.is_file() else 0
+        safe = f"{count} label events are safe in {labels}; " if count else "earlier checkpoints and files are intact; "
+        return f"no space left on the device mounted at {mount} writing {filename or f'into {self.path}'}; {safe}free space and run the same command again to resume"
+
     def discard(self) -> None:
         """Remove everything but the lock (a run that failed on bad input before training)."""
         for entry in self.path.iterdir():
@@ -271,7 +289,12 @@ class RunDir:
         os.replace(tmp, final)
         fsync_dir(self.checkpoints_dir)
         for _step, old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # One rename takes the checkpoint away whole (a crash mid-delete cannot leave a step-N that looks
+            # complete without its weights); the rest is a .tmp-* folder that clean_partial removes.
+            trash = self.checkpoints_dir / f".tmp-pruned-{old.name}-{os.getpid()}"
+            os.replace(old, trash)
+            fsync_dir(self.checkpoints_dir)
+            shutil.rmtree(trash, ignore_errors=True)
         return final
 
     # ------------------------------------------------------------------ final

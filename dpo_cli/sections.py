@@ -164,6 +164,12 @@ class TrainSection(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the decaying schedules, as a fraction of learning_rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (not applied to biases and norms).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A non-finite loss or gradient norm: stop with a checkpoint of the last good state, or skip the step "
+        "(counted in summary.json, at most max_skipped_steps). Non-finite weights or eval loss always stop, before final/.",
+    )
+    max_skipped_steps: int = Field(10, ge=0, description="With nonfinite: skip, stop once more steps than this were skipped.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)

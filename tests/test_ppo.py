@@ -164,18 +164,20 @@ def test_mean_reward_rises_on_a_learnable_toy(tmp_path, cli, ppo_recipe, tiny_mo
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 3.0, rewards  # about -2.4 -> 12 on this toy
 
 
-def test_non_finite_rewards_are_skipped_and_counted(tmp_path, cli, ppo_recipe, tiny_model_dir):
-    broken = tmp_path / "nan-rm"
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    with torch.no_grad():
-        model.score.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
-    code, _, err = cli("ppo", ppo_recipe(ppo={"reward_model": str(broken)}, train={"max_steps": 2, "save_every": None}), "--run-dir", tmp_path / "run")
+def test_an_iteration_with_non_finite_rewards_is_skipped_and_counted(tmp_path, cli, ppo_recipe, monkeypatch):
+    real = dpo_cli.stages.ppo.score_phase
+    calls = {"n": 0}
+
+    def first_scores_nan(rollout, reward, recipe):
+        calls["n"] += 1
+        scores = real(rollout, reward, recipe)
+        return scores * float("nan") if calls["n"] == 1 else scores
+
+    monkeypatch.setattr(dpo_cli.stages.ppo, "score_phase", first_scores_nan)
+    code, _, err = cli("ppo", ppo_recipe(train={"max_steps": 2, "save_every": None}), "--run-dir", tmp_path / "run")
     assert code == 0, err
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["skipped_iterations"] == 2
-    assert [m.get("skipped") for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["non-finite reward"] * 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_iterations"] == 1
+    assert [m.get("skipped") for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["non-finite reward", None]
 
 
 def test_kl_past_the_bound_stops_with_a_checkpoint(tmp_path, cli, ppo_recipe):

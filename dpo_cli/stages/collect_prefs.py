@@ -208,8 +208,8 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
     left_out = {"identical_responses": identical} if identical else {}
 
     log = LabelLog(run.path / "labels.jsonl")
-    if log.repaired_bytes:
-        ui.note(f"labels.jsonl ended in a torn line ({log.repaired_bytes} bytes, from a crash); it was cut off, every complete label kept")
+    for problem in log.problems():
+        ui.note(problem)
     try:
         if recipe.label.by == "human":
             annotator = resolve_annotator(recipe.label.annotator)

@@ -160,6 +160,7 @@ def summarize(
         "wall_time_s": round(time.time() - started, 3),
         "train_time_s": round(state.train_seconds, 3),
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
         "tokens": state.tokens,
         "items": state.items,
         "tokens_per_sec": state.tokens / max(state.train_seconds, 1e-9),

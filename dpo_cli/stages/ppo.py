@@ -21,7 +21,7 @@ from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.generate import generate
 from dpo_cli.judges import RewardModelJudge
-from dpo_cli.loop import LoopResult, LoopState, total_steps_for
+from dpo_cli.loop import LoopResult, LoopState, total_steps_for, weights_finite
 from dpo_cli.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -297,6 +297,12 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                     experience_phase(actor_critic, rollout, recipe, iteration)
                 kl = advantage_phase(rollout, recipe, state.kl_coef)
                 update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=world > 1)
+                if not weights_finite([p for p in actor_critic.parameters() if p.requires_grad]):
+                    last = run.latest_checkpoint()
+                    raise UserError(
+                        f"the policy or critic weights became non-finite in the update of iteration {state.iteration}; nothing is "
+                        f"written as final/{f' ({last} is the last good state)' if last else ''}; lower train.learning_rate and start over with --fresh"
+                    )
                 state.time_train += time.perf_counter() - generated
                 state.episodes += len(batch_prompts) * world
                 state.tokens += int(distributed.reduce_sum([int(rollout.attention_mask.sum())])[0])
@@ -351,6 +357,11 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         metrics_log.close()
         samples_log.close()
 
+    if state.skipped >= state.iteration:
+        raise UserError(
+            f"all {state.iteration} iterations were skipped: ppo.reward_model gave non-finite scores every time; nothing is "
+            "written as final/ (check the reward model, e.g. with dpo-cli score)"
+        )
     if actor_critic.shared:
         bundle.model.delete_adapter("value")  # final/ is the policy: its adapter alone
     save_final_model(run, runtime, bundle)
