@@ -4,6 +4,7 @@ scheduler, grad scaler, every RNG, and the loop's position. The folder itself is
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -15,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_cli.errors import UserError
-from dpo_cli.rundir import CHECKPOINT_MARKER
+from dpo_cli.rundir import CHECKPOINT_MARKER, sha256_file
 
 TRAINABLE_FILE = "trainable.safetensors"
+MANIFEST = "manifest.json"  # sha256 and size of every other file: resume verifies it
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,8 +75,70 @@ def save_training_state(
 
 
 def mark_complete(folder: Path, loop_state: dict[str, Any]) -> None:
-    """Written last: a checkpoint without it is incomplete."""
+    """The loop state (the completeness marker), then the manifest of every file, written last and fsynced."""
     (folder / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")
+    write_manifest(folder)
+
+
+def write_manifest(folder: Path) -> None:
+    """sha256 and size of every file of the checkpoint, and the library versions that wrote it."""
+    from dpo_cli.runtime import library_versions
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+        "versions": library_versions(),
+    }
+    with open(folder / MANIFEST, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(manifest, indent=1) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """Why the checkpoint does not match its manifest (a flipped bit, a truncated or missing file), or None.
+    Checkpoints written before manifests existed are taken as they are."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return f"{path} is damaged"
+    for name, expected in files.items():
+        where = folder / name
+        if not where.is_file():
+            return f"{where} is missing"
+        if where.stat().st_size != expected["size"]:
+            return f"{where} is {where.stat().st_size} bytes, its manifest says {expected['size']}"
+        if sha256_file(where) != expected["sha256"]:
+            return f"{where} does not match its sha256 in the manifest (the file was damaged)"
+    return None
+
+
+def resume_newest_valid(run: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, runtime: Any) -> tuple[Path | None, dict[str, Any] | None]:
+    """Put back the newest checkpoint that matches its manifest and loads; a damaged one is named and the one
+    before it tried. (None, None) when there is none; a clear error when none of several is usable."""
+    from dpo_cli.ui import note
+
+    found = run.checkpoints()
+    problems = []
+    for _step, folder in reversed(found):
+        problem = verify_manifest(folder)
+        if problem is None:
+            try:
+                return folder, load_training_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
+            except UserError:
+                raise  # the checkpoint is fine; it does not fit this model or engine
+            except Exception as exc:  # a file torch or safetensors cannot read
+                text = str(exc).strip()
+                problem = f"{folder}: cannot be read ({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''})"
+        problems.append(problem)
+        if runtime is None or runtime.is_main:
+            note(f"checkpoint {folder.name} is not usable: {problem}; trying the one before it")
+    if problems:
+        raise UserError(f"no usable checkpoint in {run.checkpoints_dir}: {problems[0]}; use --fresh to start over (the old run is kept)")
+    return None, None
 
 
 def save_shared_state(folder: Path, *, model: torch.nn.Module | None, optimizer: Any, scheduler: Any, scaler: Any, loop_state: dict) -> None:

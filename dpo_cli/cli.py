@@ -15,8 +15,8 @@ import typer
 
 from dpo_cli import __version__, ui
 from dpo_cli.errors import RunInterrupted, UserError
-from dpo_cli.data_files import check_data_paths
-from dpo_cli.recipe_loader import load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
+from dpo_cli.data_files import check_data_paths, data_fingerprint, fingerprint_changes
+from dpo_cli.recipe_loader import with_current_defaults, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
 from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, RecipeBase
 from dpo_cli.rundir import RunDir
 
@@ -51,6 +51,9 @@ SetOpt = Annotated[
     typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key, value parsed as YAML (repeatable): --set train.learning_rate=1e-4"),
 ]
 FreshOpt = Annotated[bool, typer.Option("--fresh", help="Start over in an existing run dir (the old run is moved to RUN.prev-TIME).")]
+AllowDataOpt = Annotated[
+    bool, typer.Option("--allow-data-change", help="Resume although data.train/data.eval changed since the run started (said in the run's notes).")
+]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Cap steps, rows and lengths so the recipe runs end to end in seconds (run dir RUN-smoke).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", envvar="DPO_CLI_DEBUG")]
 
@@ -107,7 +110,9 @@ def _mark_failed(run: RunDir, stage: str, status: str, message: str) -> None:
         run.write_summary({"stage": stage, "status": status, "error": message})
 
 
-def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool) -> None:
+def run_stage(
+    stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool, allow_data_change: bool = False
+) -> None:
     """Prepare the run dir on the main process (lock, recipe check, --fresh), tell the others what it
     decided, and run the stage on every process."""
     from dpo_cli import distributed
@@ -133,7 +138,7 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
     told = False
     try:
         with RunDir.open(path) as run:
-            saved = _prepare(run, recipe, fresh)
+            saved = _prepare(run, recipe, fresh, allow_data_change)
             told = distributed.broadcast("run" if saved is not False else "done") is not None
             if saved is not False:
                 _execute(stage, recipe, run, saved)
@@ -144,13 +149,14 @@ def run_stage(stage: str, recipe_path: Path, run_dir: Path | None, overrides: li
     distributed.barrier()  # all leave the stage once the main process has written its outputs (pipelines read them next)
 
 
-def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool) -> dict | None | bool:
-    """Refuse a run dir of another recipe, report a complete one (False), move an old run aside with
-    --fresh, write the resolved recipe. Returns the recipe the run dir held before (or None)."""
+def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bool = False) -> dict | None | bool:
+    """Refuse a run dir of another recipe or (resuming) of other data, report a complete one (False), move an
+    old run aside with --fresh, write the resolved recipe and the data's fingerprint. Returns the recipe the
+    run dir held before (or None)."""
     resolved = recipe_to_dict(recipe)
     saved = run.saved_recipe()
     if saved is not None and not fresh:
-        changed = recipe_diff(saved, resolved)
+        changed = recipe_diff(with_current_defaults(saved, type(recipe)), resolved)
         if changed:
             raise UserError(
                 f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
@@ -164,6 +170,19 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool) -> dict | None | bool
         if saved is None and not fresh:
             raise UserError(f"run dir {run.path} is not empty and holds no dpo-cli run; choose another --run-dir")
         ui.note(f"--fresh: moved the previous run to {run.archive()}")
+    data = getattr(recipe, "data", None)
+    if data is not None:
+        current = data_fingerprint(data)
+        recorded = run.data_fingerprint()
+        changes = fingerprint_changes(recorded, current) if recorded is not None and run.holds_work() else []
+        if changes and not allow_data_change:
+            raise UserError(
+                f"run dir {run.path} was started on other data ({'; '.join(changes[:3])}): resuming would train on a mix; "
+                "use --fresh to start over (the old run is kept), or --allow-data-change to go on with the new data"
+            )
+        if changes:
+            ui.note(f"--allow-data-change: going on with changed data ({'; '.join(changes[:3])})")
+        run.write_data_fingerprint(current)
     run.write_recipe(recipe_to_yaml(recipe))
     run.clean_partial()
     return saved
@@ -220,10 +239,11 @@ def _stage_command(stage: str) -> Callable[..., None]:
         run_dir: RunDirOpt = None,
         overrides: SetOpt = None,
         fresh: FreshOpt = False,
+        allow_data_change: AllowDataOpt = False,
         smoke: SmokeOpt = False,
         debug: DebugOpt = False,
     ) -> None:
-        guarded(debug, lambda: run_stage(stage, recipe, run_dir, overrides or [], fresh, smoke))
+        guarded(debug, lambda: run_stage(stage, recipe, run_dir, overrides or [], fresh, smoke, allow_data_change))
 
     command.__doc__ = f"{STAGE_HELP[stage]}\n\n" + STAGE_EXAMPLES.get(
         stage,
@@ -241,11 +261,12 @@ def collect_prefs(
         Optional[str], typer.Option("--annotator", help="Your name, for human labelling (default: $DPO_CLI_ANNOTATOR, $USER).")
     ] = None,
     fresh: FreshOpt = False,
+    allow_data_change: AllowDataOpt = False,
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     extra = [f"label.annotator={annotator}"] if annotator else []
-    guarded(debug, lambda: run_stage("collect-prefs", recipe, run_dir, [*(overrides or []), *extra], fresh, smoke))
+    guarded(debug, lambda: run_stage("collect-prefs", recipe, run_dir, [*(overrides or []), *extra], fresh, smoke, allow_data_change))
 
 
 collect_prefs.__doc__ = f"{STAGE_HELP['collect-prefs']}\n\n{STAGE_EXAMPLES['collect-prefs']}"

@@ -14,6 +14,7 @@ import datasets
 from datasets import Dataset
 
 from dpo_cli.errors import UserError
+from dpo_cli.rundir import sha256_file
 from dpo_cli.sources import require_complete
 
 RUN_MARKS = ("summary.json", "labels.jsonl", "candidates.jsonl", "pairs.jsonl", "checkpoints", ".lock")  # beside recipe.yaml: a run dir
@@ -289,3 +290,33 @@ def check_data_paths(path: Path, recipe: Any) -> None:
         raise UserError(f"{path}: {problems[0]}")
     if problems:
         raise UserError(f"{path}: {len(problems)} data path errors:\n  " + "\n  ".join(problems))
+
+
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """What a stage's data is: each local file's size and sha256; a hub dataset's id, subset and split; a demo
+    set's spec. A source that cannot be resolved is left out (the stage itself reports it)."""
+    found: dict[str, Any] = {}
+    for key in ("train", "eval"):
+        value = getattr(data, key, None)
+        split = data.split if key == "train" else (data.eval_split or data.split)
+        for source in value if isinstance(value, list) else [value] if isinstance(value, str) else []:
+            if source.startswith("demo:"):
+                found[f"data.{key} {source}"] = source
+            elif is_local(source) or any(ch in source for ch in "*?["):
+                try:
+                    files = local_files(source, f"data.{key}", split)
+                except UserError:
+                    continue
+                for name in files:
+                    found[f"data.{key} {os.path.abspath(name)}"] = {"size": os.path.getsize(name), "sha256": sha256_file(name)}
+            else:
+                found[f"data.{key} {source}"] = {"hub": source, "subset": data.subset, "split": split}
+    return found
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two data fingerprints, one phrase each."""
+    changes = [f"{name} changed" for name in sorted(set(old) & set(new)) if old[name] != new[name]]
+    changes += [f"{name} is new" for name in sorted(set(new) - set(old))]
+    changes += [f"{name} is gone" for name in sorted(set(old) - set(new))]
+    return changes

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from dpo_cli.checkpoint import load_training_state, write_checkpoint
+from dpo_cli.checkpoint import resume_newest_valid, write_checkpoint
 from dpo_cli.distributed import fsdp_uniform_dtype, reduce_max, reduce_sum
 from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.optim import build_optimizer, build_scheduler
@@ -189,9 +189,8 @@ def train(
     scaler = getattr(accelerator, "scaler", None)
 
     state = LoopState()
-    checkpoint = run.latest_checkpoint()
+    checkpoint, loaded = resume_newest_valid(run, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
     if checkpoint is not None:
-        loaded = load_training_state(checkpoint, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
         state = LoopState(**loaded)
         if runtime.is_main:
             note(f"resuming from {checkpoint} (step {state.step} of {total_steps})")

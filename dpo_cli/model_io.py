@@ -23,7 +23,7 @@ from dpo_cli.models import (
     quantization_config,
 )
 from dpo_cli.recipes import ModelSection, QuantizationSection, TokenizerSection
-from dpo_cli.sources import ModelSource, resolve_source
+from dpo_cli.sources import ModelSource, refuse_pickle_weights, resolve_source
 from dpo_cli.tokenization import ensure_pad_token, load_tokenizer
 
 
@@ -97,6 +97,7 @@ def load_reward_model(
     A run trained in 4-bit is loaded in 4-bit with its adapter (so it scores as it was trained), unless
     `quantization` says otherwise."""
     source = resolve_source(name_or_path)
+    refuse_pickle_weights(source, what)
     config_source = resolve_source(source.adapter_base).path if source.is_adapter else source.path
     if source.is_adapter:
         task = json.loads((Path(source.path) / "adapter_config.json").read_text()).get("task_type")
@@ -154,6 +155,7 @@ def load_policy(name_or_path: str, device: torch.device, cache_dir: Path, what: 
     """A policy to evaluate (frozen): a run trained in 4-bit comes back in 4-bit with its adapter (as it was
     trained); anything else at full precision, adapters merged."""
     source = resolve_source(name_or_path)
+    refuse_pickle_weights(source, what)
     quantization = trained_quantization(source)
     cfg = ModelSection(name_or_path=name_or_path)
     tokenizer, _ = build_tokenizer(cfg, TokenizerSection())

@@ -26,7 +26,7 @@ from transformers import (
 
 from dpo_cli import distributed
 from dpo_cli.errors import UserError
-from dpo_cli.sources import ModelSource, resolve_source
+from dpo_cli.sources import ModelSource, refuse_pickle_weights, resolve_source
 from dpo_cli.recipes import ModelSection, QuantizationSection, TokenizerSection
 from dpo_cli.tokenization import ensure_pad_token, load_tokenizer
 
@@ -224,7 +224,9 @@ EMBEDDING_KEYS = ("embed_tokens.weight", "lm_head.weight", "embed_in.weight", "e
 def check_model_input(cfg: ModelSection, head: str) -> None:
     """Before a run dir is touched: the model input exists, is complete, and can be this kind of model."""
     if cfg.init is None and cfg.name_or_path is not None:
-        check_head(resolve_source(cfg.name_or_path, cfg.revision), head)
+        source = resolve_source(cfg.name_or_path, cfg.revision)
+        refuse_pickle_weights(source, "model.name_or_path", cfg.allow_pickle_weights)
+        check_head(source, head)
 
 
 def check_head(source: ModelSource, head: str) -> None:

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from dpo_cli import ui
 from dpo_cli.errors import UserError
-from dpo_cli.recipe_loader import format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for
+from dpo_cli.recipe_loader import format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
 from dpo_cli.recipes import ALL_STAGES, LocalPath, Section
 from dpo_cli.rundir import RunDir, atomic_write_json
 
@@ -171,7 +171,7 @@ def decide(step: Step, smoke: bool, earlier: list[Step]) -> tuple[str, str]:
         return "run", "not run yet"
     recipe = load_recipe(step.recipe, step.kind, step.overrides, smoke)
     recipe.run_dir = str(run.path)
-    changed = recipe_diff(run.saved_recipe(), recipe_to_dict(recipe))
+    changed = recipe_diff(with_current_defaults(run.saved_recipe(), type(recipe)), recipe_to_dict(recipe))
     if changed:
         return "rerun", "recipe changed: " + "; ".join(changed)
     if upstream:

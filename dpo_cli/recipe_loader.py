@@ -378,6 +378,15 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def with_current_defaults(saved: dict[str, Any], schema: type[BaseModel]) -> dict[str, Any]:
+    """A run dir's saved recipe as this version resolves it: keys added since it was written take their
+    defaults, so an older run resumes (its settings are the same); a recipe this schema refuses stays as saved."""
+    try:
+        return recipe_to_dict(schema.model_validate(saved))
+    except Exception:  # noqa: BLE001 - then the plain comparison names every difference
+        return saved
+
+
 def recipe_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
     """Human-readable `key: old -> new` lines for every setting that changed (ignoring log-only keys)."""
     flat_old, flat_new = _flatten(old), _flatten(new)

@@ -14,6 +14,7 @@ Nothing that exists is overwritten in place: files are written to a temporary na
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fcntl
 import json
 import os
@@ -29,6 +30,14 @@ from dpo_cli.errors import UserError
 
 CHECKPOINT_MARKER = "trainer_state.json"  # written last: a checkpoint without it is not complete
 OUTPUT_KEYS = ("final_dir", "prefs")  # summary.json keys naming what a finished stage produced
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -179,7 +188,14 @@ class RunDir:
     def saved_recipe(self) -> dict[str, Any] | None:
         if not self.recipe_path.exists():
             return None
-        return yaml.safe_load(self.recipe_path.read_text(encoding="utf-8"))
+        try:  # the same safe loader as any recipe: a tag or a damaged file is one line, never a constructor
+            saved = yaml.safe_load(self.recipe_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{self.recipe_path}: this run dir's recipe cannot be read ({first}); use --fresh to start over (the old run is kept)") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{self.recipe_path}: this run dir's recipe is not a mapping; use --fresh to start over (the old run is kept)")
+        return saved
 
     def has_content(self) -> bool:
         return any(p.name != ".lock" for p in self.path.iterdir())
@@ -211,6 +227,13 @@ class RunDir:
         fsync_dir(self.path)
         fsync_dir(target)
         return target
+
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        path = self.path / "data_fingerprint.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def write_data_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "data_fingerprint.json", fingerprint)
 
     def holds_work(self) -> bool:
         """Anything a rerun resumes from, or that people made: checkpoints, final/, labels, sampled candidates,

@@ -23,6 +23,27 @@ class ModelSource:
         return self.adapter_base is not None
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "model.pt", "model.pth")
+
+
+def refuse_pickle_weights(source: ModelSource, what: str, allowed: bool = False) -> None:
+    """Weights come from safetensors: a local model or adapter (or an adapter's base) that holds only pickle
+    files, which run code as they load, is refused unless the recipe allows it for files it trusts."""
+    while True:
+        folder = Path(source.path)
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+            pickled = next((name for name in PICKLE_WEIGHTS if (folder / name).is_file()), None)
+            if pickled is not None and not allowed:
+                raise UserError(
+                    f"{what}: {folder / pickled} is a pickle file, which can run code when loaded; convert it to safetensors "
+                    "on a machine you trust (model.save_pretrained(DIR, safe_serialization=True)), or set "
+                    "model.allow_pickle_weights: true for a local file you trust"
+                )
+        if not source.is_adapter:
+            return
+        source = resolve_source(source.adapter_base)
+
+
 def require_complete(run: Path, what: str) -> None:
     """An input run dir must have finished: a half-trained model or half-labelled data is refused."""
     summary_path = run / "summary.json"

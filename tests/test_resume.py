@@ -91,6 +91,7 @@ def test_a_checkpoint_of_the_single_process_layout_still_resumes(tmp_path, cli, 
         assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 143
     checkpoint = tmp_path / "run" / "checkpoints" / "step-5"
     (checkpoint / "rng-rank0.pt").rename(checkpoint / "rng.pt")
+    (checkpoint / "manifest.json").unlink()  # that layout had no manifest either
     code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert_same_run(tmp_path / "run", tmp_path / "reference")

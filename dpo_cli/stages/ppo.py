@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dpo_cli import distributed, ui
-from dpo_cli.checkpoint import load_training_state, write_checkpoint
+from dpo_cli.checkpoint import resume_newest_valid, write_checkpoint
 from dpo_cli.costs import model_shape
 from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.encoding import prompt_ids_for_generation
@@ -245,9 +245,9 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
     scheduler = build_scheduler(optimizer, recipe.train, iterations * updates_per_iteration)
     state = PpoState(kl_coef=recipe.ppo.kl_coef)
-    checkpoint = run.latest_checkpoint()
+    checkpoint, loaded = resume_newest_valid(run, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, runtime=runtime)
     if checkpoint is not None:
-        state = PpoState(**load_training_state(checkpoint, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, runtime=runtime))
+        state = PpoState(**loaded)
         ui.note(f"resuming from {checkpoint} (iteration {state.iteration} of {iterations})")
     metrics_log = run.metrics_log(resume_step=state.iteration, enabled=runtime.is_main)
     samples_log = run.jsonl_log(run.path / "samples.jsonl", resume_step=state.iteration, enabled=runtime.is_main)

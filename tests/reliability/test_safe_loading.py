@@ -1,0 +1,46 @@
+"""Promise: nothing a file holds runs as code. Weights come from safetensors only unless a recipe allows pickle
+files it trusts; the run dir's own recipe.yaml is read with the safe loader; each refusal is one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+
+def pickled_copy(folder, target, weights="model.safetensors", pickle_name="pytorch_model.bin"):
+    """The folder as older tools saved it: the same weights as a pickle file instead of safetensors."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(folder, target)
+    torch.save(load_file(str(target / weights)), target / pickle_name)
+    (target / weights).unlink()
+    return target
+
+
+def test_pickle_weights_are_refused_unless_the_recipe_trusts_them(tmp_path, cli, sft_recipe, tiny_model_dir):
+    model = pickled_copy(tiny_model_dir, tmp_path / "old-model")
+    code, _, err = cli("sft", sft_recipe(model={"name_or_path": str(model)}), "--run-dir", tmp_path / "run")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{model / 'pytorch_model.bin'} is a pickle file, which can run code when loaded; convert it to safetensors" in err
+    assert not (tmp_path / "run").exists()
+    trusted = sft_recipe("trusted.yaml", model={"name_or_path": str(model), "allow_pickle_weights": True}, train={"max_steps": 1})
+    code, _, err = cli("sft", trusted, "--run-dir", tmp_path / "trusted")
+    assert code == 0, err
+
+
+def test_a_pickled_adapter_is_refused_too(tmp_path, cli, sft_recipe, dpo_recipe):
+    assert cli("sft", sft_recipe(model={"lora": {"r": 4}}, train={"max_steps": 1}), "--run-dir", tmp_path / "lora")[0] == 0
+    adapter = pickled_copy(tmp_path / "lora" / "final", tmp_path / "old-adapter", "adapter_model.safetensors", "adapter_model.bin")
+    code, _, err = cli("dpo", dpo_recipe(model={"name_or_path": str(adapter)}), "--run-dir", tmp_path / "run")
+    assert code == 1 and "adapter_model.bin is a pickle file" in err and "Traceback" not in err
+
+
+def test_a_tag_in_the_run_dirs_own_recipe_is_one_line_and_never_constructed(tmp_path, cli, sft_recipe):
+    recipe = sft_recipe(train={"max_steps": 1})
+    assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 0
+    saved = tmp_path / "run" / "recipe.yaml"
+    saved.write_text(saved.read_text() + "canary: !!python/object/apply:os.system ['touch " + str(tmp_path / "pwned") + "']\n")
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 1 and f"{saved}: this run dir's recipe cannot be read" in err and "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
