@@ -103,7 +103,9 @@ def verify_manifest(folder: Path) -> str | None:
         return None
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{path} is damaged"
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e) for e in files.values()):
         return f"{path} is damaged"
     for name, expected in files.items():
         where = folder / name
@@ -116,25 +118,52 @@ def verify_manifest(folder: Path) -> str | None:
     return None
 
 
+def _unreadable(exc: Exception) -> bool:
+    """A file torch or safetensors cannot deserialise (truncated, not a zip, a refused pickle); not an OOM."""
+    import pickle
+    import zipfile
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError)) or (
+        type(exc).__name__ == "SafetensorError"
+    )
+
+
 def resume_newest_valid(run: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, runtime: Any) -> tuple[Path | None, dict[str, Any] | None]:
-    """Put back the newest checkpoint that matches its manifest and loads; a damaged one is named and the one
-    before it tried. (None, None) when there is none; a clear error when none of several is usable."""
+    """Put back the newest checkpoint that matches its manifest and loads; a damaged one is named, moved aside
+    (checkpoints/damaged-step-N, so pruning never keeps it over good ones) and the one before it tried. Every
+    process takes the same one: a checkpoint any of them cannot use is skipped by all. (None, None) when
+    there is none; a clear error when none of several is usable."""
+    from dpo_cli.distributed import barrier, is_main, reduce_max
     from dpo_cli.ui import note
 
     found = run.checkpoints()
-    problems = []
+    problems, damaged = [], []
     for _step, folder in reversed(found):
         problem = verify_manifest(folder)
-        if problem is None:
+        loaded = None
+        if not reduce_max(1.0 if problem else 0.0):
             try:
-                return folder, load_training_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
+                loaded = load_training_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
             except UserError:
                 raise  # the checkpoint is fine; it does not fit this model or engine
-            except Exception as exc:  # a file torch or safetensors cannot read
+            except Exception as exc:  # noqa: BLE001 - sorted by _unreadable
+                if not _unreadable(exc):
+                    raise
                 text = str(exc).strip()
                 problem = f"{folder}: cannot be read ({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''})"
+        if not reduce_max(1.0 if problem else 0.0):
+            barrier()
+            if is_main():
+                for bad in damaged:
+                    os.replace(bad, bad.with_name(f"damaged-{bad.name}"))
+            barrier()
+            return folder, loaded
+        problem = problem or "another process could not use it"
         problems.append(problem)
-        if runtime is None or runtime.is_main:
+        damaged.append(folder)
+        if is_main():
             note(f"checkpoint {folder.name} is not usable: {problem}; trying the one before it")
     if problems:
         raise UserError(f"no usable checkpoint in {run.checkpoints_dir}: {problems[0]}; use --fresh to start over (the old run is kept)")

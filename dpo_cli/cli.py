@@ -178,7 +178,7 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
         if changes and not allow_data_change:
             raise UserError(
                 f"run dir {run.path} was started on other data ({'; '.join(changes[:3])}): resuming would train on a mix; "
-                "use --fresh to start over (the old run is kept), or --allow-data-change to go on with the new data"
+                "use --fresh to start over (the old run is kept), or --allow-data-change to go on with the new data (in a pipeline: --from STAGE)"
             )
         if changes:
             ui.note(f"--allow-data-change: going on with changed data ({'; '.join(changes[:3])})")
@@ -188,11 +188,17 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
     return saved
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC from Python, or torch's serializer failing to write (its RuntimeError carries no errno)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, RuntimeError) and ("No space left on device" in str(exc) or "file write failed" in str(exc))
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT from Python, or in the message of a library that carries no errno (torch's serializer,
+    safetensors' "os error 28"), here or in what caused it."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class LabelLog:
         self.repaired_bytes = self._repair()
         self.events: list[dict[str, Any]] = []
         self.skipped: list[int] = []  # line numbers (from 1) of malformed lines, kept in the file and skipped
+        self._skipped_bytes = b""
         if self.path.exists():
             for number, raw in enumerate(self.path.read_bytes().splitlines(keepends=True), start=1):
                 event = _parse(raw)
@@ -47,6 +49,7 @@ class LabelLog:
                     self.events.append(event)
                 elif raw.strip():
                     self.skipped.append(number)
+                    self._skipped_bytes += raw
                     self._quarantine(raw)
         self._handle = open(self.path, "a", encoding="utf-8")
 
@@ -98,7 +101,12 @@ class LabelLog:
             self._handle = None
 
     def _next_id(self, annotator: str) -> str:
-        return f"{annotator}-{sum(1 for e in self.events if e.get('annotator') == annotator) + 1}"
+        """One past the highest number this annotator's ids reached, in readable events and in skipped lines
+        (a count would repeat an id after a skipped line, and an undo would then retract two labels)."""
+        prefix = f"{annotator}-"
+        numbers = [int(e["id"][len(prefix):]) for e in self.events if str(e.get("id", "")).startswith(prefix) and e["id"][len(prefix):].isdigit()]
+        numbers += [int(n) for n in re.findall(rb'"id": *"' + re.escape(prefix.encode()) + rb'(\d+)"', self._skipped_bytes)]
+        return f"{prefix}{max(numbers, default=0) + 1}"
 
     def _append(self, event: dict[str, Any], sync: bool) -> dict[str, Any]:
         self._handle.write(json.dumps(event) + "\n")

@@ -225,9 +225,12 @@ def train(
                 step_loss, step_metrics = accumulate_gradients(model, window, step_fn, runtime)
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 lr = scheduler.get_last_lr()[0]
-                broken = nonfinite_step(step_loss, grad_norm)
+                # fp16 loss scaling meets inf gradients by design (it skips that step and lowers the scale itself)
+                broken = nonfinite_step(step_loss, grad_norm if scaler is None else None)
                 if broken:  # nothing is applied: the weights are still those of the last good step
                     optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.update()  # the scaler was unscaled for clipping: close its step
                     if cfg.nonfinite == "skip" and state.skipped_steps < cfg.max_skipped_steps:
                         state.skipped_steps += 1
                         state.micro_batches += cfg.grad_accum

@@ -111,6 +111,7 @@ def test_the_shipped_recipes_run_chained_as_their_users_run_them(name, tmp_path,
     assert set(report["policies"]) == {"sft", "ppo", "dpo"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_family_pipeline_runs_both_paths_and_the_comparison(name, tmp_path, cli, zoo, hub_data):
     family = FAMILIES[name]

@@ -42,6 +42,7 @@ def test_a_flipped_bit_in_the_weights_falls_back_to_the_checkpoint_before(tmp_pa
     assert code == 0, err
     assert "checkpoint step-7 is not usable" in err and "does not match its sha256" in err and "resuming from" in err and "step-6" in err
     assert_same_run(tmp_path / "run", tmp_path / "reference")  # exactly as if it never stopped
+    assert (checkpoints / "damaged-step-7").is_dir()  # moved aside: pruning can never keep it over good ones
 
 
 def test_a_truncated_optimizer_state_is_named_and_skipped(tmp_path, cli, interrupted):

@@ -80,6 +80,8 @@ def test_a_malformed_line_in_the_middle_of_the_log_is_skipped_and_kept(tmp_path)
     assert any("line 2: not a label event; skipped" in problem for problem in reopened.problems())
     assert (tmp_path / "labels.quarantine").read_bytes() == garbled
     reopened.label("p4", "ann", "B", "human")  # the log goes on; the bad line stays where it was
+    assert reopened.events[-1]["id"] == "ann-4"  # never ann-3 again: an undo would then retract two labels
+    assert reopened.undo_last("ann")["id"] == "ann-4" and [p for p, _ in reopened.active()] == ["p1", "p3"]
     reopened.close()
     assert path.read_bytes().splitlines(keepends=True)[1] == garbled
     assert LabelLog(path).skipped == [2] and (tmp_path / "labels.quarantine").read_bytes() == garbled  # quarantined once
