@@ -182,7 +182,7 @@ def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge |
     from dpo_cli.recipes import DataSection
 
     prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts), seed + 17, DataReport())
-    judge = build_judge(cfg.judge) if cfg.judge else None
+    judge = build_judge(cfg.chosen_judge())
     if cfg.reward_model is not None:
         model, tokenizer = load_reward_model(cfg.reward_model, device, "policy_eval.reward_model")
         proxy = RewardModelJudge(f"reward-model:{cfg.reward_model}", model, tokenizer, 16, device, 4096)

@@ -12,6 +12,7 @@ from dpo_cli.sections import (
     Dtype,
     GenerationSection,
     InitSection,
+    JudgeSpec,
     LocalPath,
     LoraSection,
     ModelSection,
@@ -22,7 +23,14 @@ from dpo_cli.sections import (
     TokenizerSection,
     TrainSection,
     _switch,
+    check_builtin_judge,
+    check_python_function,
+    judge_spec,
 )
+
+RUNS_CODE = " This runs your code: only keys named *python do."
+PYTHON_JUDGE = "your function 'module:function' (prompt, response) -> float, imported from the current directory or the Python path."
+
 
 # The shared sections are re-exported: a stage imports its schema and its sections from here.
 __all__ = [
@@ -55,7 +63,8 @@ class CollectSection(Section):
 
 class LabelSection(Section):
     by: Literal["human", "reward-model", "judge"] = Field("judge", description="Who picks the better response.")
-    judge: str = Field("sentiment", description="Built-in judge (sentiment, length) or a user function 'module:function'.")
+    judge: str = Field("sentiment", description="Built-in judge: sentiment or length (a function of your own goes in label.python).")
+    python: str | None = Field(None, description="The judge is " + PYTHON_JUDGE + RUNS_CODE)
     reward_model: PathOrHubId | None = Field(None, description="An rm-train run dir or any sequence-classification checkpoint with one output.")
     noise: float | None = Field(
         None, gt=0, description="Bradley-Terry temperature T: sample A with probability sigmoid((s_A - s_B) / T) (simulated noisy raters)."
@@ -68,13 +77,20 @@ class LabelSection(Section):
     annotator: str | None = Field(None, description="Name of the human annotator (default: --annotator, $DPO_CLI_ANNOTATOR, $USER).")
     batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
 
+    _judge = field_validator("judge")(lambda value: check_builtin_judge(value, "label.python"))
+    _python = field_validator("python")(check_python_function)
+
     @model_validator(mode="after")
     def _needs(self) -> LabelSection:
         if self.by == "reward-model" and self.reward_model is None:
             raise ValueError("label.by: reward-model needs label.reward_model (an rm-train run or a sequence classifier)")
-        if self.by == "judge" and ":" not in self.judge and self.judge not in ("sentiment", "length"):
-            raise ValueError(f"label.judge: {self.judge!r} is not a built-in judge (sentiment, length) nor 'module:function'")
+        if self.python is not None and self.by != "judge":
+            raise ValueError(f"label.python is the judge of label.by: judge, not of label.by: {self.by}")
+        self.chosen_judge()
         return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.judge, "label.judge", "sentiment", self.python, "label.python")
 
 
 class RecipeBase(Section):
@@ -127,15 +143,23 @@ class PolicyEvalSection(Section):
     every: int | None = Field(None, ge=1, description="Evaluate every N steps (and before the first); null: never.")
     prompts: PathOrHubId | None = Field(None, description="Held-out prompts (files, hub id or demo:NAME), like data.train.")
     max_prompts: int = Field(32, ge=1, description="Use at most this many prompts.")
-    judge: str | None = Field(None, description="Ground-truth judge: sentiment, length or module:function.")
+    judge: str | None = Field(None, description="Ground-truth judge: sentiment or length (a function of your own goes in policy_eval.python).")
+    python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
     reward_model: PathOrHubId | None = Field(None, description="Proxy reward model (ppo: its own reward model by default).")
     max_new_tokens: int = Field(48, ge=1, description="Longest response.")
+
+    _judge = field_validator("judge")(lambda value: check_builtin_judge(value, "policy_eval.python"))
+    _python = field_validator("python")(check_python_function)
 
     @model_validator(mode="after")
     def _prompts(self) -> PolicyEvalSection:
         if self.every is not None and self.prompts is None:
             raise ValueError("policy_eval.every needs policy_eval.prompts")
+        self.chosen_judge()
         return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.judge, "policy_eval.judge", None, self.python, "policy_eval.python")
 
 
 class DpoSection(Section):
@@ -178,8 +202,20 @@ class RmSection(Section):
         None, ge=0.0, description="Add coef x mean((r_c + r_r)^2), pulling the mean reward toward 0."
     )
     correlate_with: str | None = Field(
-        None, description="A judge (sentiment, length, module:function) whose ranking of held-out responses the learned scores are compared with."
+        None, description="A built-in judge (sentiment, length) whose ranking of held-out responses the learned scores are compared with."
     )
+    correlate_with_python: str | None = Field(None, description="Compare with " + PYTHON_JUDGE + RUNS_CODE)
+
+    _judge = field_validator("correlate_with")(lambda value: check_builtin_judge(value, "rm.correlate_with_python"))
+    _python = field_validator("correlate_with_python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> RmSection:
+        self.chosen_judge()
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.correlate_with, "rm.correlate_with", None, self.correlate_with_python, "rm.correlate_with_python")
 
 
 class RmRecipe(TrainingRecipe):
@@ -252,10 +288,22 @@ class HumanAbSection(Section):
 
 class JudgesSection(Section):
     function: str | None = Field(
-        "sentiment", description="The ground-truth judge: sentiment, length or module:function; null for none."
+        "sentiment", description="The ground-truth judge: sentiment or length (a function of your own goes in judges.python); null for none."
     )
+    python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
     reward_model: PathOrHubId | None = Field(None, description="The proxy: an rm-train run or any scalar sequence classifier.")
     human: HumanAbSection | None = Field(None, description="A blind pairwise A/B of two policies on the labelling screen.")
+
+    _judge = field_validator("function")(lambda value: check_builtin_judge(value, "judges.python"))
+    _python = field_validator("python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgesSection:
+        self.chosen_judge()
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.function, "judges.function", "sentiment", self.python, "judges.python")
 
 
 class CompareRecipe(RecipeBase):

@@ -7,6 +7,7 @@ the loader (recipe_loader.py) resolves them against the recipe's own folder.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,6 +28,49 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+BUILT_IN_JUDGES = ("sentiment", "length")
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """The judge a recipe chose: a built-in one, or a user function named in a key that says it runs code."""
+
+    builtin: str | None  # sentiment, length
+    python: str | None  # module:function
+    key: str  # the recipe key that named the function, for messages (e.g. label.python)
+
+    @property
+    def name(self) -> str:
+        return str(self.python or self.builtin)
+
+
+def check_builtin_judge(value: str | None, python_key: str) -> str | None:
+    """A judge key takes built-in judges only: user code must be named where the key says it runs code."""
+    if value is None or value in BUILT_IN_JUDGES:
+        return value
+    if ":" in value:
+        raise ValueError(f"{value!r} is user code: name it in {python_key} (the key that says it runs code), e.g. {python_key}: {value}")
+    raise ValueError(f"{value!r} is not a built-in judge (sentiment, length); a function of your own goes in {python_key}")
+
+
+def check_python_function(value: str | None) -> str | None:
+    if value is None:
+        return value
+    module_name, colon, function_name = value.partition(":")
+    if not colon or not all(part.isidentifier() for part in module_name.split(".") + function_name.split(".")):
+        raise ValueError(f"{value!r} is not 'module:function' (e.g. mypkg.judges:score)")
+    return value
+
+
+def judge_spec(builtin: str | None, builtin_key: str, builtin_default: str | None, python: str | None, python_key: str) -> JudgeSpec | None:
+    """The one judge two keys choose; a function beside a built-in judge other than the default is an error."""
+    if python is not None and builtin not in (None, builtin_default):
+        raise ValueError(f"{builtin_key} ({builtin!r}) and {python_key} ({python!r}) both name a judge: keep one")
+    if python is None and builtin is None:
+        return None
+    return JudgeSpec(builtin=None if python else builtin, python=python, key=python_key)
 
 
 def _switch(value: Any) -> Any:

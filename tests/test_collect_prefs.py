@@ -102,8 +102,9 @@ def test_failing_user_judge_skips_and_reports_pairs(tmp_path, cli, prefs_recipe,
         "def judge(prompt, response):\n    if len(response) % 2 == 0:\n        raise ValueError('cannot score')\n    return float(len(response))\n"
     )
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli("collect-prefs", prefs_recipe(label={"judge": "flaky:judge"}), "--run-dir", tmp_path / "run")
+    code, _, err = cli("collect-prefs", prefs_recipe(label={"judge": "sentiment", "python": "flaky:judge"}), "--run-dir", tmp_path / "run")
     assert code == 0, err
+    assert f"running user code judge from {tmp_path / 'flaky.py'}" in err
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
     failed = stats["left_out"].get("judge_failed", 0)
     assert failed > 0 and "raised ValueError: cannot score" in err

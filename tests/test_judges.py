@@ -12,6 +12,11 @@ import torch
 from dpo_cli.errors import UserError
 from dpo_cli.judges import RewardModelJudge, bradley_terry_choice, build_judge, length, sentiment
 from dpo_cli.model_io import load_reward_model
+from dpo_cli.sections import JudgeSpec
+
+
+def python_judge(spec):
+    return build_judge(JudgeSpec(builtin=None, python=spec, key="label.python"))
 
 
 def test_bradley_terry_without_noise_and_ties():
@@ -33,7 +38,7 @@ def test_bradley_terry_noise_follows_the_sigmoid():
 def test_builtin_judges():
     assert sentiment("", "A wonderful, brilliant film.") > 0.5 > sentiment("", "A boring, awful film.")
     assert length("", "one two three") == 3.0
-    scores = build_judge("sentiment").score(["p", "p"], ["I loved it.", "I hated it."])
+    scores = build_judge(JudgeSpec(builtin="sentiment", python=None, key="label.python")).score(["p", "p"], ["I loved it.", "I hated it."])
     assert scores.values[0] > 0 > scores.values[1] and not scores.errors
 
 
@@ -47,15 +52,16 @@ def test_user_function_judge(tmp_path, monkeypatch):
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    assert build_judge("myjudges:exclaim").score(["p"], ["wow!!"]).values == [2.0]
-    assert "raised RuntimeError: no model" in build_judge("myjudges:broken").score(["p"], ["x"]).errors[0]
-    assert "returned str 'good', not a number" in build_judge("myjudges:wordy").score(["p"], ["x"]).errors[0]
-    nan = build_judge("myjudges:nan").score(["p", "p"], ["x", "y"])
+    assert python_judge("myjudges:exclaim").score(["p"], ["wow!!"]).values == [2.0]
+    assert "raised RuntimeError: no model" in python_judge("myjudges:broken").score(["p"], ["x"]).errors[0]
+    assert "returned str 'good', not a number" in python_judge("myjudges:wordy").score(["p"], ["x"]).errors[0]
+    nan = python_judge("myjudges:nan").score(["p", "p"], ["x", "y"])
     assert nan.values == [None, None] and "returned nan" in nan.errors[1]
-    with pytest.raises(UserError, match="cannot import module 'nosuchmodule'"):
-        build_judge("nosuchmodule:f")
+    assert python_judge("myjudges:exclaim").name == "judge:myjudges:exclaim"
+    with pytest.raises(UserError, match="label.python: cannot import module 'nosuchmodule'"):
+        python_judge("nosuchmodule:f")
     with pytest.raises(UserError, match="has no function 'missing'"):
-        build_judge("myjudges:missing")
+        python_judge("myjudges:missing")
 
 
 def test_reward_model_scores_do_not_depend_on_batching(tiny_reward_model_dir):

@@ -82,9 +82,10 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
     return candidates
 
 
-def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime) -> Judge:
-    if recipe.label.by == "judge":
-        return build_judge(recipe.label.judge)
+def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime, judge: Judge | None) -> Judge:
+    """The judge built at the start, or the reward model, loaded only now that sampling has freed the policy."""
+    if judge is not None:
+        return judge
     model, tokenizer = load_reward_model(recipe.label.reward_model, runtime.device, trust_remote_code=False)
     return RewardModelJudge(f"reward-model:{recipe.label.reward_model}", model, tokenizer, recipe.label.batch_size, runtime.device, 4096)
 
@@ -197,10 +198,11 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         if runtime.world_size > 1:
             raise UserError("label.by: human labelling runs in one process; start it without torchrun / accelerate launch")
         require_terminal()  # refuse before sampling, not after
+    judge = build_judge(recipe.label.chosen_judge()) if recipe.label.by == "judge" else None  # user code: said before sampling
     candidates = sample_candidates(recipe, run, runtime, prompts, report)
     if not runtime.is_main:  # the others helped sample, and score with a machine judge; the main process writes
         if recipe.label.by != "human":
-            label_by_scores(recipe, machine_judge(recipe, runtime), form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)[0], None, runtime)
+            label_by_scores(recipe, machine_judge(recipe, runtime, judge), form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)[0], None, runtime)
         return {}
     pairs, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
     if not (run.path / "pairs.jsonl").exists():
@@ -218,7 +220,7 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
             status = "completed" if outcome == "done" else "partial"
             ui.note(f"{annotator}: {done} / {len(pairs)} labelled" + ("" if status == "completed" else "; run the same command to continue"))
         else:
-            left_out.update(label_by_scores(recipe, machine_judge(recipe, runtime), pairs, log, runtime))
+            left_out.update(label_by_scores(recipe, machine_judge(recipe, runtime, judge), pairs, log, runtime))
             status = "completed"
         standing = log.active_events()
     finally:

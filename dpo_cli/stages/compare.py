@@ -69,7 +69,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     baseline = recipe.baseline or names[0]
     reference_name = recipe.reference or baseline
 
-    judge: Judge | None = build_judge(recipe.judges.function) if recipe.judges.function else None
+    judge: Judge | None = build_judge(recipe.judges.chosen_judge())
     proxy: Judge | None = None
     if recipe.judges.reward_model:
         reward_model, reward_tokenizer = load_reward_model(recipe.judges.reward_model, runtime.device, "judges.reward_model")

@@ -12,7 +12,7 @@ import torch
 from dpo_cli import ui
 from dpo_cli.data import DataReport
 from dpo_cli.forward import RewardScores
-from dpo_cli.judges import RewardModelJudge, build_judge
+from dpo_cli.judges import Judge, RewardModelJudge, build_judge
 from dpo_cli.loop import BatchStream, StepFn, train
 from dpo_cli.losses import reward_loss
 from dpo_cli.models import build_model
@@ -33,9 +33,8 @@ def make_step(cfg: RmSection) -> StepFn:
     return step
 
 
-def judge_correlation(recipe: RmRecipe, judge_name: str, scorer: RewardModelJudge, rows: Any) -> float | None:
+def judge_correlation(judge: Judge, scorer: RewardModelJudge, rows: Any) -> float | None:
     """Spearman rank correlation between the learned scores and a judge's, over held-out responses."""
-    judge = build_judge(judge_name)
     prompts = [row["prompt"] for row in rows for _ in (0, 1)]
     responses = [row[side] if isinstance(row[side], str) else row[side][-1]["content"] for row in rows for side in ("chosen", "rejected")]
     learned = scorer.score(prompts, responses).values
@@ -56,6 +55,7 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
     # Model: the body of a base or SFT model with a fresh scalar head; full, LoRA (head trained in full) or 4-bit.
     bundle = build_model(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path, head="reward")
     announce(data.notes + bundle.notes)
+    judge = build_judge(recipe.rm.chosen_judge())  # user code is named (and a bad name refused) before training
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
@@ -75,11 +75,12 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
     highlights: dict[str, Any] = {"pairs/s": extra["pairs_per_sec"]}
     if result.eval_metrics:
         extra["eval_accuracy"] = highlights["held-out accuracy"] = result.eval_metrics["accuracy"]
-    if recipe.rm.correlate_with and eval_rows is not None:
+    if judge is not None and eval_rows is not None:
         scorer = RewardModelJudge("rm", bundle.model, tokenizer, eval_batch, runtime.device, recipe.data.max_length)
-        correlation = judge_correlation(recipe, recipe.rm.correlate_with, scorer, eval_rows)
-        extra["judge_rank_correlation"] = {"judge": recipe.rm.correlate_with, "spearman": correlation, "responses": 2 * len(eval_rows)}
-        highlights[f"rank correlation with {recipe.rm.correlate_with}"] = correlation
+        correlation = judge_correlation(judge, scorer, eval_rows)
+        judge_name = judge.name.removeprefix("judge:")
+        extra["judge_rank_correlation"] = {"judge": judge_name, "spearman": correlation, "responses": 2 * len(eval_rows)}
+        highlights[f"rank correlation with {judge_name}"] = correlation
     extra["highlights"] = highlights
     summary = summarize(stage="rm-train", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
     if "eval_accuracy" in extra:

@@ -1,0 +1,97 @@
+"""Promise: user code runs only where a recipe names it in a key that says so (`*python`), never from the
+standard library or a builtin, and the stage says which function from which file it runs."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from dpo_cli import ui
+from dpo_cli.errors import UserError
+from dpo_cli.judges import build_judge
+from dpo_cli.recipe_loader import load_recipe
+from dpo_cli.sections import JudgeSpec
+from tests.conftest import write_recipe
+
+# Every key that can name a judge: (stage, section, built-in key, python key, other keys the section needs).
+JUDGE_KEYS = [
+    ("collect-prefs", "label", "judge", "python", {"by": "judge"}),
+    ("dpo", "policy_eval", "judge", "python", {"every": 5, "prompts": "demo:prompts"}),
+    ("rm-train", "rm", "correlate_with", "correlate_with_python", {}),
+    ("compare", "judges", "function", "python", {}),
+]
+
+BASES = {
+    "collect-prefs": {"model": {"name_or_path": "m"}, "data": {"train": "demo:prompts"}},
+    "dpo": {"model": {"name_or_path": "m"}, "data": {"train": "demo:preferences"}},
+    "rm-train": {"model": {"name_or_path": "m"}, "data": {"train": "demo:preferences"}},
+    "compare": {"policies": {"a": "m"}, "data": {"train": "demo:prompts"}},
+}
+
+
+def recipe_error(tmp_path, stage, section, keys) -> str:
+    path = write_recipe(tmp_path / f"{stage}.yaml", {"stage": stage, **BASES[stage], section: keys})
+    with pytest.raises(UserError) as caught:
+        load_recipe(path, stage)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("stage, section, builtin_key, python_key, needs", JUDGE_KEYS, ids=[k[1] for k in JUDGE_KEYS])
+def test_a_function_in_a_judge_key_is_refused_with_where_it_goes(tmp_path, stage, section, builtin_key, python_key, needs):
+    message = recipe_error(tmp_path, stage, section, {**needs, builtin_key: "pydoc:pipepager"})
+    assert f"{section}.{builtin_key}: 'pydoc:pipepager' is user code: name it in {section}.{python_key}" in message
+    message = recipe_error(tmp_path, stage, section, {**needs, builtin_key: "length", python_key: "mine:score"})
+    assert f"{section}.{builtin_key} ('length') and {section}.{python_key} ('mine:score') both name a judge" in message
+    message = recipe_error(tmp_path, stage, section, {**needs, python_key: "not a function"})
+    assert f"{section}.{python_key}: 'not a function' is not 'module:function'" in message
+    path = write_recipe(tmp_path / "ok.yaml", {"stage": stage, **BASES[stage], section: {**needs, python_key: "mine:score"}})
+    spec = getattr(load_recipe(path, stage), section).chosen_judge()
+    assert spec == JudgeSpec(builtin=None, python="mine:score", key=f"{section}.{python_key}")
+
+
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("pydoc:pipepager", "is in Python's standard library"),
+        ("os:system", "is in Python's standard library"),
+        ("builtins:eval", "is in Python's standard library"),
+        ("subprocess:getoutput", "is in Python's standard library"),
+        ("sneaky:score", "resolves to subprocess, not to Python code of yours"),  # a user module re-exporting the stdlib
+        ("sneaky:run", "resolves to builtins, not to Python code of yours"),  # a builtin function bound in a user module
+    ],
+)
+def test_the_standard_library_and_builtins_are_never_user_code(tmp_path, monkeypatch, spec, why):
+    (tmp_path / "sneaky.py").write_text("from subprocess import getoutput as score\nrun = exec\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(UserError, match=f"^judges.python: '{spec}' {why}"):
+        build_judge(JudgeSpec(builtin=None, python=spec, key="judges.python"))
+
+
+def test_a_stage_says_which_user_code_it_runs_and_refuses_the_rest_before_anything_runs(tmp_path, cli, tiny_model_dir, monkeypatch):
+    (tmp_path / "explicit_judges.py").write_text("def exclaim(prompt, response):\n    return float(response.count('!'))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+    def recipe(label):
+        return write_recipe(tmp_path / "prefs.yaml", {
+            "stage": "collect-prefs", "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": "demo:prompts?n=4", "max_length": 48}, "generation": {"max_new_tokens": 4}, "label": label,
+        })  # fmt: skip
+
+    from dpo_cli.stages import collect_prefs
+
+    sample_candidates, events = collect_prefs.sample_candidates, []
+    monkeypatch.setattr(ui, "note", lambda message: events.append(message) or print(message, file=sys.stderr))
+    monkeypatch.setattr(collect_prefs, "sample_candidates", lambda *a: events.append("sampling") or sample_candidates(*a))
+
+    code, _, err = cli("collect-prefs", recipe({"python": "pydoc:pipepager"}), "--run-dir", tmp_path / "refused")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "label.python: 'pydoc:pipepager' is in Python's standard library" in err
+    assert "sampling" not in events and not (tmp_path / "refused").exists()
+
+    code, _, err = cli("collect-prefs", recipe({"python": "explicit_judges:exclaim"}), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    said = f"running user code exclaim from {tmp_path / 'explicit_judges.py'}"
+    assert said in err and events.index(said) < events.index("sampling")  # at the start, before the policy samples
