@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_cli.errors import UserError
-from dpo_cli.rundir import CHECKPOINT_MARKER, sha256_file
+from dpo_cli.rundir import CHECKPOINT_MARKER, sha256_file, writing
 
 TRAINABLE_FILE = "trainable.safetensors"
 MANIFEST = "manifest.json"  # sha256 and size of every other file: resume verifies it
@@ -206,26 +206,27 @@ def write_checkpoint(
                 extra(folder)
             save_training_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state)
         return run.checkpoints_dir / f"step-{step}"
-    tmp = run.checkpoint_staging(step)
+    tmp, target = run.checkpoint_staging(step), run.checkpoints_dir / f"step-{step}"
     if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(capture_rng(), tmp / f"rng-rank{runtime.rank}.pt")
-    if runtime.sharded:
-        runtime.accelerator.save_state(str(tmp / "engine"))
+    with writing(target):  # a half-written staging folder is removed by the next start (clean_partial)
+        torch.save(capture_rng(), tmp / f"rng-rank{runtime.rank}.pt")
+        if runtime.sharded:
+            runtime.accelerator.save_state(str(tmp / "engine"))
+        barrier()
+        if runtime.is_main:
+            if extra is not None:
+                extra(tmp)
+            save_shared_state(
+                tmp, model=None if runtime.sharded else model, optimizer=None if runtime.sharded else optimizer,
+                scheduler=scheduler, scaler=scaler, loop_state=loop_state,
+            )  # fmt: skip
+            mark_complete(tmp, loop_state)
+            run.publish_checkpoint(tmp, step, keep)
     barrier()
-    if runtime.is_main:
-        if extra is not None:
-            extra(tmp)
-        save_shared_state(
-            tmp, model=None if runtime.sharded else model, optimizer=None if runtime.sharded else optimizer,
-            scheduler=scheduler, scaler=scaler, loop_state=loop_state,
-        )  # fmt: skip
-        mark_complete(tmp, loop_state)
-        run.publish_checkpoint(tmp, step, keep)
-    barrier()
-    return run.checkpoints_dir / f"step-{step}"
+    return target
 
 
 def load_training_state(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.data_files import check_data_paths, data_fingerprint, fingerprint_changes
 from dpo_cli.recipe_loader import with_current_defaults, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
 from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, RecipeBase
-from dpo_cli.rundir import RunDir
+from dpo_cli.rundir import RunDir, disk_full
 
 app = typer.Typer(
     name="dpo-cli",
@@ -188,19 +187,6 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
     return saved
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """ENOSPC / EDQUOT from Python, or in the message of a library that carries no errno (torch's serializer,
-    safetensors' "os error 28"), here or in what caused it."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc) or "os error 28" in str(exc) or "Disk quota exceeded" in str(exc):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
 def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:
     from dpo_cli import distributed, slurm
     from dpo_cli.stages import stage_runner
@@ -215,8 +201,9 @@ def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) ->
                 ui.note(requeued)
         raise
     except BaseException as exc:
-        if is_disk_full(exc):
-            exc = UserError(run.no_space_message(getattr(exc, "filename", None)))
+        full = disk_full(exc)
+        if full is not None:
+            exc = UserError(run.no_space_message(getattr(full, "filename", None)))
         if distributed.is_main():
             try:
                 if run.holds_work():  # checkpoints, final/, labels, candidates: kept, marked failed, resumed by a rerun

@@ -14,8 +14,9 @@ Nothing that exists is overwritten in place: files are written to a temporary na
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -48,15 +49,47 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def disk_full(exc: BaseException | None) -> BaseException | None:
+    """The ENOSPC / EDQUOT in an exception or what caused it, also from a library that carries no errno
+    (torch's serializer, safetensors' "os error 28"); None when the disk was not full."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if any(text in str(exc) for text in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """A full disk while writing `target` (a file, or a folder staged under another name) says so by name."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None or (isinstance(full, OSError) and full.filename == str(target)):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(target)) from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Written to a temporary name, fsynced, renamed: `path` is the old file or the whole new one, never a
+    part; a failed write (e.g. a full disk) leaves no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing(path):
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -80,17 +113,19 @@ def fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staging(tmp: Path) -> Iterator[Path]:
-    """A fresh temporary folder to fill; removed if filling fails, fsynced (ready to rename) if it succeeds."""
+def _staging(tmp: Path, target: Path) -> Iterator[Path]:
+    """A fresh temporary folder to fill (to become `target`); removed if filling fails, fsynced (ready to
+    rename) if it succeeds."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_tree(tmp)
+    with writing(target):
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_tree(tmp)
 
 
 class MetricsLog:
@@ -103,8 +138,9 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
+            with writing(self.path):  # a line torn by a full disk is dropped on resume (read_metrics)
+                self._handle.write(json.dumps(record) + "\n")
+                self._handle.flush()
 
     def sync(self) -> None:
         if self._handle is not None:
@@ -292,7 +328,7 @@ class RunDir:
     def new_checkpoint(self, step: int, keep: int) -> Iterator[Path]:
         """Yield a temporary folder to fill; on success it becomes checkpoints/step-N, and old ones are pruned."""
         self.checkpoints_dir.mkdir(exist_ok=True)
-        with _staging(self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}") as tmp:
+        with _staging(self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}", self.checkpoints_dir / f"step-{step}") as tmp:
             yield tmp
         self.publish_checkpoint(tmp, step, keep)
 
@@ -325,7 +361,7 @@ class RunDir:
     @contextlib.contextmanager
     def new_final(self) -> Iterator[Path]:
         """Yield a temporary folder; on success it becomes final/ (an older final/ is moved aside first)."""
-        with _staging(self.path / f".tmp-final-{os.getpid()}") as tmp:
+        with _staging(self.path / f".tmp-final-{os.getpid()}", self.final_dir) as tmp:
             yield tmp
         if self.final_dir.exists():
             os.replace(self.final_dir, self.path / f"final.prev-{time.strftime('%Y%m%d-%H%M%S')}")

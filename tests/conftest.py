@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +42,29 @@ def with_sections(recipe: dict[str, Any], sections: dict[str, Any]) -> dict[str,
     for key, value in sections.items():
         recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
     return recipe
+
+
+TOLERANCE = 1e-6  # an exact resume: equal weights and losses up to float noise
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(final / name))
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in read_jsonl(run / "metrics.jsonl")]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    got, want = train_losses(run), train_losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= TOLERANCE
+    weights, expected = final_weights(run), final_weights(reference)
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(weights[name], expected[name], atol=TOLERANCE, rtol=0), name
 
 
 def torchrun(*args: Any, processes: int = 2, env: dict[str, str] | None = None):

@@ -19,7 +19,7 @@ from dpo_cli.models import build_causal_lm
 from dpo_cli.preference_data import collate_pairs, pair_encoder
 from dpo_cli.recipes import DpoSection, ModelSection
 from dpo_cli.stages.dpo import Reference, make_step
-from test_resume import assert_same_run
+from conftest import assert_same_run
 
 MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
 CPU = torch.device("cpu")

@@ -9,39 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import dpo_cli.checkpoint
 import dpo_cli.loop
 import dpo_cli.stages.common
-from conftest import interrupt_at_call, read_jsonl
+from conftest import assert_same_run, interrupt_at_call
 
-TOLERANCE = 1e-6
 MODES = {"full": {}, "lora": {"lora": {"r": 4, "dropout": 0.1}}, "qlora": {"lora": {"r": 4, "dropout": 0.1}, "quantization": {}}}
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    final = run / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(str(final / name))
-
-
-def train_losses(run: Path) -> list[tuple[int, float]]:
-    return [(m["step"], m["loss"]) for m in read_jsonl(run / "metrics.jsonl")]
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    got, want = train_losses(run), train_losses(reference)
-    assert [s for s, _ in got] == [s for s, _ in want]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= TOLERANCE
-    weights, expected = final_weights(run), final_weights(reference)
-    assert weights.keys() == expected.keys()
-    for name in expected:
-        assert torch.allclose(weights[name], expected[name], atol=TOLERANCE, rtol=0), name
 
 
 def signal_at_call(monkeypatch, call: int, signum: int) -> None:

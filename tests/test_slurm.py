@@ -18,7 +18,7 @@ import pytest
 import dpo_cli.stages.common
 from conftest import REPO, interrupt_at_call, read_jsonl, torchrun
 from dpo_cli import slurm
-from test_resume import assert_same_run
+from conftest import assert_same_run
 
 
 @pytest.fixture()

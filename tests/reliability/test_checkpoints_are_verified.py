@@ -10,7 +10,7 @@ import pytest
 
 import dpo_cli.stages.common
 from conftest import interrupt_at_call
-from test_resume import assert_same_run
+from conftest import assert_same_run
 
 
 @pytest.fixture()
