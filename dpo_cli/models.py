@@ -78,10 +78,21 @@ def quantization_config(cfg: QuantizationSection, device: torch.device) -> BitsA
     )
 
 
-def load_pretrained(auto_cls, path: str, revision: str | None, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
+def load_pretrained(
+    auto_cls, path: str, revision: str | None, trust_remote_code: bool, allow_pickle: bool = False, **kwargs
+) -> PreTrainedModel:
+    """The one from_pretrained: safetensors only (a hub repository too, where no local check can look)
+    unless the recipe allows pickle weights; a failure is one line."""
     try:
-        return auto_cls.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+        return auto_cls.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True, **kwargs
+        )
     except (OSError, ValueError) as exc:
+        if not allow_pickle and "loaded with `safetensors`" in str(exc):
+            raise UserError(
+                f"model {path!r} has no safetensors weights, only pickle files, which can run code when loaded; pick a revision "
+                "with safetensors, convert it on a machine you trust, or set model.allow_pickle_weights: true if you trust it"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load model {path!r}: not a local model folder and not reachable on the hub ({first})") from None
 
@@ -93,8 +104,9 @@ def load_unquantized(
     if not source.is_adapter:
         labels = {"num_labels": num_labels} if num_labels is not None else {}
         return load_pretrained(
-            auto_cls, source.path, source.revision, cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation, **labels
-        )
+            auto_cls, source.path, source.revision, cfg.trust_remote_code, cfg.allow_pickle_weights,
+            dtype=dtype, attn_implementation=cfg.attn_implementation, **labels,
+        )  # fmt: skip
     from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
@@ -286,6 +298,7 @@ def build_model(
                 source.path,
                 source.revision,
                 cfg.trust_remote_code,
+                cfg.allow_pickle_weights,
                 quantization_config=quantization_config(cfg.quantization, device),
                 dtype=dtype,
                 device_map={"": device},

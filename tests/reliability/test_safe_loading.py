@@ -44,3 +44,31 @@ def test_a_tag_in_the_run_dirs_own_recipe_is_one_line_and_never_constructed(tmp_
     code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
     assert code == 1 and f"{saved}: this run dir's recipe cannot be read" in err and "Traceback" not in err
     assert not (tmp_path / "pwned").exists()
+
+
+def as_hub_repository(folder, cache, repo_id, monkeypatch):
+    """`folder` as the hub cache holds a downloaded repository (models--ORG--NAME/snapshots/SHA, refs/main),
+    read offline through huggingface_hub as a hub id would be."""
+    import huggingface_hub.constants
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return repo_id
+
+
+def test_a_hub_repository_with_only_pickle_weights_is_refused_too(tmp_path, cli, sft_recipe, tiny_model_dir, monkeypatch):
+    """No local check can look inside a hub repository before the download: from_pretrained is told to take
+    safetensors only, and a repository without them is one line."""
+    repo_id = as_hub_repository(pickled_copy(tiny_model_dir, tmp_path / "old-model"), tmp_path / "hub", "acme/old-model", monkeypatch)
+    code, _, err = cli("sft", sft_recipe(model={"name_or_path": repo_id}), "--run-dir", tmp_path / "run")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "model 'acme/old-model' has no safetensors weights, only pickle files, which can run code when loaded" in err
+    trusted = sft_recipe("trusted.yaml", model={"name_or_path": repo_id, "allow_pickle_weights": True}, train={"max_steps": 1})
+    code, _, err = cli("sft", trusted, "--run-dir", tmp_path / "trusted")
+    assert code == 0, err
+    safe = as_hub_repository(tiny_model_dir, tmp_path / "hub", "acme/safe-model", monkeypatch)
+    assert cli("sft", sft_recipe("safe.yaml", model={"name_or_path": safe}, train={"max_steps": 1}), "--run-dir", tmp_path / "safe")[0] == 0
