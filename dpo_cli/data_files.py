@@ -202,10 +202,13 @@ def _first_bad_json_line(files: list[str]) -> str | None:
     return None
 
 
-def _first_bad_utf8(files: list[str]) -> str | None:
-    """Where a text data file stops being UTF-8, as `FILE line N (row M): ...`."""
+def _first_bad_line(files: list[str]) -> str | None:
+    """Where a text data file stops being UTF-8, or a JSON Lines file holds a line that is not an object, as
+    `FILE line N: ...`, before any parser sees it (pyarrow's JSON reader crashes the process on a file whose
+    first line is `null`)."""
     for name in files:
-        if Path(name).suffix.lower() not in (".jsonl", ".json", ".csv", ".txt"):
+        suffix = Path(name).suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv", ".txt"):
             continue
         with open(name, "rb") as handle:
             for number, line in enumerate(handle, start=1):
@@ -216,6 +219,13 @@ def _first_bad_utf8(files: list[str]) -> str | None:
                         f"{name} line {number}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
                         "save the file as UTF-8"
                     )
+                start = line.lstrip()[:1]
+                if suffix == ".jsonl" and start and start != b"{":
+                    try:
+                        kind = type(json.loads(line)).__name__.replace("NoneType", "null")
+                    except ValueError:
+                        return f"{name} line {number}: invalid JSON"
+                    return f"{name} line {number}: each line must be a JSON object, got {kind}"
     return None
 
 
@@ -230,9 +240,9 @@ def load_local(files: list[str], what: str) -> Dataset:
     for name in files:
         if _is_blank(name):
             raise UserError(f"{what}: {name} is empty")
-    undecodable = _first_bad_utf8(files)
-    if undecodable:
-        raise UserError(f"{what}: {undecodable}")
+    bad_line = _first_bad_line(files)
+    if bad_line:
+        raise UserError(f"{what}: {bad_line}")
     try:
         return datasets.load_dataset(builders.pop(), data_files=files, split="train")
     except Exception as exc:  # datasets wraps parser errors in several exception types

@@ -357,8 +357,9 @@ def load_recipe(
         return schema.model_validate(raw)
     except ValidationError as exc:
         lines = format_validation_error(exc, schema)
-        noun = "error" if len(lines) == 1 else "errors"
-        raise UserError(f"{path}: {len(lines)} recipe {noun}:\n  " + "\n  ".join(lines)) from None
+        if len(lines) == 1:
+            raise UserError(f"{path}: {lines[0]}") from None
+        raise UserError(f"{path}: {len(lines)} recipe errors:\n  " + "\n  ".join(lines)) from None
 
 
 def recipe_to_dict(recipe: RecipeBase) -> dict[str, Any]:

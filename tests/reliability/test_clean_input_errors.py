@@ -39,3 +39,14 @@ def test_a_collect_prefs_run_killed_before_its_prefs_is_refused_as_incomplete(tm
     code, _, err = cli("dpo", dpo_recipe(data={"train": str(run), "eval": None}), "--run-dir", tmp_path / "run")
     assert code == 1 and one_clear_line(err), err
     assert f"data.train: run {run} is not complete (status: not started)" in err
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named_before_pyarrow_sees_it(tmp_path, cli, sft_recipe):
+    """pyarrow's JSON reader (datasets 5.2, pyarrow 26) kills the process with a segfault on a file whose first
+    line is `null`: such lines are found and named first (the fuzz suite found this one)."""
+    recipe = sft_recipe()
+    data = tmp_path / "data" / "train.jsonl"
+    data.write_bytes(b"null\n" + data.read_bytes())
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 1 and one_clear_line(err), err
+    assert f"{data} line 1: each line must be a JSON object, got null" in err
