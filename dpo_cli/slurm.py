@@ -47,6 +47,10 @@ def requeue(signal_name: str, run_path: Path) -> str | None:
     if scontrol is None:
         return f"not requeued: `scontrol` is not on PATH (job {job}); resubmit the job to resume"
     done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+    answer = (done.stderr or done.stdout).strip()
+    if done.returncode != 0 and "pending execution" in answer:
+        # preempted with PreemptMode=REQUEUE or `scontrol requeue` from outside: Slurm requeues it already
+        return f"Slurm job {job} is already requeued by the scheduler; it resumes from {run_path} when it starts again"
     if done.returncode != 0:
-        return f"`scontrol requeue {job}` failed ({(done.stderr or done.stdout).strip()}); resubmit the job to resume"
+        return f"`scontrol requeue {job}` failed ({answer}); resubmit the job to resume"
     return f"requeued Slurm job {job}; it resumes from {run_path} when it starts again"

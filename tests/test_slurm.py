@@ -88,6 +88,12 @@ def test_requeue_signals_are_configurable(tmp_path, fake_scontrol, monkeypatch):
     assert calls(fake_scontrol) == []
 
 
+def test_a_job_the_scheduler_requeues_already_is_not_called_failed(tmp_path, fake_scontrol):
+    script = tmp_path / "bin" / "scontrol"
+    script.write_text('#!/bin/sh\necho "Job is pending execution for job 100_7" >&2\nexit 1\n')  # what Slurm 22.05 answers
+    assert slurm.requeue("SIGTERM", tmp_path) == f"Slurm job 100_7 is already requeued by the scheduler; it resumes from {tmp_path} when it starts again"
+
+
 def test_a_failing_scontrol_is_reported(tmp_path, fake_scontrol):
     script = tmp_path / "bin" / "scontrol"
     script.write_text('#!/bin/sh\necho "Invalid job id specified" >&2\nexit 1\n')
