@@ -21,7 +21,7 @@ from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.generate import generate
 from dpo_cli.judges import RewardModelJudge
-from dpo_cli.loop import LoopResult, LoopState, total_steps_for, weights_finite
+from dpo_cli.loop import LoopResult, LoopState, nonfinite_step, total_steps_for, weights_finite
 from dpo_cli.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -50,6 +50,7 @@ class PpoState:
     episodes: int = 0
     tokens: int = 0
     skipped: int = 0  # iterations with non-finite rewards: counted, never applied
+    skipped_updates: int = 0  # minibatch updates with a non-finite loss or gradient norm (train.nonfinite: skip)
     time_generate: float = 0.0
     time_train: float = 0.0
     trained_tokens: int = 0  # tokens through training passes (policy and critic, every epoch)
@@ -158,7 +159,7 @@ def update_phase(
     one backward. The default, two backwards, frees the policy's graph before the critic's is built: less
     memory on one GPU, the same gradients (tested)."""
     actor_critic = runtime.accelerator.unwrap_model(model)
-    cfg, sums, count, trained = recipe.ppo, {}, 0, 0
+    cfg, sums, count, trained, skipped = recipe.ppo, {}, 0, 0, 0
     temperature = recipe.generation.temperature
     first_ratio = None
     for epoch in range(cfg.ppo_epochs):
@@ -181,6 +182,16 @@ def update_phase(
                     value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
                 runtime.accelerator.backward(cfg.vf_coef * value_loss)
             grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic._trainable, recipe.train.max_grad_norm or float("inf"))
+            broken = nonfinite_step(distributed.mean(float((policy_loss + cfg.vf_coef * value_loss).detach())), grad_norm)
+            if broken is not None:  # never applied: every process sees the same reduced loss and norm
+                optimizer.zero_grad(set_to_none=True)
+                if recipe.train.nonfinite == "stop":
+                    raise UserError(
+                        f"{broken} in an update of iteration {iteration + 1}; it was not applied and nothing is written as final/; "
+                        "lower train.learning_rate, or set train.nonfinite: skip to skip such updates"
+                    )
+                skipped += 1
+                continue
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -201,6 +212,7 @@ def update_phase(
     metrics = {key: value / runtime.world_size for key, value in zip(names, means)}
     metrics["ratio/first_minibatch"] = means[-1] / runtime.world_size
     metrics["updates"] = count
+    metrics["skipped_updates"] = skipped
     metrics["trained_tokens"] = int(distributed.reduce_sum([trained])[0])
     return metrics
 
@@ -297,6 +309,12 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                     experience_phase(actor_critic, rollout, recipe, iteration)
                 kl = advantage_phase(rollout, recipe, state.kl_coef)
                 update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=world > 1)
+                state.skipped_updates += update["skipped_updates"]
+                if state.skipped_updates > recipe.train.max_skipped_steps:
+                    raise UserError(
+                        f"more than train.max_skipped_steps={recipe.train.max_skipped_steps} updates had a non-finite loss or gradient "
+                        "norm; nothing is written as final/; lower train.learning_rate and start over with --fresh"
+                    )
                 if not weights_finite([p for p in actor_critic.parameters() if p.requires_grad]):
                     last = run.latest_checkpoint()
                     raise UserError(
@@ -379,6 +397,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         "time_generate_s": round(state.time_generate, 3),
         "time_train_s": round(state.time_train, 3),
         "skipped_iterations": state.skipped,
+        "skipped_updates": state.skipped_updates,
         "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models",
         "highlights": {"episodes/s": state.episodes / max(state.time_generate + state.time_train, 1e-9), "skipped iterations": state.skipped},
         # sampling, then the policy's, reference's and critic's passes over every rollout; the reward model's

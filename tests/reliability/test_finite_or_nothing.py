@@ -81,3 +81,28 @@ def test_ppo_whose_every_iteration_was_skipped_fails(tmp_path, cli, ppo_recipe, 
     recipe = ppo_recipe(ppo={"reward_model": str(tmp_path / "nan-rm"), "mini_batch_size": 2, "ppo_epochs": 1})
     code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
     assert code == 1 and "all 3 iterations were skipped" in err and not (tmp_path / "run" / "final").exists()
+
+
+def test_a_ppo_update_with_a_nan_loss_is_never_applied(tmp_path, cli, ppo_recipe, monkeypatch):
+    import dpo_cli.stages.ppo
+
+    real, calls = dpo_cli.stages.ppo.ppo_policy_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    monkeypatch.setattr(dpo_cli.stages.ppo, "ppo_policy_loss", poisoned)
+    code, _, err = cli("ppo", ppo_recipe(), "--run-dir", tmp_path / "stop")
+    assert code == 1 and "the loss became nan in an update of iteration 1; it was not applied" in err and "Traceback" not in err
+    assert not (tmp_path / "stop" / "final").exists()
+    calls["n"] = 0
+    code, _, err = cli("ppo", ppo_recipe("skip.yaml", train={"nonfinite": "skip"}), "--run-dir", tmp_path / "skip")
+    assert code == 0, err
+    summary = status(tmp_path / "skip")
+    assert summary["status"] == "completed" and summary["skipped_updates"] == 1
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "skip" / "final" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
