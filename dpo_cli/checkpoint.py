@@ -81,13 +81,16 @@ def mark_complete(folder: Path, loop_state: dict[str, Any]) -> None:
 
 
 def write_manifest(folder: Path) -> None:
-    """sha256 and size of every file of the checkpoint, and the library versions that wrote it."""
+    """sha256 and size of every file of the checkpoint, the library versions that wrote it and the fingerprint
+    of the data it was trained on (the run's data_fingerprint.json: checkpoints/.tmp-step-N is two levels down)."""
     from dpo_cli.runtime import library_versions
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    fingerprint = folder.parent.parent / "data_fingerprint.json"
     manifest = {
         "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
         "versions": library_versions(),
+        "data": json.loads(fingerprint.read_text(encoding="utf-8")) if fingerprint.is_file() else None,
     }
     with open(folder / MANIFEST, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(manifest, indent=1) + "\n")

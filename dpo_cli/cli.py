@@ -171,8 +171,8 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
         ui.note(f"--fresh: moved the previous run to {run.archive()}")
     data = getattr(recipe, "data", None)
     if data is not None:
-        current = data_fingerprint(data)
         recorded = run.data_fingerprint()
+        current = data_fingerprint(data, recorded)
         changes = fingerprint_changes(recorded, current) if recorded is not None and run.holds_work() else []
         if changes and not allow_data_change:
             raise UserError(

@@ -302,9 +302,32 @@ def check_data_paths(path: Path, recipe: Any) -> None:
         raise UserError(f"{path}: {len(problems)} data path errors:\n  " + "\n  ".join(problems))
 
 
-def data_fingerprint(data: Any) -> dict[str, Any]:
-    """What a stage's data is: each local file's size and sha256; a hub dataset's id, subset and split; a demo
-    set's spec. A source that cannot be resolved is left out (the stage itself reports it)."""
+def _file_fingerprint(name: str, known: dict[str, Any]) -> dict[str, Any]:
+    """Size and sha256; the hash of an earlier fingerprint is reused while the file's size, mtime and inode
+    are unchanged, so a resume does not re-read gigabytes of unchanged data."""
+    stat = os.stat(name)
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    if all(known.get(key) == value for key, value in seen.items()) and isinstance(known.get("sha256"), str):
+        return {**seen, "sha256": known["sha256"]}
+    return {**seen, "sha256": sha256_file(name)}
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of a hub dataset as the local cache holds it (what an offline load reads), or None."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def data_fingerprint(data: Any, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a stage's data is: each local file's size and sha256; a hub dataset's id, subset, split and cached
+    commit; a demo set's spec. A source that cannot be resolved is left out (the stage itself reports it).
+    `known`: the run's earlier fingerprint, whose hashes are reused for files that did not change."""
+    known = known or {}
     found: dict[str, Any] = {}
     for key in ("train", "eval"):
         value = getattr(data, key, None)
@@ -314,15 +337,21 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
                 found[f"data.{key} {source}"] = source
             elif is_local(source) or any(ch in source for ch in "*?["):
                 for name in local_files(source, f"data.{key}", split):  # what the stage would refuse, refused now
-                    found[f"data.{key} {os.path.abspath(name)}"] = {"size": os.path.getsize(name), "sha256": sha256_file(name)}
+                    entry = f"data.{key} {os.path.abspath(name)}"
+                    found[entry] = _file_fingerprint(name, known.get(entry) if isinstance(known.get(entry), dict) else {})
             else:
-                found[f"data.{key} {source}"] = {"hub": source, "subset": data.subset, "split": split}
+                found[f"data.{key} {source}"] = {"hub": source, "subset": data.subset, "split": split, "revision": _hub_revision(source)}
     return found
+
+
+def _content(entry: Any) -> Any:
+    """What a fingerprint entry says about the data itself (not where the file lies on disk or when it was touched)."""
+    return {k: v for k, v in entry.items() if k not in ("mtime_ns", "inode")} if isinstance(entry, dict) else entry
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two data fingerprints, one phrase each."""
-    changes = [f"{name} changed" for name in sorted(set(old) & set(new)) if old[name] != new[name]]
+    changes = [f"{name} changed" for name in sorted(set(old) & set(new)) if _content(old[name]) != _content(new[name])]
     changes += [f"{name} is new" for name in sorted(set(new) - set(old))]
     changes += [f"{name} is gone" for name in sorted(set(old) - set(new))]
     return changes

@@ -141,3 +141,27 @@ def test_validate_refuses_local_data_paths_that_do_not_exist(cli, tmp_path):
     assert "data.train[1]: " in err and "data.eval: no file matches" in err
     code, err = validate({"train": "data/sub/folder"})  # more separators than a hub id has
     assert code == 1 and "data.train: data/sub/folder does not exist" in err
+
+
+def test_a_data_fingerprint_reuses_hashes_of_unchanged_files_and_names_the_hub_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    import dpo_cli.data_files
+    from dpo_cli.data_files import data_fingerprint, fingerprint_changes
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    local = DataSection(train=str(tmp_path / "a.jsonl"))
+    first = data_fingerprint(local)
+    hashed = []
+    monkeypatch.setattr(dpo_cli.data_files, "sha256_file", lambda name: hashed.append(name) or "fresh")
+    assert data_fingerprint(local, first) == first and hashed == []  # size, mtime and inode unchanged: not re-read
+
+    cache = tmp_path / "hub"
+    (cache / "datasets--acme--reviews" / "refs").mkdir(parents=True)
+    (cache / "datasets--acme--reviews" / "refs" / "main").write_text("1111111111111111111111111111111111111111")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    hub = DataSection(train="acme/reviews")
+    before = data_fingerprint(hub)
+    assert before["data.train acme/reviews"]["revision"] == "1" * 40
+    (cache / "datasets--acme--reviews" / "refs" / "main").write_text("2" * 40)  # a newer download of the dataset
+    assert fingerprint_changes(before, data_fingerprint(hub)) == ["data.train acme/reviews changed"]
