@@ -88,6 +88,11 @@ def load_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True, **kwargs
         )
     except (OSError, ValueError) as exc:
+        if "contains custom code" in str(exc):
+            raise UserError(
+                f"model {path!r} can only be loaded by running code it ships (auto_map), which dpo-cli does not do unless "
+                "the recipe sets model.trust_remote_code: true; set it only for a repository you trust"
+            ) from None
         if not allow_pickle and "loaded with `safetensors`" in str(exc):
             raise UserError(
                 f"model {path!r} has no safetensors weights, only pickle files, which can run code when loaded; pick a revision "

@@ -72,3 +72,35 @@ def test_a_hub_repository_with_only_pickle_weights_is_refused_too(tmp_path, cli,
     assert code == 0, err
     safe = as_hub_repository(tiny_model_dir, tmp_path / "hub", "acme/safe-model", monkeypatch)
     assert cli("sft", sft_recipe("safe.yaml", model={"name_or_path": safe}, train={"max_steps": 1}), "--run-dir", tmp_path / "safe")[0] == 0
+
+
+def planted(folder, target, canary, model_type=None):
+    """A model folder whose config and tokenizer config point (auto_map) at a module that, if ever imported,
+    leaves a canary file: what a repository carrying remote code looks like."""
+    import json
+
+    shutil.copytree(folder, target)
+    code = f"open({str(canary)!r}, 'w').write('ran')\nfrom transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilForCausalLM\n"
+    (target / "evil.py").write_text(code)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    if model_type:
+        config["model_type"] = model_type
+    (target / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((target / "tokenizer_config.json").read_text())
+    tokenizer["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (target / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return target
+
+
+def test_remote_code_in_a_model_folder_never_runs(tmp_path, cli, sft_recipe, tiny_model_dir):
+    canary = tmp_path / "pwned"
+    known = planted(tiny_model_dir, tmp_path / "known-type", canary)  # a type transformers knows: its own code is used
+    code, _, err = cli("sft", sft_recipe(model={"name_or_path": str(known)}, train={"max_steps": 1}), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert not canary.exists()
+    unknown = planted(tiny_model_dir, tmp_path / "unknown-type", canary, model_type="evil-net")  # only the planted code could load it
+    code, _, err = cli("sft", sft_recipe("unknown.yaml", model={"name_or_path": str(unknown)}), "--run-dir", tmp_path / "refused")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "can only be loaded by running code it ships (auto_map)" in err and "model.trust_remote_code: true" in err
+    assert not canary.exists() and not (tmp_path / "refused").exists()
