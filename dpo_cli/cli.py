@@ -1,4 +1,4 @@
-"""The dpo-cli command line: parse flags, load the recipe, open the run dir, call the stage."""
+"""The dpo-cli command line: parse flags and hand them to the runner (runner.py) or the pipeline; one line per error."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from dpo_cli import __version__, ui
+from dpo_cli.data_files import check_data_paths
 from dpo_cli.errors import RunInterrupted, UserError
-from dpo_cli.data_files import check_data_paths, data_fingerprint, fingerprint_changes
-from dpo_cli.recipe_loader import with_current_defaults, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, recipe_to_yaml, schema_for, stage_of
-from dpo_cli.recipes import ALL_STAGES, PLANNED_STAGES, RecipeBase
-from dpo_cli.rundir import RunDir, disk_full
+from dpo_cli.recipe_loader import load_recipe, read_recipe_file, recipe_to_yaml, schema_for, stage_of
+from dpo_cli.recipes import ALL_STAGES
+from dpo_cli.runner import run_stage
 
 app = typer.Typer(
     name="dpo-cli",
@@ -94,127 +94,6 @@ def guarded(debug: bool, action: Callable[[], None]) -> None:
             raise
         ui.error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)")
         raise typer.Exit(1) from None
-
-
-def default_run_dir(recipe: RecipeBase, recipe_path: Path, run_dir: Path | None, smoke: bool) -> Path:
-    if run_dir is not None:
-        return run_dir.expanduser().resolve()
-    base = Path(recipe.run_dir) if recipe.run_dir else Path.cwd() / "runs" / recipe_path.stem
-    return base.with_name(base.name + "-smoke") if smoke else base
-
-
-def _mark_failed(run: RunDir, stage: str, status: str, message: str) -> None:
-    summary = run.summary() or {}
-    if summary.get("status") != "completed":
-        run.write_summary({"stage": stage, "status": status, "error": message})
-
-
-def run_stage(
-    stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool, allow_data_change: bool = False
-) -> None:
-    """Prepare the run dir on the main process (lock, recipe check, --fresh), tell the others what it
-    decided, and run the stage on every process."""
-    from dpo_cli import distributed
-
-    if stage in PLANNED_STAGES:
-        raise UserError(f"stage `{stage}` is not implemented yet")
-    recipe = load_recipe(recipe_path, stage, overrides, smoke)
-    if getattr(recipe, "model", None) is not None:
-        from dpo_cli.models import check_model_input
-
-        check_model_input(recipe.model, "reward" if stage == "rm-train" else "causal-lm")
-    path = default_run_dir(recipe, recipe_path, run_dir, smoke)
-    recipe.run_dir = str(path)
-    ui.only_main_process(distributed.is_main())
-    if not distributed.is_main():
-        verdict = distributed.broadcast(None)
-        if verdict == "error":
-            raise SystemExit(1)  # the main process reports why
-        if verdict == "run":
-            _execute(stage, recipe, RunDir(path), None)
-        distributed.barrier()
-        return
-    told = False
-    try:
-        with RunDir.open(path) as run:
-            saved = _prepare(run, recipe, fresh, allow_data_change)
-            told = distributed.broadcast("run" if saved is not False else "done") is not None
-            if saved is not False:
-                _execute(stage, recipe, run, saved)
-    except BaseException:
-        if not told:  # the others wait for a verdict: never leave them hanging
-            distributed.broadcast("error")
-        raise
-    distributed.barrier()  # all leave the stage once the main process has written its outputs (pipelines read them next)
-
-
-def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bool = False) -> dict | None | bool:
-    """Refuse a run dir of another recipe or (resuming) of other data, report a complete one (False), move an
-    old run aside with --fresh, write the resolved recipe and the data's fingerprint. Returns the recipe the
-    run dir held before (or None)."""
-    resolved = recipe_to_dict(recipe)
-    saved = run.saved_recipe()
-    if saved is not None and not fresh:
-        changed = recipe_diff(with_current_defaults(saved, type(recipe)), resolved)
-        if changed:
-            raise UserError(
-                f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
-                "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
-            )
-        if run.is_complete() and not recipe.reopens_complete_run():
-            ui.note(f"{run.path} is already complete (use --fresh to train again)")
-            ui.summary_table(run.summary())
-            return False
-    if run.has_content() and (fresh or saved is None):
-        if saved is None and not fresh:
-            raise UserError(f"run dir {run.path} is not empty and holds no dpo-cli run; choose another --run-dir")
-        ui.note(f"--fresh: moved the previous run to {run.archive()}")
-    data = getattr(recipe, "data", None)
-    if data is not None:
-        recorded = run.data_fingerprint()
-        current = data_fingerprint(data, recorded)
-        changes = fingerprint_changes(recorded, current) if recorded is not None and run.holds_work() else []
-        if changes and not allow_data_change:
-            raise UserError(
-                f"run dir {run.path} was started on other data ({'; '.join(changes[:3])}): resuming would train on a mix; "
-                "use --fresh to start over (the old run is kept), or --allow-data-change to go on with the new data (in a pipeline: --from STAGE)"
-            )
-        if changes:
-            ui.note(f"--allow-data-change: going on with changed data ({'; '.join(changes[:3])})")
-        run.write_data_fingerprint(current)
-    run.write_recipe(recipe_to_yaml(recipe))
-    run.clean_partial()
-    return saved
-
-
-def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:
-    from dpo_cli import distributed, slurm
-    from dpo_cli.stages import stage_runner
-
-    try:
-        stage_runner(stage)(recipe, run)
-    except RunInterrupted as exc:
-        if distributed.is_main():
-            _mark_failed(run, stage, "interrupted", str(exc))
-            requeued = slurm.requeue(exc.signal_name, run.path)  # last: Slurm may end this job right away
-            if requeued:
-                ui.note(requeued)
-        raise
-    except BaseException as exc:
-        full = disk_full(exc)
-        if full is not None:
-            exc = UserError(run.no_space_message(getattr(full, "filename", None)))
-        if distributed.is_main():
-            try:
-                if run.holds_work():  # checkpoints, final/, labels, candidates: kept, marked failed, resumed by a rerun
-                    _mark_failed(run, stage, "failed", str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
-                else:
-                    run.discard()  # nothing resumable was made: a corrected rerun starts clean
-            except OSError:
-                pass  # a full disk can refuse even the failure record: the run dir keeps what it had
-        if isinstance(exc, UserError):
-            raise exc from None
-        raise
 
 
 STAGE_EXAMPLES = {

@@ -19,9 +19,10 @@ from pydantic import Field, ValidationError, field_validator
 
 from dpo_cli import ui
 from dpo_cli.errors import UserError
-from dpo_cli.recipe_loader import format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
-from dpo_cli.recipes import ALL_STAGES, LocalPath, Section
+from dpo_cli.recipe_loader import Value, format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
+from dpo_cli.recipes import ALL_STAGES, LocalPath, RecipeBase, Section
 from dpo_cli.rundir import RunDir, atomic_write_json
+from dpo_cli.runner import run_recipe
 
 
 class PipelineStage(Section):
@@ -53,10 +54,15 @@ class Step:
     kind: str
     recipe: Path
     run_dir: Path
-    overrides: list[str]
+    values: list[Value]  # typed overrides: the file's seed, set and inputs
+    overrides: list[str]  # the command line's --set KEY=VALUE for this stage (they win)
     inputs: dict[str, str]  # input stage name -> its identity (when known)
     action: str = ""  # run | resume | skip | rerun
     reason: str = ""
+    recipe_object: RecipeBase | None = None  # the validated recipe the runner gets (steps that run)
+
+    def load(self, smoke: bool) -> RecipeBase:
+        return load_recipe(self.recipe, self.kind, self.overrides, smoke, self.values)
 
 
 def load_pipeline(path: Path) -> PipelineFile:
@@ -106,6 +112,13 @@ def identity(run_dir: Path) -> str | None:
     return hashlib.sha256(summary.read_bytes()).hexdigest()[:16] if summary.is_file() else None
 
 
+def _keys(dotted: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in dotted.split("."))
+    if not all(keys):
+        raise UserError(f"set: {dotted!r} is not a recipe key (e.g. train.learning_rate)")
+    return keys
+
+
 def split_overrides(overrides: list[str], kinds: dict[str, str]) -> dict[str, list[str]]:
     """`--set STAGE:key=value` for one stage; `--set key=value` for every stage whose recipe has that section
     (train.* skips compare), given after the file's own."""
@@ -143,14 +156,13 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
     for name in names:
         stage = pipeline.stages[name]
         run_dir = root / name
-        overrides = [f"seed={pipeline.seed}"] if pipeline.seed is not None else []
-        overrides += [f"{k}={json.dumps(v)}" for k, v in {**pipeline.set, **stage.set}.items()]
+        values: list[Value] = [(("seed",), pipeline.seed)] if pipeline.seed is not None else []
+        values += [(_keys(k), v) for k, v in {**pipeline.set, **stage.set}.items()]
         for key, source in stage.inputs.items():
             dirs = [str(root / s) for s in ([source] if isinstance(source, str) else source)]
-            overrides.append(f"{key}={json.dumps(dirs[0] if isinstance(source, str) else dirs)}")
-        overrides += extra_by_stage[name]
+            values.append((_keys(key), dirs[0] if isinstance(source, str) else dirs))
         sources = {s for v in stage.inputs.values() for s in ([v] if isinstance(v, str) else v)}
-        step = Step(name, stage.stage or name, Path(stage.recipe), run_dir, overrides, {s: identity(root / s) for s in sorted(sources)})
+        step = Step(name, stage.stage or name, Path(stage.recipe), run_dir, values, extra_by_stage[name], {s: identity(root / s) for s in sorted(sources)})
         forced = forced or name == start
         if only is not None and name != only:
             step.action, step.reason = "skip", "--only"
@@ -158,8 +170,8 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
             step.action, step.reason = "rerun", "--from"
         else:
             step.action, step.reason = decide(step, smoke, steps)
-        if step.action != "skip":
-            load_recipe(step.recipe, step.kind, step.overrides, smoke)  # a bad key or --set fails now, not hours later
+        if step.action != "skip" and step.recipe_object is None:
+            step.recipe_object = step.load(smoke)  # a bad key or --set fails now, not hours later
         steps.append(step)
     return steps
 
@@ -169,7 +181,7 @@ def decide(step: Step, smoke: bool, earlier: list[Step]) -> tuple[str, str]:
     upstream = [s.name for s in earlier if s.name in step.inputs and s.action != "skip"]
     if not run.path.is_dir() or run.saved_recipe() is None:
         return "run", "not run yet"
-    recipe = load_recipe(step.recipe, step.kind, step.overrides, smoke)
+    recipe = step.recipe_object = step.load(smoke)
     recipe.run_dir = str(run.path)
     changed = recipe_diff(with_current_defaults(run.saved_recipe(), type(recipe)), recipe_to_dict(recipe))
     if changed:
@@ -200,8 +212,6 @@ def print_plan(steps: list[Step], title: str) -> None:
 def run_pipeline(
     path: Path, only: str | None, start: str | None, dry_run: bool, smoke: bool, run_dir: Path | None = None, overrides: list[str] | None = None
 ) -> None:
-    from dpo_cli.cli import run_stage
-
     pipeline = load_pipeline(path)
     if run_dir is not None:
         pipeline.run_dir = str(run_dir.expanduser().resolve())
@@ -218,7 +228,8 @@ def run_pipeline(
         step.inputs = {s: identity(step.run_dir.parent / s) for s in step.inputs}  # the inputs as they are now
         ui.note(f"pipeline: {step.name} ({step.action}: {step.reason})")
         began = time.time()
-        run_stage(step.kind, step.recipe, step.run_dir, step.overrides, fresh=step.action == "rerun", smoke=smoke)
+        recipe = step.recipe_object or step.load(smoke)  # a step --only skipped at planning, re-run for its reader
+        run_recipe(step.kind, recipe, step.run_dir.expanduser().resolve(), fresh=step.action == "rerun")
         atomic_write_json(step.run_dir / "inputs.json", step.inputs)
         step.reason = f"done in {time.time() - began:.0f} s"
         gc.collect()

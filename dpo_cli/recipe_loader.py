@@ -333,13 +333,19 @@ def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> li
 # ----------------------------------------------------------------------------- the whole load
 
 
+Value = tuple[tuple[str, ...], Any]  # a typed override: (("dpo", "beta"), 0.1)
+
+
 def load_recipe(
     path: Path,
     stage: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     smoke: bool = False,
+    values: list[Value] | tuple[Value, ...] = (),
 ) -> RecipeBase:
-    """Read, override, resolve and validate a recipe; every problem is one UserError listing each bad key."""
+    """Read, override, resolve and validate a recipe; every problem is one UserError listing each bad key.
+    `values` are typed overrides (a pipeline's seed, set and inputs), applied before the `--set KEY=VALUE`
+    strings of the command line, which win."""
     path = Path(path)
     raw = read_recipe_file(path)
     stage = stage_of(path, raw, stage)
@@ -348,8 +354,7 @@ def load_recipe(
     _resolve_paths(raw, fields, path.resolve().parent)
     if smoke:
         apply_smoke(raw, schema)  # before --set, so an explicit override still wins
-    for text in overrides:
-        keys, value = parse_override(text)
+    for keys, value in [*values, *(parse_override(text) for text in overrides)]:
         apply_override(raw, keys, value)
         _resolve_paths(raw, fields, Path.cwd(), only={keys})  # a path given on the command line is relative to cwd
     raw["stage"] = stage

@@ -120,6 +120,17 @@ def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
     assert "report:" in out
 
 
+@pytest.mark.slow
+def test_the_demo_pipeline_is_deterministic(tmp_path, cli):
+    """Two runs of the (smoke) demo give the same comparison to the last digit: every policy's scores, KL,
+    win rate and samples (what a refactoring must keep bit-for-bit)."""
+    reports = []
+    for name in ("first", "second"):
+        assert cli("pipeline", REPO / "recipes/demo/pipeline.yaml", "--smoke", "--run-dir", tmp_path / name)[0] == 0
+        reports.append(json.loads((tmp_path / f"{name}-smoke" / "compare" / "report.json").read_text())["policies"])
+    assert reports[0] == reports[1]
+
+
 def test_the_demo_pipeline_runs_on_two_processes(tmp_path):
     """Every stage, unchanged, under torchrun: each stage waits until the main process has written its
     outputs before the next reads them, and only the main process prints."""

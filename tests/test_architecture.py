@@ -1,0 +1,86 @@
+"""The layering rules of docs/architecture.md, checked on the source: no import cycle anywhere in dpo_cli/
+(lazy imports inside functions count: they are the same dependency, only later), and no stage imports
+another stage."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+PACKAGE = REPO / "dpo_cli"
+
+
+def modules() -> dict[str, object]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the dpo_cli modules it imports (a `from package import name` counts the submodule name)."""
+    names = modules()
+
+    def owner(dotted: str) -> str | None:
+        while dotted and dotted not in names:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    graph = {}
+    for name, path in names.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {owner(alias.name) for alias in node.names if alias.name.startswith("dpo_cli")}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dpo_cli"):
+                imported |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else owner(node.module) for a in node.names}
+        graph[name] = imported - {name, None}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle, as the path that closes it (depth-first search, each cycle reported once)."""
+    found, state, path = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node], path[len(path):] = "open", [node]
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                found.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        state[node] = "done"
+        path.pop()
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_the_checker_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_dpo_cli_has_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_no_stage_imports_another_stage():
+    shared = {"dpo_cli.stages", "dpo_cli.stages.common"}  # the registry, and helpers every stage may use
+    graph = import_graph()
+    crossings = [
+        f"{name} imports {target}"
+        for name, targets in graph.items() if name.startswith("dpo_cli.stages.") and name not in shared
+        for target in targets if target.startswith("dpo_cli.stages.") and target not in shared
+    ]  # fmt: skip
+    assert crossings == []
+
+
+def test_the_cli_and_the_pipeline_sit_on_the_runner():
+    graph = import_graph()
+    assert "dpo_cli.runner" in graph["dpo_cli.cli"] and "dpo_cli.runner" in graph["dpo_cli.pipeline"]
+    assert "dpo_cli.cli" not in graph["dpo_cli.pipeline"] and "dpo_cli.cli" not in graph["dpo_cli.runner"]
