@@ -20,6 +20,7 @@ from dpo_cli import distributed
 from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.generate import Generation, generate
 from dpo_cli.judges import Judge
+from dpo_cli.losses import sequence_kl as kl_estimate
 from dpo_cli.recipes import GenerationSection
 from dpo_cli.rl import Rollout, make_rollout, response_logps
 
@@ -71,11 +72,8 @@ def full_distribution(cfg: GenerationSection) -> GenerationSection:
 
 @torch.no_grad()
 def sequence_kl(model: torch.nn.Module, reference: ReferenceLogps, rollout: Rollout) -> list[float]:
-    policy = (response_logps(model, rollout, 1.0)[0] * rollout.response_mask).sum(dim=1)  # (B,)
-    ref = reference(rollout)  # (B, T) per token, or (B,) per response (another tokenizer)
-    if ref.dim() == 2:
-        ref = (ref * rollout.response_mask).sum(dim=1)
-    return (policy - ref).tolist()
+    # the reference: (B, T) per token, or (B,) per response (another tokenizer)
+    return kl_estimate(response_logps(model, rollout, 1.0)[0], reference(rollout), rollout.response_mask).tolist()
 
 
 def text_reference(reference_model: torch.nn.Module, reference_tokenizer: Any) -> ReferenceLogps:

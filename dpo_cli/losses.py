@@ -1,4 +1,5 @@
-"""Loss math as pure functions of tensors: each returns (loss, metrics). No model, no recipe."""
+"""Loss and estimator math as pure functions of tensors: each loss returns (loss, metrics); estimators
+(log-probs, entropy, KL, normalisations) return tensors. No model, no recipe."""
 
 from __future__ import annotations
 
@@ -43,6 +44,46 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def tempered_token_logps(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of `targets` under softmax(logits / temperature) - the distribution a sampler at
+    that temperature drew from - and optionally the entropy of each of those distributions (no gradient).
+    logits: (B, T, V); targets: (B, T) -> logps (B, T), entropy (B, T) or None."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy
+
+
+def sequence_kl(policy_logps: torch.Tensor, reference_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """The k1 estimate of KL(pi || pi_ref) of each sampled response: log pi(y|x) - log pi_ref(y|x), each
+    summed over the response's tokens. policy_logps: (B, T); reference_logps: (B, T), or (B,) already summed
+    (a reference with another tokenizer); response_mask: (B, T) -> (B,). (PPO's per-token KL, summed over
+    the response, is the same estimate: kl_penalized_rewards.)"""
+    policy = (policy_logps * response_mask).sum(dim=1)
+    reference = (reference_logps * response_mask).sum(dim=1) if reference_logps.dim() == 2 else reference_logps
+    return policy - reference
+
+
+def mean_token_logps(sequence_logps: torch.Tensor, target_counts: torch.Tensor) -> torch.Tensor:
+    """A sequence's log-prob per token (IPO compares these, as TRL does, not the sums). (N,), (N,) -> (N,)."""
+    return sequence_logps / target_counts
+
+
+def penalize_unfinished(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores minus `penalty` for each response that hit the length limit without an EOS. (B,), (B,) -> (B,)."""
+    return scores - penalty * (~finished).float()
+
+
+def ppo_objective(policy_loss: torch.Tensor, value_loss: torch.Tensor, vf_coef: float) -> torch.Tensor:
+    """The one loss of a model whose policy and value head share a body: L_policy + vf_coef * L_value."""
+    return policy_loss + vf_coef * value_loss
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_cli.forward import _plain_linear_head
+from dpo_cli.losses import tempered_token_logps
 
 
 @dataclass
@@ -101,15 +102,7 @@ def response_logps(
         logits = base.get_output_embeddings()(hidden)  # (B, T, V), the response positions only
     else:
         logits = model(**inputs, use_cache=False).logits[:, context - 1 : -1]
-    logits = logits.float() / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    targets = rollout.query_response[:, context:]  # (B, T)
-    logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return logps, entropy
+    return tempered_token_logps(logits, rollout.query_response[:, context:], temperature, with_entropy)
 
 
 class ValueHead(torch.nn.Module):

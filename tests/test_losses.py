@@ -163,3 +163,42 @@ def test_reward_loss_hand_computed():
     assert with_margin.item() == pytest.approx((softplus(-0.5) + softplus(1)) / 2, abs=1e-6)
     centred, _ = reward_loss(chosen, rejected, center_rewards_coef=0.1)  # (1 + 0)^2 and (-0.5 + 0.5)^2 -> mean 0.5
     assert centred.item() == pytest.approx(loss.item() + 0.05, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- estimators
+
+from dpo_cli.losses import mean_token_logps, penalize_unfinished, ppo_objective, sequence_kl, tempered_token_logps  # noqa: E402
+
+
+def test_tempered_token_logps_hand_computed():
+    logits = torch.tensor([[[math.log(1.0), math.log(3.0)]]])  # (1, 1, 2): p = (1/4, 3/4) at temperature 1
+    logps, entropy = tempered_token_logps(logits, torch.tensor([[1]]), 1.0, with_entropy=True)
+    assert logps.item() == pytest.approx(math.log(0.75))
+    assert entropy.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    hot, none = tempered_token_logps(logits, torch.tensor([[1]]), 2.0)  # p ~ (1, sqrt 3): logits halved
+    assert hot.item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3)))) and none is None
+
+
+def test_tempered_token_logps_matches_a_straightforward_loop():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    logps, entropy = tempered_token_logps(logits, targets, 0.7, with_entropy=True)
+    for b in range(2):
+        for t in range(3):
+            probs = torch.softmax(logits[b, t] / 0.7, dim=-1)
+            assert logps[b, t].item() == pytest.approx(math.log(probs[targets[b, t]].item()), abs=1e-5)
+            assert entropy[b, t].item() == pytest.approx(-sum(p * math.log(p) for p in probs.tolist()), abs=1e-5)
+
+
+def test_sequence_kl_hand_computed():
+    policy = torch.tensor([[-1.0, -2.0, -9.0]])  # the last token is padding
+    reference = torch.tensor([[-1.5, -1.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert sequence_kl(policy, reference, mask).tolist() == [(-1.0 - 2.0) - (-1.5 - 1.0)]  # -0.5
+    assert sequence_kl(policy, torch.tensor([-4.0]), mask).tolist() == [1.0]  # a reference summed already
+
+
+def test_small_estimators_hand_computed():
+    assert mean_token_logps(torch.tensor([-6.0, -3.0]), torch.tensor([3, 2])).tolist() == [-2.0, -1.5]
+    assert penalize_unfinished(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), 0.5).tolist() == [1.0, 0.5]
+    assert ppo_objective(torch.tensor(2.0), torch.tensor(4.0), 0.1).item() == pytest.approx(2.4)

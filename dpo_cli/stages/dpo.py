@@ -22,7 +22,7 @@ from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.generate import generate
 from dpo_cli.loop import BatchStream, StepFn, train
-from dpo_cli.losses import dpo_loss
+from dpo_cli.losses import dpo_loss, mean_token_logps
 from dpo_cli.models import ModelBundle, build_causal_lm
 from dpo_cli.preference_data import collate_pairs
 from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
@@ -85,7 +85,7 @@ def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
         policy_logps, counts = model(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,), (2B,)
         ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
         if cfg.loss == "ipo":  # IPO compares mean per-token log-probs (as TRL does)
-            policy_logps, ref_logps = policy_logps / counts, ref_logps / counts
+            policy_logps, ref_logps = mean_token_logps(policy_logps, counts), mean_token_logps(ref_logps, counts)
         pairs = policy_logps.size(0) // 2
         return dpo_loss(
             policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], cfg.beta, cfg.loss, cfg.label_smoothing

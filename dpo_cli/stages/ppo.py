@@ -29,6 +29,8 @@ from dpo_cli.losses import (
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
+    penalize_unfinished,
+    ppo_objective,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -105,7 +107,7 @@ def score_phase(rollout: Rollout, reward: RewardModelJudge, recipe: PpoRecipe) -
     """Reward-model scores of each full (prompt, response), re-tokenised for the reward model."""
     scores = torch.tensor(reward.score(rollout.prompts, rollout.texts).values, dtype=torch.float32, device=rollout.response_mask.device)
     if recipe.ppo.missing_eos_penalty:
-        scores = scores - recipe.ppo.missing_eos_penalty * (~rollout.finished).float()
+        scores = penalize_unfinished(scores, rollout.finished, recipe.ppo.missing_eos_penalty)
     return scores
 
 
@@ -171,7 +173,7 @@ def update_phase(
                     logps, values = model(part.query_response, part.attention_mask, part.context_length, temperature)
                     policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
                     value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
-                runtime.accelerator.backward(policy_loss + cfg.vf_coef * value_loss)
+                runtime.accelerator.backward(ppo_objective(policy_loss, value_loss, cfg.vf_coef))
             else:
                 with runtime.accelerator.autocast():
                     logps, _ = actor_critic.policy_logps(part, temperature)
@@ -180,9 +182,9 @@ def update_phase(
                 with runtime.accelerator.autocast():
                     values = actor_critic.values(part)
                     value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
-                runtime.accelerator.backward(cfg.vf_coef * value_loss)
+                runtime.accelerator.backward(cfg.vf_coef * value_loss)  # the critic's share of ppo_objective
             grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic._trainable, recipe.train.max_grad_norm or float("inf"))
-            broken = nonfinite_step(distributed.mean(float((policy_loss + cfg.vf_coef * value_loss).detach())), grad_norm)
+            broken = nonfinite_step(distributed.mean(float(ppo_objective(policy_loss, value_loss, cfg.vf_coef).detach())), grad_norm)
             if broken is not None:  # never applied: every process sees the same reduced loss and norm
                 optimizer.zero_grad(set_to_none=True)
                 if recipe.train.nonfinite == "stop":
