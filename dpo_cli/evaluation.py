@@ -175,15 +175,13 @@ def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge |
     if cfg.every is None:
         return None
     from dpo_cli.data import DataReport, load_prompts
-    from dpo_cli.judges import RewardModelJudge, build_judge
-    from dpo_cli.model_io import load_reward_model
+    from dpo_cli.judges import build_judge, reward_model_judge
     from dpo_cli.recipes import DataSection
 
     prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts), seed + 17, DataReport())
     judge = build_judge(cfg.chosen_judge())
     if cfg.reward_model is not None:
-        model, tokenizer = load_reward_model(cfg.reward_model, device, "policy_eval.reward_model")
-        proxy = RewardModelJudge(f"reward-model:{cfg.reward_model}", model, tokenizer, 16, device, 4096)
+        proxy = reward_model_judge(cfg.reward_model, device, "policy_eval.reward_model")
     sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=len(prompts))
 
     def evaluate(model: torch.nn.Module, tokenizer: Any, reference: ReferenceLogps, shard: bool = True) -> dict[str, Any]:

@@ -163,6 +163,20 @@ def build_judge(spec: JudgeSpec | None) -> FunctionJudge | None:
     return FunctionJudge(f"judge:{spec.name}", function)
 
 
+SCORE_BATCH_SIZE = 16  # responses per reward-model forward pass where a recipe has no key for it
+SCORE_MAX_LENGTH = 4096  # tokens a scored sequence keeps (its end, where the score is read)
+
+
+def reward_model_judge(
+    name_or_path: str, device: torch.device, what: str, batch_size: int = SCORE_BATCH_SIZE, quantization: Any = None, name: str | None = None
+) -> RewardModelJudge:
+    """A reward model named in a recipe (`what` is its key), loaded frozen and ready to score."""
+    from dpo_cli.model_io import load_reward_model
+
+    model, tokenizer = load_reward_model(name_or_path, device, what, quantization=quantization)
+    return RewardModelJudge(name or f"reward-model:{name_or_path}", model, tokenizer, batch_size, device, SCORE_MAX_LENGTH)
+
+
 class RewardModelJudge:
     """Scores (prompt, response) with a scalar sequence classifier, in batches, on exactly the token sequence
     reward-model training saw (prompt + response + EOS, or the chat template); an over-long sequence keeps its

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """JSON Lines as datasets and TRL read them: one object per line, UTF-8 (not escaped), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -378,5 +383,5 @@ class RunDir:
         """Any per-step JSONL log (records carry "step"): lines past the resumed checkpoint are dropped first."""
         if enabled and path.exists():
             kept = [line for line in read_metrics(path) if line.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
+            atomic_write_jsonl(path, kept)
         return MetricsLog(path, enabled=enabled)

@@ -17,20 +17,15 @@ from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.errors import UserError
 from dpo_cli.generate import generate
 from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
-from dpo_cli.judges import Judge, RewardModelJudge, bradley_terry_choice, build_judge, score_in_shards
+from dpo_cli.judges import Judge, bradley_terry_choice, build_judge, reward_model_judge, score_in_shards
 from dpo_cli.labels import LabelLog, now
 from dpo_cli.tokenization import chat_template_notes
 from dpo_cli.models import build_causal_lm, build_tokenizer
-from dpo_cli.model_io import load_reward_model
 from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
 from dpo_cli.prefs_import import convert_rows, detect_format
 from dpo_cli.recipes import CollectPrefsRecipe, TrainSection
-from dpo_cli.rundir import RunDir, atomic_write_json, atomic_write_text
+from dpo_cli.rundir import RunDir, atomic_write_json, atomic_write_jsonl
 from dpo_cli.runtime import Runtime, library_versions, setup_runtime
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _read_jsonl(path) -> list[dict[str, Any]]:
@@ -78,7 +73,7 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
         for index, prompt in enumerate(kept)
     ]
     if runtime.is_main:
-        atomic_write_text(path, _jsonl(candidates))
+        atomic_write_jsonl(path, candidates)
     return candidates
 
 
@@ -86,8 +81,7 @@ def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime, judge: Judge | N
     """The judge built at the start, or the reward model, loaded only now that sampling has freed the policy."""
     if judge is not None:
         return judge
-    model, tokenizer = load_reward_model(recipe.label.reward_model, runtime.device, trust_remote_code=False)
-    return RewardModelJudge(f"reward-model:{recipe.label.reward_model}", model, tokenizer, recipe.label.batch_size, runtime.device, 4096)
+    return reward_model_judge(recipe.label.reward_model, runtime.device, "label.reward_model", recipe.label.batch_size)
 
 
 def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair], log: LabelLog | None, runtime: Runtime) -> dict[str, int]:
@@ -129,7 +123,7 @@ def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair],
 
 
 def write_outputs(run: RunDir, records: list[dict[str, Any]], stats: dict[str, Any]) -> None:
-    atomic_write_text(run.path / "prefs.jsonl", _jsonl(records))
+    atomic_write_jsonl(run.path / "prefs.jsonl", records)
     atomic_write_json(run.path / "stats.json", stats)
 
 
@@ -206,7 +200,7 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         return {}
     pairs, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
     if not (run.path / "pairs.jsonl").exists():
-        atomic_write_text(run.path / "pairs.jsonl", _jsonl([p.as_dict() for p in pairs]))
+        atomic_write_jsonl(run.path / "pairs.jsonl", [p.as_dict() for p in pairs])
     left_out = {"identical_responses": identical} if identical else {}
 
     log = LabelLog(run.path / "labels.jsonl")

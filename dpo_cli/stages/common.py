@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from dpo_cli.model_io import save_final
 from dpo_cli.preference_data import PROBLEM, pair_encoder, prepare_pairs
 from dpo_cli.recipes import GenerationSection, TrainingRecipe
 from dpo_cli.plots import plot_training
-from dpo_cli.rundir import RunDir, atomic_write_text, read_metrics
+from dpo_cli.rundir import RunDir, atomic_write_jsonl, read_metrics
 from dpo_cli.runtime import Runtime, library_versions, peak_memory
 from dpo_cli.tokenization import chat_template_notes
 from dpo_cli import distributed, ui
@@ -111,7 +110,7 @@ def write_samples(
     generations = generate(model, bundle.tokenizer, [ids for _, ids in prompts], cfg, seed, runtime.device)
     samples = [{"prompt": text, "response": g.text.strip()} for (text, _), g in zip(prompts, generations)]
     if runtime.is_main:
-        atomic_write_text(run.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        atomic_write_jsonl(run.path / "samples.jsonl", samples)
     return samples
 
 

@@ -17,8 +17,8 @@ from dpo_cli.costs import path_cost
 from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.errors import UserError
 from dpo_cli.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference, win_rate
-from dpo_cli.judges import Judge, RewardModelJudge, build_judge
-from dpo_cli.model_io import load_policy, load_reward_model
+from dpo_cli.judges import Judge, build_judge, reward_model_judge
+from dpo_cli.model_io import load_policy
 from dpo_cli.recipes import CompareRecipe, TrainSection
 from dpo_cli.report import human_win_rate, render_report
 from dpo_cli.rundir import RunDir, read_metrics
@@ -72,8 +72,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     judge: Judge | None = build_judge(recipe.judges.chosen_judge())
     proxy: Judge | None = None
     if recipe.judges.reward_model:
-        reward_model, reward_tokenizer = load_reward_model(recipe.judges.reward_model, runtime.device, "judges.reward_model")
-        proxy = RewardModelJudge(f"reward-model:{recipe.judges.reward_model}", reward_model, reward_tokenizer, 16, runtime.device, 4096)
+        proxy = reward_model_judge(recipe.judges.reward_model, runtime.device, "judges.reward_model")
 
     def policy(name: str) -> tuple[torch.nn.Module, Any]:
         model, tokenizer = load_policy(recipe.policies[name], runtime.device, run.path / "cache", f"policies.{name}")

@@ -27,7 +27,7 @@ from dpo_cli.models import ModelBundle, build_causal_lm
 from dpo_cli.preference_data import collate_pairs
 from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
 from dpo_cli.rl import response_logps
-from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
 from dpo_cli.runtime import Runtime, setup_runtime
 from dpo_cli.stages.common import announce, load_preference_sets, save_final_model, summarize
 
@@ -170,7 +170,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     else:  # the initial policy, before any update (resumed runs reuse what it said)
         before = sample(bundle, prompts, recipe, runtime)
         if runtime.is_main:
-            atomic_write_text(before_path, "".join(json.dumps({"prompt": str(p), "response": r}) + "\n" for p, r in zip(prompts, before)))
+            atomic_write_jsonl(before_path, ({"prompt": str(p), "response": r} for p, r in zip(prompts, before)))
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
@@ -203,7 +203,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     after = sample(bundle, prompts, recipe, runtime)
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
     if runtime.is_main:
-        atomic_write_text(run.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        atomic_write_jsonl(run.path / "samples.jsonl", samples)
     pairs_per_sec = result.state.items / max(result.state.train_seconds, 1e-9)
     reference_tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids") for ids in train_set[column])
     forward_tokens = reference_tokens if recipe.dpo.precompute_ref else result.state.tokens  # the reference's passes

@@ -20,7 +20,7 @@ from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.generate import generate
-from dpo_cli.judges import RewardModelJudge
+from dpo_cli.judges import RewardModelJudge, reward_model_judge
 from dpo_cli.loop import LoopResult, LoopState, nonfinite_step, total_steps_for, weights_finite
 from dpo_cli.losses import (
     adaptive_kl_coef,
@@ -35,7 +35,6 @@ from dpo_cli.losses import (
     ppo_value_loss,
 )
 from dpo_cli.models import ModelBundle, build_causal_lm, build_model, build_tokenizer
-from dpo_cli.model_io import load_reward_model
 from dpo_cli.optim import build_optimizer, build_scheduler
 from dpo_cli.recipes import ModelSection, PpoRecipe
 from dpo_cli.rl import ActorCritic, Rollout, ValueHead, make_rollout
@@ -239,8 +238,10 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
     notes += report.notes + chat_template_notes(tokenizer, recipe.tokenizer.chat_template, raw)
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
-    reward_model, reward_tokenizer = load_reward_model(recipe.ppo.reward_model, runtime.device, "ppo.reward_model", quantization=recipe.ppo.reward_quantization)
-    reward = RewardModelJudge(recipe.ppo.reward_model, reward_model, reward_tokenizer, recipe.ppo.reward_batch_size, runtime.device, 4096)
+    reward = reward_model_judge(
+        recipe.ppo.reward_model, runtime.device, "ppo.reward_model", recipe.ppo.reward_batch_size, recipe.ppo.reward_quantization, name=recipe.ppo.reward_model
+    )
+    reward_model, reward_tokenizer = reward.scorer.model, reward.tokenizer
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         notes.append("the reward model has its own tokenizer: each response is re-tokenised from text for it")
     actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward_tokenizer.get_vocab())

@@ -4,7 +4,6 @@ or conversational), or preference pairs in any layout dpo reads (scored side by 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from dpo_cli.judges import RewardModelJudge
 from dpo_cli.model_io import load_reward_model
 from dpo_cli.prefs_import import normalize_pair
 from dpo_cli.recipes import DataSection
-from dpo_cli.rundir import atomic_write_text
+from dpo_cli.rundir import atomic_write_jsonl
 
 LAYOUTS = [("prompt", "response"), ("prompt", "completion"), ("chosen", "rejected")]  # chosen/rejected: with or without a prompt
 COLUMN_HINT = "map yours with --column, e.g. --column prompt=question"
@@ -113,7 +112,7 @@ def score_file(
         else:
             record["chosen_score"], record["rejected_score"] = own
         scored.append(record)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in scored))
+    atomic_write_jsonl(out, scored)
     summary: dict[str, Any] = {"rows": len(scored), "mean score": statistics.fmean(values), "score std": statistics.pstdev(values), "written to": str(out)}
     if per_row == 2:
         summary["accuracy (chosen > rejected)"] = statistics.fmean(float(r["chosen_score"] > r["rejected_score"]) for r in scored)

@@ -142,15 +142,15 @@ def prefs_recipe(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("file", ["candidates.jsonl", "pairs.jsonl", "prefs.jsonl"])
 def test_a_full_disk_in_collect_prefs_keeps_every_earlier_file_and_the_rerun_finishes(tmp_path, cli, prefs_recipe, disk, file):
     assert cli("collect-prefs", prefs_recipe, "--run-dir", tmp_path / "reference")[0] == 0
-    run, real = disk / "run", dpo_cli.stages.collect_prefs.atomic_write_text
+    run, real = disk / "run", dpo_cli.stages.collect_prefs.atomic_write_jsonl
 
-    def full_at_file(path, text):
+    def full_at_file(path, rows):
         if path.name == file:
             fill(disk)
-        return real(path, text)
+        return real(path, rows)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dpo_cli.stages.collect_prefs, "atomic_write_text", full_at_file)
+        patch.setattr(dpo_cli.stages.collect_prefs, "atomic_write_jsonl", full_at_file)
         code, _, err = cli("collect-prefs", prefs_recipe, "--run-dir", run)
     assert code == 1
     one_line_naming(err, disk, file)

@@ -47,15 +47,15 @@ def test_a_failed_second_session_keeps_every_label(tmp_path, cli, labelled, monk
 
 def test_a_full_disk_when_writing_prefs_keeps_the_labels_and_a_rerun_finishes(tmp_path, cli, labelled, monkeypatch):
     assert cli("collect-prefs", labelled, "--run-dir", tmp_path / "reference")[0] == 0
-    real = dpo_cli.stages.collect_prefs.atomic_write_text
+    real = dpo_cli.stages.collect_prefs.atomic_write_jsonl
 
-    def disk_full(path, text):
+    def disk_full(path, rows):
         if path.name == "prefs.jsonl":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, text)
+        return real(path, rows)
 
     with monkeypatch.context() as patch:
-        patch.setattr(dpo_cli.stages.collect_prefs, "atomic_write_text", disk_full)
+        patch.setattr(dpo_cli.stages.collect_prefs, "atomic_write_jsonl", disk_full)
         code, _, err = cli("collect-prefs", labelled, "--run-dir", tmp_path / "run")
     labels = LabelLog(tmp_path / "run" / "labels.jsonl").events
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
