@@ -13,7 +13,7 @@ import dpo_cli.stages.rm_train
 from conftest import interrupt_at_call, preference_rows, read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
 from dpo_cli.forward import RewardScores
 from dpo_cli.model_io import load_reward_model
-from test_resume import assert_same_run
+from conftest import assert_same_run
 
 MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
 CPU = torch.device("cpu")
