@@ -220,7 +220,9 @@ def _first_bad_line(files: list[str]) -> str | None:
                         "save the file as UTF-8"
                     )
                 start = line.lstrip()[:1]
-                if suffix == ".jsonl" and start and start != b"{":
+                if number == 1:
+                    start = line.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]  # a UTF-8 BOM, which datasets strips
+                if start and start != b"{" and (suffix == ".jsonl" or (suffix == ".json" and number == 1 and start != b"[")):
                     try:
                         kind = type(json.loads(line)).__name__.replace("NoneType", "null")
                     except ValueError:
@@ -344,6 +346,15 @@ def data_fingerprint(data: Any, known: dict[str, Any] | None = None) -> dict[str
     return found
 
 
+def _same_data(old: Any, new: Any) -> bool:
+    """Whether two entries describe the same data; a hub commit unknown on either side (not cached yet, or
+    a run dir from before commits were recorded) is not a change."""
+    old, new = _content(old), _content(new)
+    if isinstance(old, dict) and isinstance(new, dict) and (old.get("revision") is None or new.get("revision") is None):
+        old, new = {k: v for k, v in old.items() if k != "revision"}, {k: v for k, v in new.items() if k != "revision"}
+    return old == new
+
+
 def _content(entry: Any) -> Any:
     """What a fingerprint entry says about the data itself (not where the file lies on disk or when it was touched)."""
     return {k: v for k, v in entry.items() if k not in ("mtime_ns", "inode")} if isinstance(entry, dict) else entry
@@ -351,7 +362,7 @@ def _content(entry: Any) -> Any:
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two data fingerprints, one phrase each."""
-    changes = [f"{name} changed" for name in sorted(set(old) & set(new)) if _content(old[name]) != _content(new[name])]
+    changes = [f"{name} changed" for name in sorted(set(old) & set(new)) if _same_data(old[name], new[name]) is False]
     changes += [f"{name} is new" for name in sorted(set(new) - set(old))]
     changes += [f"{name} is gone" for name in sorted(set(old) - set(new))]
     return changes

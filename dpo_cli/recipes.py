@@ -331,7 +331,7 @@ class CompareRecipe(RecipeBase):
         human = self.judges.human
         if human is not None and (human.a not in names or human.b not in names):
             raise ValueError(f"judges.human: a and b must be policies ({', '.join(names)})")
-        if self.judges.function is None and self.judges.reward_model is None and human is None:
+        if self.judges.chosen_judge() is None and self.judges.reward_model is None and human is None:
             raise ValueError("judges: give a judge function, a reward model, or both")
         return self
 

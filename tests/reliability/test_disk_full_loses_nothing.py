@@ -119,7 +119,7 @@ def test_a_full_disk_in_a_training_run_loses_nothing_and_the_rerun_is_exact(tmp_
     no_temporary_files(run)
     assert not (run / "final").exists()
     for checkpoint in (run / "checkpoints").iterdir():
-        verify_manifest(checkpoint)  # every checkpoint on disk is whole
+        assert verify_manifest(checkpoint) is None  # every checkpoint on disk is whole
     reference_lines = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
     for got, want in zip(read_metrics(run / "metrics.jsonl"), reference_lines):  # (a torn last line skipped)
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)  # the lines written before are intact
