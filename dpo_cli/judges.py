@@ -3,21 +3,16 @@ and the Bradley-Terry choice between two scores (optionally noisy, to simulate h
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-import os
 import random
-import sys
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from dpo_cli.errors import UserError
 from dpo_cli.sections import JudgeSpec
+from dpo_cli.user_code import load_user_function
 
 Prompt = Any  # a string, or a list of {role, content} messages
 
@@ -111,55 +106,15 @@ def _vader() -> Any:
 BUILT_IN = {"sentiment": sentiment, "length": length}
 
 
-def _standard_library(module_name: str | None, file: str | None) -> bool:
-    top = (module_name or "").split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "builtins":
-        return True
-    if file is None:
-        return True  # no Python source: a builtin or an extension function
-    stdlib = {os.path.realpath(sysconfig.get_paths()[name]) for name in ("stdlib", "platstdlib")}
-    real = os.path.realpath(file)
-    return any(real.startswith(folder + os.sep) for folder in stdlib) and "-packages" + os.sep not in real
-
-
-def load_user_function(spec: str, key: str) -> Callable[[Prompt, str], float]:
-    """`module:function` from a recipe's `python` key, imported from the current directory or the Python path:
-    the one place dpo-cli runs user code. A name that resolves into the standard library or a builtin is refused,
-    so a shared recipe cannot smuggle in e.g. `pydoc:pipepager` or `os:system`."""
-    module_name, _, function_name = spec.partition(":")
-    if module_name.split(".")[0] in sys.stdlib_module_names or module_name in sys.builtin_module_names:
-        raise UserError(f"{key}: {spec!r} is in Python's standard library, not a judge of yours; name your own module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise UserError(f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
-    function: Any = module
-    for part in function_name.split("."):
-        function = getattr(function, part, None)
-    if not callable(function):
-        raise UserError(f"{key}: module {module_name!r} has no function {function_name!r}")
-    target = inspect.unwrap(function)
-    code = target if inspect.isfunction(target) or inspect.ismethod(target) or inspect.isclass(target) else type(target)
-    try:
-        file = inspect.getsourcefile(code)
-    except TypeError:
-        file = None
-    if _standard_library(getattr(code, "__module__", None), file):
-        where = getattr(code, "__module__", None) or "a builtin"
-        raise UserError(f"{key}: {spec!r} resolves to {where}, not to Python code of yours; name your own module:function")
-    from dpo_cli import ui
-
-    ui.note(f"running user code {function_name} from {file}")
-    return function
-
-
 def build_judge(spec: JudgeSpec | None) -> FunctionJudge | None:
     """The judge a recipe chose, or None; a user function is loaded (and announced) here."""
     if spec is None:
         return None
-    function = load_user_function(spec.python, spec.key) if spec.python is not None else BUILT_IN[spec.name]
+    if spec.python is None:
+        return FunctionJudge(f"judge:{spec.name}", BUILT_IN[spec.name])
+    from dpo_cli import ui
+
+    function = load_user_function(spec.python, spec.key, announce=ui.note)
     return FunctionJudge(f"judge:{spec.name}", function)
 
 

@@ -1,8 +1,10 @@
-"""Promise: user code runs only where a recipe names it in a key that says so (`*python`), never from the
-standard library or a builtin, and the stage says which function from which file it runs."""
+"""Promise: user code runs only where a recipe names it in a key that says so (`*python`), only from a file of
+the user's own - never the standard library, a builtin, an installed package or dpo-cli itself, checked on the
+object that will be called - and the stage says which function from which file it runs before it runs."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -50,6 +52,33 @@ def test_a_function_in_a_judge_key_is_refused_with_where_it_goes(tmp_path, stage
     assert spec == JudgeSpec(builtin=None, python="mine:score", key=f"{section}.{python_key}")
 
 
+SNEAKY = """
+import functools
+import subprocess
+import unittest
+import torch.hub
+from subprocess import getoutput as score
+from torch.hub import load
+from dpo_cli.rundir import atomic_write_text
+
+run = exec
+later = functools.partial(subprocess.getoutput, "id")
+
+
+class Case(unittest.TestCase):  # calling an instance runs unittest's __call__, not this file's code
+    pass
+
+
+class Mine:
+    def __call__(self, prompt, response):
+        return 1.0
+
+
+case = Case()
+mine = Mine()
+"""
+
+
 @pytest.mark.parametrize(
     "spec, why",
     [
@@ -57,16 +86,54 @@ def test_a_function_in_a_judge_key_is_refused_with_where_it_goes(tmp_path, stage
         ("os:system", "is in Python's standard library"),
         ("builtins:eval", "is in Python's standard library"),
         ("subprocess:getoutput", "is in Python's standard library"),
-        ("sneaky:score", "resolves to subprocess, not to Python code of yours"),  # a user module re-exporting the stdlib
-        ("sneaky:run", "resolves to builtins, not to Python code of yours"),  # a builtin function bound in a user module
+        ("torch.hub:load", "is in an installed package"),
+        ("pexpect:run", "is in an installed package"),
+        ("pandas:read_pickle", "is in an installed package"),
+        ("_pytest.logging:_FileHandler", "is in an installed package"),
+        ("dpo_cli.rundir:atomic_write_text", "is in dpo-cli itself"),
+        ("sneaky:score", "resolves to subprocess in the Python installation"),  # a user module re-exporting the stdlib
+        ("sneaky:load", "resolves to torch.hub in an installed package"),  # ... or an installed package
+        ("sneaky:atomic_write_text", "resolves to dpo_cli.rundir in dpo-cli itself"),  # ... or dpo-cli
+        ("sneaky:run", "is builtins.builtin_function_or_method, not a function of yours"),  # a builtin bound in a user module
+        ("sneaky:later", "is functools.partial, not a function of yours"),
+        ("sneaky:Mine", "is a class"),
+        ("sneaky:case", "resolves to unittest.case in the Python installation"),  # __call__ inherited from the stdlib
     ],
 )
-def test_the_standard_library_and_builtins_are_never_user_code(tmp_path, monkeypatch, spec, why):
-    (tmp_path / "sneaky.py").write_text("from subprocess import getoutput as score\nrun = exec\n")
+def test_only_code_in_the_users_own_files_is_user_code(tmp_path, monkeypatch, spec, why):
+    (tmp_path / "sneaky.py").write_text(SNEAKY)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    with pytest.raises(UserError, match=f"^judges.python: '{spec}' {why}"):
+    with pytest.raises(UserError, match=f"^judges.python: '{re.escape(spec)}' {why}"):
         build_judge(JudgeSpec(builtin=None, python=spec, key="judges.python"))
+
+
+def test_user_functions_methods_and_callable_objects_run(tmp_path, monkeypatch):
+    (tmp_path / "own_judges.py").write_text(SNEAKY + "\ndef plain(prompt, response):\n    return 2.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for spec, score in [("own_judges:plain", 2.0), ("own_judges:mine", 1.0), ("own_judges:mine.__call__", 1.0)]:
+        judge = build_judge(JudgeSpec(builtin=None, python=spec, key="judges.python"))
+        assert judge.score(["p"], ["r"]).values == [score]
+
+
+def test_an_installed_package_is_refused_before_its_first_line_runs(tmp_path, monkeypatch):
+    installed = tmp_path / "lib" / "site-packages" / "evil_judges"
+    installed.mkdir(parents=True)
+    canary = tmp_path / "imported"
+    (installed / "__init__.py").write_text(f"open({str(canary)!r}, 'w').close()\ndef score(p, r):\n    return 1.0\n")
+    monkeypatch.setattr(sys, "path", [str(installed.parent), *sys.path])
+    with pytest.raises(UserError, match="^label.python: 'evil_judges:score' is in an installed package"):
+        build_judge(JudgeSpec(builtin=None, python="evil_judges:score", key="label.python"))
+    assert not canary.exists() and "evil_judges" not in sys.modules
+
+
+def test_a_user_module_that_exits_at_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(UserError, match=r"^label.python: importing module 'quits' called sys.exit\(3\)"):
+        build_judge(JudgeSpec(builtin=None, python="quits:score", key="label.python"))
 
 
 def test_a_stage_says_which_user_code_it_runs_and_refuses_the_rest_before_anything_runs(tmp_path, cli, tiny_model_dir, monkeypatch):
