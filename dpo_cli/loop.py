@@ -225,12 +225,9 @@ def train(
                 step_loss, step_metrics = accumulate_gradients(model, window, step_fn, runtime)
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 lr = scheduler.get_last_lr()[0]
-                # fp16 loss scaling meets inf gradients by design (it skips that step and lowers the scale itself)
-                broken = nonfinite_step(step_loss, grad_norm if scaler is None else None)
+                broken = nonfinite_step(step_loss, grad_norm, scaler)
                 if broken:  # nothing is applied: the weights are still those of the last good step
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.update()  # the scaler was unscaled for clipping: close its step
+                    discard_step(optimizer, scaler)
                     if cfg.nonfinite == "skip" and state.skipped_steps < cfg.max_skipped_steps:
                         state.skipped_steps += 1
                         state.micro_batches += cfg.grad_accum
@@ -307,14 +304,23 @@ def train(
     return result
 
 
-def nonfinite_step(step_loss: float, grad_norm: Any) -> str | None:
-    """Why a step must not be applied, or None (every process sees the same reduced loss and norm)."""
+def nonfinite_step(step_loss: float, grad_norm: Any, scaler: Any = None) -> str | None:
+    """Why a step must not be applied, or None (every process sees the same reduced loss and norm). Under
+    fp16 loss scaling (`scaler`) an inf gradient norm is by design: the scaler skips that step and lowers
+    its scale itself, so only the loss decides."""
     if not math.isfinite(step_loss):
         return f"the loss became {step_loss}"
     norm = _scalar(grad_norm)
-    if grad_norm is not None and not math.isfinite(norm):
+    if scaler is None and grad_norm is not None and not math.isfinite(norm):
         return f"the gradient norm became {norm}"
     return None
+
+
+def discard_step(optimizer: Any, scaler: Any = None) -> None:
+    """Drop a step's gradients without applying them; a scaler that unscaled them for clipping closes its step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
 
 
 def weights_finite(params: list[torch.Tensor]) -> bool:

@@ -78,3 +78,20 @@ def test_metrics_lines_have_the_documented_fields(tmp_path, tiny_model_dir, tiny
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"} <= set(metrics[0])
     assert metrics[1]["epoch"] == 1.0
+
+
+def test_under_fp16_loss_scaling_an_inf_gradient_is_the_scalers_to_skip_and_a_nan_loss_is_ours():
+    from dpo_cli.loop import discard_step, nonfinite_step
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale((weight * torch.tensor([float("inf"), 1.0, 1.0])).sum()).backward()
+    scaler.unscale_(optimizer)  # what clipping does first
+    norm = torch.nn.utils.clip_grad_norm_([weight], 1.0)
+    assert nonfinite_step(1.0, norm) == "the gradient norm became inf"  # without a scaler: never applied
+    assert nonfinite_step(1.0, norm, scaler) is None  # with one: its own skip, and its scale halves
+    assert nonfinite_step(float("nan"), norm, scaler) == "the loss became nan"
+    discard_step(optimizer, scaler)
+    assert weight.grad is None and scaler.get_scale() == 2.0**15
+    assert torch.equal(weight.detach(), torch.ones(3))

@@ -21,7 +21,7 @@ from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.generate import generate
 from dpo_cli.judges import RewardModelJudge, reward_model_judge
-from dpo_cli.loop import LoopResult, LoopState, nonfinite_step, total_steps_for, weights_finite
+from dpo_cli.loop import LoopResult, LoopState, discard_step, nonfinite_step, total_steps_for, weights_finite
 from dpo_cli.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -183,9 +183,10 @@ def update_phase(
                     value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
                 runtime.accelerator.backward(cfg.vf_coef * value_loss)  # the critic's share of ppo_objective
             grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic._trainable, recipe.train.max_grad_norm or float("inf"))
-            broken = nonfinite_step(distributed.mean(float(ppo_objective(policy_loss, value_loss, cfg.vf_coef).detach())), grad_norm)
+            scaler = getattr(runtime.accelerator, "scaler", None)
+            broken = nonfinite_step(distributed.mean(float(ppo_objective(policy_loss, value_loss, cfg.vf_coef).detach())), grad_norm, scaler)
             if broken is not None:  # never applied: every process sees the same reduced loss and norm
-                optimizer.zero_grad(set_to_none=True)
+                discard_step(optimizer, scaler)
                 if recipe.train.nonfinite == "stop":
                     raise UserError(
                         f"{broken} in an update of iteration {iteration + 1}; it was not applied and nothing is written as final/; "
@@ -260,21 +261,26 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
     scheduler = build_scheduler(optimizer, recipe.train, iterations * updates_per_iteration)
     state = PpoState(kl_coef=recipe.ppo.kl_coef)
-    checkpoint, loaded = resume_newest_valid(run, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, runtime=runtime)
+    scaler = getattr(runtime.accelerator, "scaler", None)  # fp16 loss scaling on a GPU without bf16
+    checkpoint, loaded = resume_newest_valid(run, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
     if checkpoint is not None:
         state = PpoState(**loaded)
         ui.note(f"resuming from {checkpoint} (iteration {state.iteration} of {iterations})")
     metrics_log = run.metrics_log(resume_step=state.iteration, enabled=runtime.is_main)
     samples_log = run.jsonl_log(run.path / "samples.jsonl", resume_step=state.iteration, enabled=runtime.is_main)
 
-    # several processes: DDP averages the gradients (policy and critic in one forward, see update_phase)
-    trained, optimizer = runtime.accelerator.prepare(actor_critic, optimizer) if world > 1 else (actor_critic, optimizer)
+    # several processes: DDP averages the gradients (policy and critic in one forward, see update_phase); one:
+    # the optimizer alone goes through accelerate, whose wrapper unscales fp16-scaled gradients before a step
+    if world > 1:
+        trained, optimizer = runtime.accelerator.prepare(actor_critic, optimizer)
+    else:
+        trained, optimizer = actor_critic, runtime.accelerator.prepare_optimizer(optimizer)
 
     def save_checkpoint() -> str:
         metrics_log.sync()
         where = write_checkpoint(
             run, state.iteration, recipe.train.keep_checkpoints, runtime=runtime,
-            model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=None, loop_state=asdict(state),
+            model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=asdict(state),
         )  # fmt: skip
         return str(where)
 
