@@ -67,30 +67,30 @@ def save_training_state(
     scheduler: Any,
     scaler: Any,
     loop_state: dict[str, Any],
+    data: dict[str, Any] | None = None,
 ) -> None:
-    """A whole checkpoint from one process."""
+    """A whole checkpoint from one process; `data` is the fingerprint of the data it was trained on."""
     save_shared_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state)
     torch.save(capture_rng(), folder / "rng-rank0.pt")
-    mark_complete(folder, loop_state)
+    mark_complete(folder, loop_state, data)
 
 
-def mark_complete(folder: Path, loop_state: dict[str, Any]) -> None:
+def mark_complete(folder: Path, loop_state: dict[str, Any], data: dict[str, Any] | None = None) -> None:
     """The loop state (the completeness marker), then the manifest of every file, written last and fsynced."""
     (folder / CHECKPOINT_MARKER).write_text(json.dumps(loop_state, indent=2) + "\n")
-    write_manifest(folder)
+    write_manifest(folder, data)
 
 
-def write_manifest(folder: Path) -> None:
+def write_manifest(folder: Path, data: dict[str, Any] | None = None) -> None:
     """sha256 and size of every file of the checkpoint, the library versions that wrote it and the fingerprint
-    of the data it was trained on (the run's data_fingerprint.json: checkpoints/.tmp-step-N is two levels down)."""
+    of the data it was trained on (`data`, the run's data_fingerprint.json)."""
     from dpo_cli.runtime import library_versions
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    fingerprint = folder.parent.parent / "data_fingerprint.json"
     manifest = {
         "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
         "versions": library_versions(),
-        "data": json.loads(fingerprint.read_text(encoding="utf-8")) if fingerprint.is_file() else None,
+        "data": data,
     }
     with open(folder / MANIFEST, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(manifest, indent=1) + "\n")
@@ -207,27 +207,34 @@ def write_checkpoint(
         with run.new_checkpoint(step, keep=keep) as folder:
             if extra is not None:
                 extra(folder)
-            save_training_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state)
+            save_training_state(
+                folder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=loop_state, data=run.data_fingerprint()
+            )  # fmt: skip
         return run.checkpoints_dir / f"step-{step}"
     tmp, target = run.checkpoint_staging(step), run.checkpoints_dir / f"step-{step}"
     if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    with writing(target):  # a half-written staging folder is removed by the next start (clean_partial)
-        torch.save(capture_rng(), tmp / f"rng-rank{runtime.rank}.pt")
-        if runtime.sharded:
-            runtime.accelerator.save_state(str(tmp / "engine"))
-        barrier()
-        if runtime.is_main:
-            if extra is not None:
-                extra(tmp)
-            save_shared_state(
-                tmp, model=None if runtime.sharded else model, optimizer=None if runtime.sharded else optimizer,
-                scheduler=scheduler, scaler=scaler, loop_state=loop_state,
-            )  # fmt: skip
-            mark_complete(tmp, loop_state)
-            run.publish_checkpoint(tmp, step, keep)
+    try:
+        with writing(target):
+            torch.save(capture_rng(), tmp / f"rng-rank{runtime.rank}.pt")
+            if runtime.sharded:
+                runtime.accelerator.save_state(str(tmp / "engine"))
+            barrier()
+            if runtime.is_main:
+                if extra is not None:
+                    extra(tmp)
+                save_shared_state(
+                    tmp, model=None if runtime.sharded else model, optimizer=None if runtime.sharded else optimizer,
+                    scheduler=scheduler, scaler=scaler, loop_state=loop_state,
+                )  # fmt: skip
+                mark_complete(tmp, loop_state, run.data_fingerprint())
+                run.publish_checkpoint(tmp, step, keep)
+    except BaseException:
+        if runtime.is_main:  # no half-written staging folder is left (one a killed process leaves, the next start removes)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     return target
 

@@ -346,6 +346,15 @@ def data_fingerprint(data: Any, known: dict[str, Any] | None = None) -> dict[str
     return found
 
 
+def with_hub_revisions(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint taken before a hub dataset's first download (its commit unknown then) with the commit the
+    cache holds now, after the stage loaded it: from then on a newer download is a change."""
+    return {
+        name: {**entry, "revision": _hub_revision(entry["hub"])} if isinstance(entry, dict) and "hub" in entry and entry.get("revision") is None else entry
+        for name, entry in fingerprint.items()
+    }
+
+
 def _same_data(old: Any, new: Any) -> bool:
     """Whether two entries describe the same data; a hub commit unknown on either side (not cached yet, or
     a run dir from before commits were recorded) is not a change."""

@@ -384,11 +384,33 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+# Judge keys that once took a `module:function` too, and the key that says "runs code" which takes it now.
+MOVED_TO_PYTHON_KEYS = {
+    ("label", "judge"): "python",
+    ("policy_eval", "judge"): "python",
+    ("rm", "correlate_with"): "correlate_with_python",
+    ("judges", "function"): "python",
+}
+
+
+def _moved_user_code(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recipe saved before user code had its own keys: `label.judge: mod:fn` read as `label.python: mod:fn`
+    (the judge key back to its default), the way the current version says to write it."""
+    moved = dict(saved)
+    for (section, key), python_key in MOVED_TO_PYTHON_KEYS.items():
+        values = moved.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str) and ":" in values[key] and values.get(python_key) is None:
+            values = {k: v for k, v in values.items() if k != key}
+            moved[section] = {**values, python_key: saved[section][key]}
+    return moved
+
+
 def with_current_defaults(saved: dict[str, Any], schema: type[BaseModel]) -> dict[str, Any]:
     """A run dir's saved recipe as this version resolves it: keys added since it was written take their
-    defaults, so an older run resumes (its settings are the same); a recipe this schema refuses stays as saved."""
+    defaults and moved keys their new place, so an older run resumes (its settings are the same); a recipe
+    this schema refuses stays as saved."""
     try:
-        return recipe_to_dict(schema.model_validate(saved))
+        return recipe_to_dict(schema.model_validate(_moved_user_code(saved)))
     except Exception:  # noqa: BLE001 - then the plain comparison names every difference
         return saved
 

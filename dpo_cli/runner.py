@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpo_cli import ui
-from dpo_cli.data_files import data_fingerprint, fingerprint_changes
+from dpo_cli.data_files import data_fingerprint, fingerprint_changes, with_hub_revisions
 from dpo_cli.errors import RunInterrupted, UserError
 from dpo_cli.recipe_loader import load_recipe, recipe_diff, recipe_to_dict, recipe_to_yaml, with_current_defaults
 from dpo_cli.recipes import PLANNED_STAGES, RecipeBase
@@ -112,12 +112,29 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
     return saved
 
 
+def _pin_hub_revisions(run: RunDir) -> None:
+    """Hub datasets first downloaded by this stage: their commit goes into the run's fingerprint."""
+    recorded = run.data_fingerprint()
+    if recorded is None:
+        return
+    pinned = with_hub_revisions(recorded)
+    if pinned != recorded:
+        try:
+            run.write_data_fingerprint(pinned)
+        except OSError:
+            pass  # a full disk: the commit stays unknown, which is never taken as a change
+
+
 def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:
     from dpo_cli import distributed, slurm
     from dpo_cli.stages import stage_runner
 
     try:
-        stage_runner(stage)(recipe, run)
+        try:
+            stage_runner(stage)(recipe, run)
+        finally:
+            if distributed.is_main():
+                _pin_hub_revisions(run)
     except RunInterrupted as exc:
         if distributed.is_main():
             _mark_failed(run, stage, "interrupted", str(exc))

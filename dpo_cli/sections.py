@@ -136,7 +136,7 @@ class ModelSection(Section):
     quantization: QuantizationSection | None = Field(None, description="Load the frozen base in 4 bit (QLoRA); needs lora.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repository.")
     allow_pickle_weights: bool = Field(
-        False, description="Load local weights saved as pickle (pytorch_model.bin, adapter_model.bin), which can run code; safetensors only when off."
+        False, description="Load weights saved as pickle (pytorch_model.bin, adapter_model.bin), local or from the hub, which can run code as they load; safetensors only when off."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")

@@ -44,6 +44,15 @@ def with_sections(recipe: dict[str, Any], sections: dict[str, Any]) -> dict[str,
     return recipe
 
 
+def skip_without_system(reason: str) -> None:
+    """Skip a test that needs something of the machine (root, a tmpfs mount, a Slurm daemon) which is not
+    there; with DPO_CLI_REQUIRE_SYSTEM_TESTS=1 (as CI sets it) that is a failure, so a promise is never
+    silently left untested where it can be tested."""
+    if os.environ.get("DPO_CLI_REQUIRE_SYSTEM_TESTS") == "1":
+        pytest.fail(f"DPO_CLI_REQUIRE_SYSTEM_TESTS=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 TOLERANCE = 1e-6  # an exact resume: equal weights and losses up to float noise
 
 

@@ -165,3 +165,24 @@ def test_a_data_fingerprint_reuses_hashes_of_unchanged_files_and_names_the_hub_c
     assert before["data.train acme/reviews"]["revision"] == "1" * 40
     (cache / "datasets--acme--reviews" / "refs" / "main").write_text("2" * 40)  # a newer download of the dataset
     assert fingerprint_changes(before, data_fingerprint(hub)) == ["data.train acme/reviews changed"]
+
+
+def test_a_hub_dataset_fingerprinted_before_its_first_download_gets_its_commit_after_it(tmp_path, monkeypatch):
+    """Before the stage downloads it, a hub dataset's commit is unknown; the runner fills it in afterwards, so
+    a later newer download is seen as a change."""
+    import huggingface_hub.constants
+
+    from dpo_cli.data_files import data_fingerprint, fingerprint_changes, with_hub_revisions
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    hub = DataSection(train="acme/reviews")
+    before = data_fingerprint(hub)
+    assert before["data.train acme/reviews"]["revision"] is None and with_hub_revisions(before) == before  # nothing cached yet
+    (cache / "datasets--acme--reviews" / "refs").mkdir(parents=True)
+    (cache / "datasets--acme--reviews" / "refs" / "main").write_text("1" * 40)  # the stage downloaded it
+    pinned = with_hub_revisions(before)
+    assert pinned["data.train acme/reviews"]["revision"] == "1" * 40
+    (cache / "datasets--acme--reviews" / "refs" / "main").write_text("2" * 40)
+    assert fingerprint_changes(pinned, data_fingerprint(hub)) == ["data.train acme/reviews changed"]
+    assert fingerprint_changes(before, data_fingerprint(hub)) == []  # unpinned, the change would pass unseen

@@ -214,3 +214,19 @@ def test_dpo_recipe_errors(tmp_path):
     assert "applies to the sigmoid and robust losses" in errors_of(tmp_path, minimal(dpo={"loss": "hinge", "label_smoothing": 0.1}), stage="dpo")
     long_prompt = minimal(dpo={"max_prompt_length": 600}, data={"train": "d.jsonl", "max_length": 512})
     assert "dpo.max_prompt_length must be below data.max_length" in errors_of(tmp_path, long_prompt, stage="dpo")
+
+
+@pytest.mark.parametrize(
+    "stage, section, old_key, new_key",
+    [("collect-prefs", "label", "judge", "python"), ("rm-train", "rm", "correlate_with", "correlate_with_python")],
+)
+def test_a_run_saved_with_user_code_in_a_judge_key_resumes_with_the_code_in_its_python_key(tmp_path, stage, section, old_key, new_key):
+    """Older versions took `label.judge: mod:fn`; a run dir holding such a recipe is the same recipe as one that
+    names the function in the key that says it runs code (now the only way to write it)."""
+    from dpo_cli.recipe_loader import with_current_defaults
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", minimal(**{section: {new_key: "myjudges:score"}})), stage)
+    saved = recipe_to_dict(recipe)
+    saved[section] = {**{k: v for k, v in saved[section].items() if k not in (old_key, new_key)}, old_key: "myjudges:score"}
+    assert recipe_diff(saved, recipe_to_dict(recipe)) != []  # read as it was saved, it differs
+    assert recipe_diff(with_current_defaults(saved, type(recipe)), recipe_to_dict(recipe)) == []

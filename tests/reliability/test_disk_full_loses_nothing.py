@@ -11,13 +11,14 @@ import os
 import subprocess
 
 import pytest
+import torch
 from pathlib import Path
 
 import dpo_cli.checkpoint
 import dpo_cli.rundir
 import dpo_cli.stages.collect_prefs
 import dpo_cli.stages.common
-from conftest import assert_same_run, read_jsonl, write_recipe
+from conftest import assert_same_run, read_jsonl, skip_without_system, write_recipe
 from dpo_cli.checkpoint import verify_manifest
 from dpo_cli.rundir import read_metrics
 
@@ -29,7 +30,7 @@ def disk(tmp_path):
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'}); needs root")
+        skip_without_system(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'}); needs root")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -166,3 +167,29 @@ def test_a_full_disk_in_collect_prefs_keeps_every_earlier_file_and_the_rerun_fin
     code, _, err = cli("collect-prefs", prefs_recipe, "--run-dir", run)
     assert code == 0, err
     assert strip(read_jsonl(run / "prefs.jsonl")) == strip(read_jsonl(tmp_path / "reference" / "prefs.jsonl"))
+
+
+def test_a_failed_checkpoint_of_several_processes_leaves_no_staging_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """The main process of a multi-process run removes the shared .tmp-step-N when writing it fails (a full disk
+    here); the run dir keeps only whole checkpoints."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cli.checkpoint import write_checkpoint
+    from dpo_cli.rundir import RunDir
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    runtime = SimpleNamespace(world_size=2, rank=0, is_main=True, sharded=False)  # the main process of two
+
+    def full(folder, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.pt"))
+
+    monkeypatch.setattr(dpo_cli.checkpoint, "save_shared_state", full)
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(OSError):
+        write_checkpoint(run, 2, 2, runtime=runtime, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, loop_state={"step": 2})
+    assert list(run.checkpoints_dir.iterdir()) == []

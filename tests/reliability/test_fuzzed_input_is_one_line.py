@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 FREE_FORM = {"columns", "config", "policies", "costs"}  # mappings whose keys are the user's, not the schema's
 COUNTER = itertools.count()
+# Constructed, this tag makes a folder: a tag that ran anything leaves it behind (run_broken looks).
+CANARY = Path(tempfile.gettempdir()) / f"dpo-cli-yaml-canary-{os.getpid()}"
+CANARY_TAG = f"\nsurprise: !!python/object/apply:os.mkdir ['{CANARY}']\n".encode()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +149,7 @@ def broken_recipes(draw, stage: str, base: dict) -> dict | bytes:
     elif how == "yaml_shape":  # a document that is not a mapping
         return yaml.safe_dump(draw(st.one_of(st.lists(junk, max_size=3), st.integers(), st.text(max_size=10).filter(lambda t: ":" not in t)))).encode()
     else:  # a YAML tag the safe loader must refuse without constructing anything
-        return yaml.safe_dump(recipe).encode() + b"\nsurprise: !!python/object/apply:os.system ['false']\n"
+        return yaml.safe_dump(recipe).encode() + CANARY_TAG
     return recipe
 
 
@@ -161,6 +166,17 @@ def run_broken(cli, tmp: Path, stage: str, recipe: dict | bytes, *flags: str) ->
     one_line = len(lines) == 1 or (lines[0].endswith(" recipe errors:") and all(line.startswith("  ") for line in lines[1:]))
     assert one_line and lines[0].startswith("error: ") and "Traceback" not in err, f"{stage} {recipe!r} {flags}:\n{err}"
     assert not (case / "run").exists() and path.read_bytes() == before and sorted(case.iterdir()) == [path]
+    assert not CANARY.exists(), f"{stage}: a YAML tag in the recipe was constructed (it made {CANARY})"
+
+
+def test_the_yaml_canary_fires_when_constructed():
+    """The canary can fail: the unsafe loader does construct the tag (and makes the folder)."""
+    try:
+        yaml.unsafe_load(b"a: 1" + CANARY_TAG)
+        assert CANARY.is_dir()
+    finally:
+        if CANARY.is_dir():
+            CANARY.rmdir()
 
 
 @pytest.mark.parametrize("stage", ALL_STAGES)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_run, read_jsonl
+from conftest import REPO, assert_same_run, read_jsonl, skip_without_system
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def _start(folder: Path) -> Cluster:
             break
         time.sleep(0.5)
     _stop(cluster)
-    pytest.skip(f"the test's Slurm did not come up (node state {state!r}):\n{cluster.logs()}")
+    skip_without_system(f"the test's Slurm did not come up (node state {state!r}):\n{cluster.logs()}")
 
 
 def _stop(cluster: Cluster) -> None:
@@ -127,9 +127,9 @@ def slurm(tmp_path_factory):
     missing = [f"{name} (Debian package {package})" for name, package in DAEMONS.items() if _binary(name) is None]
     missing += [f"{name} (Debian package slurm-client)" for name in CLIENTS if _binary(name) is None]
     if missing:
-        pytest.skip(f"a real Slurm needs {', '.join(missing)}: `make slurm-deps` installs them (root, Debian)")
+        skip_without_system(f"a real Slurm needs {', '.join(missing)}: `make slurm-deps` installs them (root, Debian)")
     if os.geteuid() != 0:
-        pytest.skip("starting slurmd (which runs jobs as their user) and a private munged needs root")
+        skip_without_system("starting slurmd (which runs jobs as their user) and a private munged needs root")
     cluster = _start(tmp_path_factory.mktemp("slurm"))
     yield cluster
     _stop(cluster)
