@@ -27,9 +27,9 @@ def estimate_flops(compute: dict[str, Any]) -> float:
 
 def model_shape(model: Any) -> dict[str, float]:
     """Non-embedding parameters (4-bit weights counted as weights), layers and hidden size of a model."""
-    from dpo_cli.models import count_parameters
+    from dpo_cli.models import base_model, count_parameters
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     _, total = count_parameters(base)
     embeddings = base.get_input_embeddings().weight.numel()

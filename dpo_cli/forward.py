@@ -9,10 +9,14 @@ Models whose head does more than a linear map (logit soft-capping, scaling) take
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dpo_cli.losses import IGNORE_INDEX, token_logps
+from dpo_cli.losses import IGNORE_INDEX, mean_nll, token_logps
+from dpo_cli.models import base_model
 
 # Config attributes that change logits after the output head; such models use the plain forward.
 HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -45,8 +49,9 @@ class CompletionLogProbs(torch.nn.Module):
         # accelerate places a 4-bit model itself; it must see through this wrapper
         self.is_loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
 
-    def _base(self) -> torch.nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    def adapters_off(self) -> contextlib.AbstractContextManager:
+        """The wrapped model with its LoRA adapters switched off: the initial policy, no second copy."""
+        return self.model.disable_adapter()
 
     def forward(
         self,
@@ -60,7 +65,7 @@ class CompletionLogProbs(torch.nn.Module):
         mask = target_labels != IGNORE_INDEX  # (S, T-1)
         rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
         targets = target_labels[rows, cols]  # (N,)
-        base = self._base()
+        base = base_model(self.model)
         if _plain_linear_head(base):
             decoder = base.get_decoder()
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -96,14 +101,15 @@ class RewardScores(torch.nn.Module):
         self.model = model
         self.is_loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
 
-    def _base(self) -> torch.nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    def adapters_off(self) -> contextlib.AbstractContextManager:
+        """The wrapped model with its LoRA adapters switched off: the initial policy, no second copy."""
+        return self.model.disable_adapter()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
         last = (attention_mask * positions).argmax(dim=1)  # (S,) index of the last real token
         rows = torch.arange(input_ids.size(0), device=input_ids.device)
-        base = self._base()
+        base = base_model(self.model)
         if hasattr(base, "score") and hasattr(base, "get_decoder"):
             # Left padding shifts the real tokens: positions count from each sequence's first real token.
             position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -113,3 +119,11 @@ class RewardScores(torch.nn.Module):
             return base.score(hidden[rows, last]).squeeze(-1).float()  # (S,)
         # Other heads: transformers pools at the last non-pad token itself.
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
+
+
+def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Next-token loss on the batch's labels (pretrain and sft). `model` is a CompletionLogProbs: only
+    labelled positions go through the output head."""
+    sequence_logps, target_counts = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"))
+    loss, _ = mean_nll(sequence_logps, target_counts)
+    return loss, {}

@@ -9,7 +9,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpo_cli.encoding import pad
+from dpo_cli.models import ModelBundle
 from dpo_cli.recipes import GenerationSection
+from dpo_cli.rundir import RunDir, atomic_write_jsonl
+from dpo_cli.runtime import Runtime
 
 
 @dataclass
@@ -93,3 +96,22 @@ def generate(
                 on_batch(len(chunk))
     model.train(was_training)
     return results
+
+
+def write_samples(
+    run: RunDir,
+    runtime: Runtime,
+    bundle: ModelBundle,
+    prompts: list[tuple[str, list[int]]],
+    cfg: GenerationSection,
+    seed: int,
+) -> list[dict[str, str]]:
+    """Sample a response per (display text, token ids) prompt; saved to RUN/samples.jsonl."""
+    if not prompts:
+        return []
+    model = runtime.accelerator.unwrap_model(bundle.model)
+    generations = generate(model, bundle.tokenizer, [ids for _, ids in prompts], cfg, seed, runtime.device)
+    samples = [{"prompt": text, "response": g.text.strip()} for (text, _), g in zip(prompts, generations)]
+    if runtime.is_main:
+        atomic_write_jsonl(run.path / "samples.jsonl", samples)
+    return samples

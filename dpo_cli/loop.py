@@ -13,20 +13,20 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset
 
-from dpo_cli.checkpoint import resume_newest_valid, write_checkpoint
-from dpo_cli.distributed import fsdp_uniform_dtype, reduce_max, reduce_sum
-from dpo_cli.errors import RunInterrupted, UserError
+from dpo_cli.distributed import fsdp_uniform_dtype, reduce_sum
+from dpo_cli.errors import UserError
 from dpo_cli.optim import build_optimizer, build_scheduler
 from dpo_cli.recipes import TrainSection
 from dpo_cli.rundir import RunDir
-from dpo_cli.runtime import Runtime, StopSignals
-from dpo_cli.ui import TrainProgress, note
+from dpo_cli.runtime import Runtime
+from dpo_cli.session import TrainingSession
+from dpo_cli.ui import note
 
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 Collate = Callable[[list[dict]], dict[str, Any]]
@@ -160,6 +160,15 @@ def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runti
     return result
 
 
+def batch_streams(
+    train_set: Dataset, eval_set: Dataset | None, collate: Collate, cfg: TrainSection, seed: int, runtime: Runtime
+) -> tuple[BatchStream, BatchStream | None]:
+    """The training stream (this process's share of each global batch) and the eval stream of a stage."""
+    train_stream = BatchStream(train_set, cfg.batch_size, seed, collate, rank=runtime.rank, world_size=runtime.world_size)
+    eval_stream = BatchStream(eval_set, cfg.eval_batch_size or cfg.batch_size, seed, collate, shuffle=False) if eval_set is not None else None
+    return train_stream, eval_stream
+
+
 def train(
     *,
     stage: str,
@@ -186,121 +195,90 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = getattr(accelerator, "scaler", None)
 
-    state = LoopState()
-    checkpoint, loaded = resume_newest_valid(run, model=unwrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
-    if checkpoint is not None:
-        state = LoopState(**loaded)
-        if runtime.is_main:
-            note(f"resuming from {checkpoint} (step {state.step} of {total_steps})")
-        moved = continue_on(state, runtime.world_size)
+    session = TrainingSession(
+        stage=stage, run=run, runtime=runtime, cfg=cfg, total_steps=total_steps, state=LoopState(),
+        model=unwrapped, optimizer=optimizer, scheduler=scheduler, on_checkpoint=on_checkpoint,
+    )  # fmt: skip
+    if session.resume() is not None:
+        moved = continue_on(session.state, runtime.world_size)
         if moved and runtime.is_main:
             note(moved)
+    state = session.state
     state.processes = runtime.world_size
-    metrics_log = run.metrics_log(resume_step=state.step, enabled=runtime.is_main)
-    writer = _tensorboard(run, cfg) if runtime.is_main else None
-
-    def save_checkpoint() -> str:
-        where = run.checkpoints_dir / f"step-{state.step}"
-        if run.latest_checkpoint() == where:  # e.g. a signal right after a periodic save
-            return str(where)
-        write_checkpoint(
-            run, state.step, cfg.keep_checkpoints, runtime=runtime, model=unwrapped, optimizer=optimizer,
-            scheduler=scheduler, scaler=scaler, loop_state=asdict(state), extra=on_checkpoint,
-        )  # fmt: skip
-        metrics_log.sync()
-        return str(where)
 
     result = LoopResult(state=state, total_steps=total_steps, model=model)
     interval_start, interval_tokens = time.perf_counter(), 0
     model.train()
-    try:
+    with session:
         if after_step is not None and state.step == 0:
-            _log_extra(after_step(0), 0, metrics_log)
-        with StopSignals() as stop, TrainProgress(stage, total_steps, state.step, runtime.is_main) as progress:
-            while state.step < total_steps:
-                step_started = time.perf_counter()
-                window = [train_stream[state.micro_batches + j] for j in range(cfg.grad_accum)]
-                step_loss, step_metrics = accumulate_gradients(model, window, step_fn, runtime)
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                lr = scheduler.get_last_lr()[0]
-                broken = nonfinite_step(step_loss, grad_norm, scaler)
-                if broken:  # nothing is applied: the weights are still those of the last good step
-                    discard_step(optimizer, scaler)
-                    if cfg.nonfinite == "skip" and state.skipped_steps < cfg.max_skipped_steps:
-                        state.skipped_steps += 1
-                        state.micro_batches += cfg.grad_accum
-                        metrics_log.log({"step": state.step + 1, "skipped": broken, "skipped_total": state.skipped_steps})
-                        continue
-                    where = save_checkpoint() if state.step > 0 else None
-                    kept = f"stopped with a checkpoint of step {state.step}, the last good state ({where}); " if where else "stopped; "
-                    how = "set train.nonfinite: skip and run the same command to skip such steps, or lower train.learning_rate and start over with --fresh"
-                    if cfg.nonfinite == "skip":
-                        how = f"more than train.max_skipped_steps={cfg.max_skipped_steps} steps were skipped; lower train.learning_rate and start over with --fresh"
-                    raise UserError(f"{broken} at step {state.step + 1}: {kept}{how}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not weights_finite(params):
-                    last = run.latest_checkpoint()
-                    raise UserError(
-                        f"the weights became non-finite in the update of step {state.step + 1} (an overflow: train.learning_rate "
-                        f"{lr:g} is too large for these gradients); nothing is written as final/"
-                        + (f"; {last} is the last good state" if last else "")
-                        + "; lower train.learning_rate and start over with --fresh"
-                    )
-                step_tokens, step_items, step_sequences = (
-                    int(v) for v in reduce_sum([
-                        sum(b["num_tokens"] for b in window), sum(b["num_items"] for b in window), sum(int(b["input_ids"].size(0)) for b in window)
-                    ])
-                )  # fmt: skip
-                state.step += 1
-                state.micro_batches += cfg.grad_accum
-                state.tokens += step_tokens
-                state.items += step_items
-                state.sequences += step_sequences
-                state.train_seconds += time.perf_counter() - step_started
-                interval_tokens += step_tokens
+            _log_extra(after_step(0), 0, session)
+        while session.unfinished:
+            step_started = time.perf_counter()
+            window = [train_stream[state.micro_batches + j] for j in range(cfg.grad_accum)]
+            step_loss, step_metrics = accumulate_gradients(model, window, step_fn, runtime)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            broken = nonfinite_step(step_loss, grad_norm, session.scaler)
+            if broken:  # nothing is applied: the weights are still those of the last good step
+                discard_step(optimizer, session.scaler)
+                if cfg.nonfinite == "skip" and state.skipped_steps < cfg.max_skipped_steps:
+                    state.skipped_steps += 1
+                    state.micro_batches += cfg.grad_accum
+                    session.log({"step": state.step + 1, "skipped": broken, "skipped_total": state.skipped_steps})
+                    continue
+                where = session.save_checkpoint() if state.step > 0 else None
+                kept = f"stopped with a checkpoint of step {state.step}, the last good state ({where}); " if where else "stopped; "
+                how = "set train.nonfinite: skip and run the same command to skip such steps, or lower train.learning_rate and start over with --fresh"
+                if cfg.nonfinite == "skip":
+                    how = f"more than train.max_skipped_steps={cfg.max_skipped_steps} steps were skipped; lower train.learning_rate and start over with --fresh"
+                raise UserError(f"{broken} at step {state.step + 1}: {kept}{how}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            session.check_weights(params, state.step + 1, lr)
+            step_tokens, step_items, step_sequences = (
+                int(v) for v in reduce_sum([
+                    sum(b["num_tokens"] for b in window), sum(b["num_items"] for b in window), sum(int(b["input_ids"].size(0)) for b in window)
+                ])
+            )  # fmt: skip
+            state.step += 1
+            state.micro_batches += cfg.grad_accum
+            state.tokens += step_tokens
+            state.items += step_items
+            state.sequences += step_sequences
+            state.train_seconds += time.perf_counter() - step_started
+            interval_tokens += step_tokens
 
-                logged = state.step % cfg.log_every == 0 or state.step == total_steps
-                speed = 0.0
-                if logged:
-                    speed = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
-                    record = {
-                        "step": state.step,
-                        "epoch": round(state.micro_batches / train_stream.per_epoch, 4),
-                        "loss": step_loss,
-                        "lr": lr,
-                        "grad_norm": _scalar(grad_norm),
-                        **step_metrics,
-                        "tokens": state.tokens,
-                        "tokens_per_sec": speed,
-                    }
-                    metrics_log.log(record)
-                    _write_scalars(writer, record, "train")
-                    result.last_train_metrics = {k: v for k, v in record.items() if k not in ("step", "tokens", "tokens_per_sec")}
-                    interval_start, interval_tokens = time.perf_counter(), 0
-                progress.update(state.step, step_loss, lr, speed, logged=logged)
+            logged = state.step % cfg.log_every == 0 or state.step == total_steps
+            speed = 0.0
+            if logged:
+                speed = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
+                record = {
+                    "step": state.step,
+                    "epoch": round(state.micro_batches / train_stream.per_epoch, 4),
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": _scalar(grad_norm),
+                    **step_metrics,
+                    "tokens": state.tokens,
+                    "tokens_per_sec": speed,
+                }
+                session.log(record)
+                result.last_train_metrics = {k: v for k, v in record.items() if k not in ("step", "tokens", "tokens_per_sec")}
+                interval_start, interval_tokens = time.perf_counter(), 0
+            session.show(step_loss, lr, speed, logged)
 
-                unfinished = state.step < total_steps
-                if after_step is not None:
-                    _log_extra(after_step(state.step), state.step, metrics_log)
-                if eval_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and unfinished:
-                    _log_eval(evaluate(unwrapped, eval_stream, step_fn, runtime), state.step, metrics_log, writer)
-                if cfg.save_every and state.step % cfg.save_every == 0 and unfinished:
-                    save_checkpoint()
-                stop_signal = stop.agreed()
-                if stop_signal and unfinished:
-                    raise RunInterrupted(state.step, save_checkpoint(), stop_signal)
+            if after_step is not None:
+                _log_extra(after_step(state.step), state.step, session)
+            if eval_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and session.unfinished:
+                session.log({"step": state.step, "split": "eval", **evaluate(unwrapped, eval_stream, step_fn, runtime)}, split="eval")
+            session.end_step()
 
+        session.release_signals()
         if eval_stream is not None:
             result.eval_metrics = evaluate(unwrapped, eval_stream, step_fn, runtime)
-            _log_eval(result.eval_metrics, state.step, metrics_log, writer)
-    finally:
-        metrics_log.close()
-        if writer is not None:
-            writer.close()
+            session.log({"step": state.step, "split": "eval", **result.eval_metrics}, split="eval")
     return result
 
 
@@ -321,14 +299,6 @@ def discard_step(optimizer: Any, scaler: Any = None) -> None:
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()
-
-
-def weights_finite(params: list[torch.Tensor]) -> bool:
-    """One fused pass over the trainable weights (a norm is inf or NaN when any element is); over every
-    process, whose shards differ under FSDP / ZeRO-3."""
-    norms = torch._foreach_norm([p.detach() for p in params]) if params else []
-    local = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()) if norms else True
-    return reduce_max(0.0 if local else 1.0) == 0.0
 
 
 def accumulate_gradients(
@@ -358,29 +328,6 @@ def accumulate_gradients(
     return totals[0] / max(global_items, 1), {key: value / max(global_items, 1) for key, value in zip(keys, totals[1:])}
 
 
-def _log_extra(record: dict[str, Any] | None, step: int, metrics_log: Any) -> None:
+def _log_extra(record: dict[str, Any] | None, step: int, session: TrainingSession) -> None:
     if record:
-        metrics_log.log({"step": step, **record})
-
-
-def _log_eval(metrics: dict[str, float], step: int, metrics_log: Any, writer: Any) -> None:
-    metrics_log.log({"step": step, "split": "eval", **metrics})
-    _write_scalars(writer, {"step": step, **metrics}, "eval")
-
-
-def _tensorboard(run: RunDir, cfg: TrainSection) -> Any:
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("train.tensorboard needs the tensorboard package: pip install 'dpo-cli[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run.path / "tensorboard"))
-
-
-def _write_scalars(writer: Any, record: dict[str, Any], split: str) -> None:
-    if writer is None:
-        return
-    for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)):
-            writer.add_scalar(f"{split}/{key}", value, record["step"])
+        session.log({"step": step, **record}, split="policy")

@@ -12,17 +12,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_cli import distributed
 from dpo_cli.errors import UserError
-from dpo_cli.models import (
-    ModelBundle,
-    build_causal_lm,
-    build_tokenizer,
-    keep_4bit_layout_trainable,
-    load_pretrained,
-    load_unquantized,
-    quantization_config,
-)
+from dpo_cli.models import ModelBundle, build_causal_lm, build_tokenizer, frozen_dtype, load_4bit, load_unquantized
 from dpo_cli.recipes import ModelSection, QuantizationSection, TokenizerSection
+from dpo_cli.rundir import RunDir
+from dpo_cli.runtime import Runtime
 from dpo_cli.sources import ModelSource, refuse_pickle_weights, resolve_source
 from dpo_cli.tokenization import ensure_pad_token, load_tokenizer
 
@@ -115,25 +110,12 @@ def load_reward_model(
             raise UserError(f"{what}: {name_or_path} is not a reward model: expected a sequence classifier with one output, found {found}")
     quantization = quantization or trained_quantization(source)
     cfg = ModelSection(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
+    dtype = frozen_dtype(device)
     if quantization is not None:
         body = resolve_source(source.adapter_base) if source.is_adapter else source
         if body.is_adapter:
             raise UserError(f"{what}: a 4-bit reward model's base must be a plain model, not another adapter ({body.path})")
-        model = load_pretrained(
-            AutoModelForSequenceClassification,
-            body.path,
-            body.revision,
-            trust_remote_code,
-            quantization_config=quantization_config(quantization, device),
-            dtype=dtype,
-            device_map={"": device},
-            num_labels=1,
-        )
-        keep_4bit_layout_trainable(model)
+        model = load_4bit(AutoModelForSequenceClassification, body, quantization, device, dtype, trust_remote_code, num_labels=1)
         if source.is_adapter:
             from peft import PeftModel
 
@@ -162,14 +144,28 @@ def load_policy(name_or_path: str, device: torch.device, cache_dir: Path, what: 
     if quantization is not None and source.is_adapter:
         from peft import PeftModel
 
-        body = resolve_source(source.adapter_base)
-        model = load_pretrained(
-            AutoModelForCausalLM, body.path, body.revision, False,
-            quantization_config=quantization_config(quantization, device), device_map={"": device},
-        )  # fmt: skip
-        keep_4bit_layout_trainable(model)
+        model = load_4bit(AutoModelForCausalLM, resolve_source(source.adapter_base), quantization, device)
         model = PeftModel.from_pretrained(model, source.path)
     else:
         model = build_causal_lm(cfg, tokenizer, device, seed=0, cache_dir=cache_dir).model
     model.requires_grad_(False)
     return model.eval(), tokenizer
+
+
+def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle, prepared: torch.nn.Module | None = None) -> None:
+    """final/ from the main process. With FSDP / DeepSpeed ZeRO-3 every process holds a shard: all of them
+    gather the full state dict (`prepared` is the model as the loop trained it), the main one writes it."""
+    state_dict = None
+    if runtime.sharded and prepared is not None:
+        gathered = runtime.accelerator.get_state_dict(prepared)
+        # the loop trains a wrapper (CompletionLogProbs, RewardScores): keep the keys under bundle.model
+        inner = runtime.accelerator.unwrap_model(bundle.model)
+        name = next((n for n, m in runtime.accelerator.unwrap_model(prepared).named_modules() if m is inner), "")
+        prefix = f"{name}." if name else ""
+        state_dict = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
+    if runtime.is_main:
+        with run.new_final() as folder:
+            save_final(runtime.accelerator.unwrap_model(bundle.model), bundle, folder, state_dict)
+        if bundle.merge_on_save is not None and bundle.base_ref is not None and Path(bundle.base_ref).is_relative_to(run.path):
+            shutil.rmtree(bundle.base_ref, ignore_errors=True)  # merged into final/: a cache for resume no more (a full model's size)
+    distributed.barrier()

@@ -54,21 +54,29 @@ class ModelBundle:
     merge_on_save: MergeOnSave | None = None
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """The one precision choice for weights that do not train (a frozen base, a reward model, 4-bit matmuls):
+    half precision on a GPU (bfloat16 where it has it), float32 on a CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def weight_dtype(cfg: ModelSection, device: torch.device) -> torch.dtype:
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
-    if device.type == "cuda" and cfg.lora is not None:  # a frozen base: half precision halves memory
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg.lora is not None:  # a frozen base: half precision halves memory
+        return frozen_dtype(device)
     return torch.float32  # trained weights stay float32 masters; autocast does the fast math
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def quantization_config(cfg: QuantizationSection, device: torch.device) -> BitsAndBytesConfig:
-    if cfg.compute_dtype != "auto":
-        compute = DTYPES[cfg.compute_dtype]
-    elif device.type == "cuda":
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        compute = torch.float32
+    compute = DTYPES[cfg.compute_dtype] if cfg.compute_dtype != "auto" else frozen_dtype(device)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
@@ -100,6 +108,24 @@ def load_pretrained(
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load model {path!r}: not a local model folder and not reachable on the hub ({first})") from None
+
+
+def load_4bit(
+    auto_cls, source: ModelSource, quantization: QuantizationSection, device: torch.device, dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False, allow_pickle: bool = False, attn_implementation: str | None = None, num_labels: int | None = None,
+) -> PreTrainedModel:
+    """The one 4-bit load (bitsandbytes NF4/FP4 on `device`), its layout kept trainable."""
+    options = {"num_labels": num_labels} if num_labels is not None else {}
+    if dtype is not None:
+        options["dtype"] = dtype
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    model = load_pretrained(
+        auto_cls, source.path, source.revision, trust_remote_code, allow_pickle,
+        quantization_config=quantization_config(quantization, device), device_map={"": device}, **options,
+    )  # fmt: skip
+    keep_4bit_layout_trainable(model)
+    return model
 
 
 def load_unquantized(
@@ -279,7 +305,6 @@ def build_model(
     dtype = weight_dtype(cfg, device)
     torch.manual_seed(seed)  # the same seed gives the same fresh weights, heads and LoRA init
     base_ref: str | None = None
-    labels = {"num_labels": num_labels} if num_labels is not None else {}
     if cfg.init is not None:
         model = auto_cls.from_config(new_model_config(cfg, tokenizer), dtype=dtype)
     else:
@@ -298,18 +323,10 @@ def build_model(
                 merge_on_save = MergeOnSave(auto_cls, cfg, dtype, num_labels)
                 notes.append("the base exists only in this run dir, so final/ will hold the trained LoRA merged into it (a movable, plain model)")
         if cfg.quantization is not None:
-            model = load_pretrained(
-                auto_cls,
-                source.path,
-                source.revision,
-                cfg.trust_remote_code,
-                cfg.allow_pickle_weights,
-                quantization_config=quantization_config(cfg.quantization, device),
-                dtype=dtype,
-                device_map={"": device},
-                attn_implementation=cfg.attn_implementation,
-                **labels,
-            )
+            model = load_4bit(
+                auto_cls, source, cfg.quantization, device, dtype, cfg.trust_remote_code, cfg.allow_pickle_weights,
+                cfg.attn_implementation, num_labels,
+            )  # fmt: skip
         else:
             model = load_unquantized(auto_cls, source, cfg, dtype, num_labels)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -320,7 +337,6 @@ def build_model(
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        keep_4bit_layout_trainable(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )

@@ -11,15 +11,20 @@ token is dropped and counted, never trained on.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset
 
-from dpo_cli.data import DataReport, require_columns
+from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
 from dpo_cli.encoding import divergence, pad, plain_sequence, render_chat
 from dpo_cli.losses import IGNORE_INDEX
+from dpo_cli.errors import UserError
+from dpo_cli.models import build_tokenizer
 from dpo_cli.prefs_import import normalize_pair, validate_pair
+from dpo_cli.recipes import TrainingRecipe
+from dpo_cli.tokenization import chat_template_notes
 
 PROBLEM = "__problem__"  # why normalize_pairs could not read a row
 
@@ -142,3 +147,32 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     batch["num_items"] = len(rows)
     batch["num_tokens"] = int(attention_mask.sum())
     return batch
+
+
+@dataclass
+class PreferenceSets:
+    """Preference pairs of a training stage: the raw rows (for samples and judges) and the encoded sets."""
+
+    train_rows: Dataset
+    eval_rows: Dataset | None
+    train_set: Dataset
+    eval_set: Dataset | None
+    tokenizer: Any
+    notes: list[str] = field(default_factory=list)
+
+
+def load_preference_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_length: int | None, with_margin: bool = False) -> PreferenceSets:
+    """dpo and rm-train data: rows checked (implicit prompts split, ties dropped), tokenised, truncated."""
+    train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
+    train_rows = prepare_pairs(train_rows, "data.train", report, "train")
+    eval_rows = prepare_pairs(eval_rows, report.eval_source, report, "eval") if eval_rows is not None else None
+    if with_margin and "margin" not in train_rows.column_names:
+        raise UserError("rm.margin: data.train has no `margin` column (map yours with data.columns.margin=NAME)")
+    tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
+    prompts = list(train_rows["prompt"]) + (list(eval_rows["prompt"]) if eval_rows is not None else [])
+    notes += chat_template_notes(tokenizer, recipe.tokenizer.chat_template, prompts)
+    encoder = pair_encoder(tokenizer, recipe.data.max_length, max_prompt_length, with_margin=with_margin)
+    train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
+    eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
+    readable = lambda rows: rows.filter(lambda row: not row[PROBLEM]) if rows is not None and PROBLEM in rows.column_names else rows  # noqa: E731
+    return PreferenceSets(readable(train_rows), readable(eval_rows), train_set, eval_set, tokenizer, notes)  # samples and judges read these

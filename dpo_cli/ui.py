@@ -31,6 +31,11 @@ def note(message: str) -> None:
     err_console.print(Text.assemble(("note:", "cyan"), " ", message), soft_wrap=True)
 
 
+def notes(messages: list[str]) -> None:
+    for message in messages:
+        note(message)
+
+
 def error(message: str) -> None:
     """User text (values, paths, model output) is never read as rich markup."""
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)

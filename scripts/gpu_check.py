@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from conftest import chat_preference_rows, chat_sft_rows, write_jsonl, write_recipe  # noqa: E402
+from helpers import chat_preference_rows, chat_sft_rows, write_jsonl, write_recipe  # noqa: E402
 from model_zoo import save_family  # noqa: E402
 from test_inputs import MATRIX, MODES, invoke, make_peft_adapter, make_trl_output, stage_recipe  # noqa: E402
 

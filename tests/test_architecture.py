@@ -5,8 +5,10 @@ another stage."""
 from __future__ import annotations
 
 import ast
+import re
+from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "dpo_cli"
 
@@ -70,7 +72,7 @@ def test_dpo_cli_has_no_import_cycle():
 
 
 def test_no_stage_imports_another_stage():
-    shared = {"dpo_cli.stages", "dpo_cli.stages.common"}  # the registry, and helpers every stage may use
+    shared = {"dpo_cli.stages"}  # the registry
     graph = import_graph()
     crossings = [
         f"{name} imports {target}"
@@ -84,3 +86,31 @@ def test_the_cli_and_the_pipeline_sit_on_the_runner():
     graph = import_graph()
     assert "dpo_cli.runner" in graph["dpo_cli.cli"] and "dpo_cli.runner" in graph["dpo_cli.pipeline"]
     assert "dpo_cli.cli" not in graph["dpo_cli.pipeline"] and "dpo_cli.cli" not in graph["dpo_cli.runner"]
+
+
+MODEL_BUILDING = ("ForCausalLM.from_pretrained", "ForSequenceClassification.from_pretrained", "from_config(", "LoraConfig(", "get_peft_model(", "BitsAndBytesConfig(", "PeftModel.")
+
+
+def test_models_are_built_in_one_home():
+    """Weights are loaded, quantized and given adapters or heads only in models.py (one model from a recipe
+    section), roles.py (the models an algorithm runs) and model_io.py (final/ and frozen loads)."""
+    home = {"models.py", "roles.py", "model_io.py"}
+    found = [
+        f"{path.relative_to(PACKAGE)} builds a model ({needle})"
+        for path in sorted(PACKAGE.rglob("*.py")) if path.name not in home
+        for needle in MODEL_BUILDING if needle in path.read_text()
+    ]  # fmt: skip
+    assert found == []
+
+
+def test_tests_share_helpers_only_through_helpers_and_fixtures():
+    """Helpers come from tests/helpers.py (and model_zoo.py), fixtures from conftest.py: no test imports
+    conftest or another test file."""
+    tests = Path(__file__).parent
+    found = [
+        f"{path.relative_to(tests)}: {line.strip()}"
+        for path in sorted(tests.rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(from|import)\s+(conftest|test_\w+|reliability)\b", line)
+    ]  # fmt: skip
+    assert found == []

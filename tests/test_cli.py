@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from dpo_cli.rundir import RunDir
 
 

@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from conftest import read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
+from helpers import read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
 from dpo_cli.data import load_source
 from dpo_cli.recipes import DataSection
 

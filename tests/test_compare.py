@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import torchrun, write_recipe
+from helpers import torchrun, write_recipe
 from dpo_cli.costs import estimate_flops, path_cost
 from dpo_cli.evaluation import distinct_n, mean_ci, win_rate
 from dpo_cli.report import ab_outcome
@@ -164,7 +164,7 @@ def test_two_processes_evaluate_their_shares_of_the_prompts(tmp_path, cli, compa
 
 def test_conversational_prompts_for_a_policy_without_a_chat_template(tmp_path, cli, tiny_model_dir, tiny_reward_model_dir):
     """The demo-style tokenizer has no template: compare installs the default one and says so, not a traceback."""
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"A film, take {i}:"}]} for i in range(4)])
     recipe = write_recipe(tmp_path / "compare.yaml", {

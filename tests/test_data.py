@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from dpo_cli.data import DataReport, encode_rows, load_source, load_splits, rename_columns, require_columns
 from dpo_cli.encoding import sft_encoder
 from dpo_cli.errors import UserError
@@ -124,7 +124,7 @@ def test_nothing_left_is_an_error(tiny_tokenizer):
 def test_validate_refuses_local_data_paths_that_do_not_exist(cli, tmp_path):
     """Relative paths resolve against the recipe's folder, as the stages resolve them; hub ids and demo sets
     are not checked (offline)."""
-    from conftest import write_recipe
+    from helpers import write_recipe
 
     def validate(data: dict) -> tuple[int, str]:
         recipe = write_recipe(tmp_path / "recipes" / "sft.yaml", {"model": {"name_or_path": "Qwen/Qwen2.5-0.5B"}, "data": data})

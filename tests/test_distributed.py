@@ -7,40 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, read_jsonl, torchrun
+from helpers import REPO, assert_equivalent, read_jsonl, torchrun, train_records
 from dpo_cli.losses import masked_whiten
-
-
-def train_records(run: Path) -> list[dict]:
-    return [m for m in read_jsonl(run / "metrics.jsonl") if m.get("split") != "eval"]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    final = run / "final"
-    return load_file(str(final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors")))
-
-
-def assert_equivalent(two: Path, one: Path, names: tuple[str, ...]) -> None:
-    got, want = train_records(two), train_records(one)
-    assert [m["step"] for m in got] == [m["step"] for m in want]
-    for a, b in zip(got, want):
-        assert a["tokens"] == b["tokens"]  # the same rows, in the same steps
-        for name in names:
-            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), (a["step"], name)
-    evals = [m for m in read_jsonl(two / "metrics.jsonl") if m.get("split") == "eval"]
-    expected = [m for m in read_jsonl(one / "metrics.jsonl") if m.get("split") == "eval"]
-    assert evals[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-4)  # eval rows sharded, then reduced
-    final, reference = weights(two), weights(one)
-    assert final.keys() == reference.keys()
-    for name in reference:
-        assert torch.allclose(final[name], reference[name], atol=1e-4, rtol=1e-3), name
 
 
 def test_sft_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, sft_recipe):
@@ -122,12 +96,12 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, cli, sft_recipe,
     goes on from row 8 of the data, now 8 rows a step, and ends at max_steps."""
     import signal
 
-    import dpo_cli.stages.common
-    from conftest import interrupt_at_call
+    import dpo_cli.stages.sft
+    from helpers import interrupt_at_call
 
     recipe = sft_recipe(train={"max_steps": 4, "batch_size": 4, "save_every": None, "log_every": 1, "learning_rate": 3e-3})
     with monkeypatch.context() as patch:
-        interrupt_at_call(patch, dpo_cli.stages.common, "lm_step", 2, signal.SIGTERM)
+        interrupt_at_call(patch, dpo_cli.stages.sft, "lm_step", 2, signal.SIGTERM)
         assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 143
     done = torchrun("sft", recipe, "--run-dir", tmp_path / "run")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,15 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpo_cli.stages.dpo
-from conftest import interrupt_at_call, preference_rows, read_jsonl, write_jsonl
+from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, write_jsonl
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.models import build_causal_lm
 from dpo_cli.preference_data import collate_pairs, pair_encoder
 from dpo_cli.recipes import DpoSection, ModelSection
-from dpo_cli.stages.dpo import Reference, make_step
-from conftest import assert_same_run
+from dpo_cli.roles import Reference
+from dpo_cli.stages.dpo import make_step
+from helpers import assert_same_run
 
-MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
+MODES = model_modes()
 CPU = torch.device("cpu")
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from conftest import preference_rows, read_jsonl, write_jsonl, write_recipe
+from helpers import preference_rows, read_jsonl, write_jsonl, write_recipe
 from dpo_cli.data import DataReport, encode_rows, load_splits
 from dpo_cli.encoding import sft_encoder, sft_format
 from dpo_cli.errors import UserError

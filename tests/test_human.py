@@ -11,7 +11,7 @@ import sys
 import pexpect
 import pytest
 
-from conftest import read_jsonl, write_recipe
+from helpers import read_jsonl, write_recipe
 
 
 @pytest.fixture()

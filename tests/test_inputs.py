@@ -17,14 +17,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from conftest import chat_preference_rows, chat_sft_rows, read_jsonl, write_jsonl, write_recipe
+from helpers import model_modes, chat_preference_rows, chat_sft_rows, read_jsonl, write_jsonl, write_recipe
 from model_zoo import FAMILIES
 
-MODES = {
-    "full": {},
-    "lora": {"lora": {"r": 4, "dropout": 0.0}},
-    "qlora": {"lora": {"r": 4, "dropout": 0.0}, "quantization": {}},
-}
+MODES = model_modes(dropout=0.0)
 KINDS = ("hub", "full-run", "lora-run", "qlora-run", "trl-output", "peft-adapter")
 STAGES = ("sft", "pretrain", "dpo", "rm-train", "ppo", "collect-prefs")
 
@@ -316,7 +312,7 @@ def test_the_gpu_check_script_loads_and_lists_the_matrix():
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--allow-cpu" in result.stdout

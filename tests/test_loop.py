@@ -14,7 +14,7 @@ from dpo_cli.models import build_causal_lm
 from dpo_cli.recipes import ModelSection, TrainSection
 from dpo_cli.rundir import RunDir, read_metrics
 from dpo_cli.runtime import setup_runtime
-from dpo_cli.stages.common import lm_step
+from dpo_cli.forward import lm_step
 
 
 def sft_set(tokenizer, rows) -> Dataset:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import dpo_cli.stages.dpo
-from conftest import REPO, interrupt_at_call, preference_rows, torchrun, write_jsonl, write_recipe
+from helpers import REPO, interrupt_at_call, preference_rows, torchrun, write_jsonl, write_recipe
 
 
 @pytest.fixture()

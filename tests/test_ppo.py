@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.ppo
-from conftest import interrupt_at_call, read_jsonl, write_jsonl
+from helpers import interrupt_at_call, read_jsonl, write_jsonl
 from dpo_cli.models import build_causal_lm
 from dpo_cli.recipes import ModelSection
-from dpo_cli.rl import ActorCritic, Rollout, ValueHead, response_logps
+from dpo_cli.rl import Rollout, response_logps
+from dpo_cli.roles import ActorCritic, ValueHead
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, read_jsonl, torchrun, write_jsonl, write_recipe
+from helpers import REPO, read_jsonl, torchrun, write_jsonl, write_recipe
 
 SHRINK = [
     "--set", "model.init.hidden_size=32",

@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import REPO, chat_preference_rows, chat_sft_rows
+from helpers import REPO, chat_preference_rows, chat_sft_rows
 
 FAMILIES = {
     "qwen2.5-0.5b": {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, write_recipe
+from helpers import REPO, write_recipe
 from dpo_cli.errors import UserError
 from dpo_cli.recipe_loader import apply_smoke, load_recipe, path_fields, recipe_diff, recipe_to_dict
 from dpo_cli.recipes import STAGE_SCHEMAS, SftRecipe

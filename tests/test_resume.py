@@ -14,14 +14,14 @@ import pytest
 
 import dpo_cli.checkpoint
 import dpo_cli.loop
-import dpo_cli.stages.common
-from conftest import assert_same_run, interrupt_at_call
+import dpo_cli.stages.sft
+from helpers import model_modes, assert_same_run, interrupt_at_call
 
-MODES = {"full": {}, "lora": {"lora": {"r": 4, "dropout": 0.1}}, "qlora": {"lora": {"r": 4, "dropout": 0.1}, "quantization": {}}}
+MODES = model_modes(dropout=0.1)  # dropout: a resume must restore the RNG too
 
 
 def signal_at_call(monkeypatch, call: int, signum: int) -> None:
-    interrupt_at_call(monkeypatch, dpo_cli.stages.common, "lm_step", call, signum)
+    interrupt_at_call(monkeypatch, dpo_cli.stages.sft, "lm_step", call, signum)
 
 
 @pytest.fixture()

@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.rm_train
-from conftest import interrupt_at_call, preference_rows, read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
+from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
 from dpo_cli.forward import RewardScores
 from dpo_cli.model_io import load_reward_model
-from conftest import assert_same_run
+from helpers import assert_same_run
 
-MODES = {"full": {}, "lora": {"lora": {"r": 4}}, "qlora": {"lora": {"r": 4}, "quantization": {}}}
+MODES = model_modes()
 CPU = torch.device("cpu")
 
 
@@ -157,7 +157,7 @@ def test_score_command_inputs(tmp_path, cli, tiny_reward_model_dir, tiny_model_d
 
 
 def test_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, rm_recipe):
-    from test_distributed import assert_equivalent
+    from helpers import assert_equivalent
 
     one = rm_recipe("one.yaml")
     two = rm_recipe("two.yaml", train={"batch_size": 4})

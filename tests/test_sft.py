@@ -9,13 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_jsonl, write_jsonl
+from helpers import model_modes, read_jsonl, write_jsonl
 
-MODES = {
-    "full": {},
-    "lora": {"lora": {"r": 4}},
-    "qlora": {"lora": {"r": 4}, "quantization": {"load_in_4bit": True}},
-}
+MODES = model_modes()
 
 
 def load_final(final):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-import dpo_cli.stages.common
-from conftest import REPO, interrupt_at_call, read_jsonl, torchrun
+import dpo_cli.stages.sft
+from helpers import REPO, interrupt_at_call, read_jsonl, torchrun
 from dpo_cli import slurm
-from conftest import assert_same_run
+from helpers import assert_same_run
 
 
 @pytest.fixture()
@@ -57,7 +57,7 @@ def test_preempted_job_checkpoints_requeues_once_and_resumes_exactly(signum, cod
     assert calls(fake_scontrol) == []  # not a Slurm job: nothing to requeue
 
     with monkeypatch.context() as patch:
-        interrupt_at_call(patch, dpo_cli.stages.common, "lm_step", 4, signum)  # inside step 4's forward
+        interrupt_at_call(patch, dpo_cli.stages.sft, "lm_step", 4, signum)  # inside step 4's forward
         exit_code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
     assert exit_code == code, err
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-4"]  # step 4 finished first

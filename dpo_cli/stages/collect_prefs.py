@@ -25,7 +25,8 @@ from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
 from dpo_cli.prefs_import import convert_rows, detect_format
 from dpo_cli.recipes import CollectPrefsRecipe, TrainSection
 from dpo_cli.rundir import RunDir, atomic_write_json, atomic_write_jsonl
-from dpo_cli.runtime import Runtime, library_versions, setup_runtime
+from dpo_cli.runtime import Runtime, setup_runtime
+from dpo_cli.summary import write_summary
 
 
 def _read_jsonl(path) -> list[dict[str, Any]]:
@@ -128,31 +129,18 @@ def write_outputs(run: RunDir, records: list[dict[str, Any]], stats: dict[str, A
 
 
 def finish(run: RunDir, recipe: CollectPrefsRecipe, status: str, started: float, stats: dict, report: DataReport, runtime: Runtime) -> dict:
-    summary = {
-        "stage": "collect-prefs",
-        "status": status,
-        "run_dir": str(run.path),
-        "wall_time_s": round(time.time() - started, 3),
-        "device": runtime.device_name(),
+    highlights = {
         "pairs": stats["pairs"],
-        "records": stats["records"],
-        "highlights": {
-            "pairs": stats["pairs"],
-            "labels": stats["labels"],
-            "records written": stats["records"],
-            "ties": stats["ties"],
-            "skips": stats["skips"],
-            **{f"left out: {k}": v for k, v in stats["left_out"].items()},
-            "chosen mean words": stats["length_bias"]["chosen_mean_words"],
-            "rejected mean words": stats["length_bias"]["rejected_mean_words"],
-        },
-        "data": report.as_dict(),
-        "prefs": str(run.path / "prefs.jsonl"),
-        "stats": str(run.path / "stats.json"),
-        "versions": library_versions(),
+        "labels": stats["labels"],
+        "records written": stats["records"],
+        "ties": stats["ties"],
+        "skips": stats["skips"],
+        **{f"left out: {k}": v for k, v in stats["left_out"].items()},
+        "chosen mean words": stats["length_bias"]["chosen_mean_words"],
+        "rejected mean words": stats["length_bias"]["rejected_mean_words"],
     }
-    run.write_summary(summary)
-    ui.summary_table(summary)
+    results = {"pairs": stats["pairs"], "records": stats["records"], "prefs": str(run.path / "prefs.jsonl"), "stats": str(run.path / "stats.json")}
+    summary = write_summary(stage="collect-prefs", run=run, runtime=runtime, started=started, status=status, data=report, results=results, highlights=highlights)
     for row in stats["agreement"]:
         kappa = row["cohen_kappa"]
         ui.note(

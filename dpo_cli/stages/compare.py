@@ -22,7 +22,8 @@ from dpo_cli.model_io import load_policy
 from dpo_cli.recipes import CompareRecipe, TrainSection
 from dpo_cli.report import human_win_rate, render_report
 from dpo_cli.rundir import RunDir, read_metrics
-from dpo_cli.runtime import library_versions, setup_runtime
+from dpo_cli.runtime import setup_runtime
+from dpo_cli.summary import write_summary
 from dpo_cli.sources import require_complete
 from dpo_cli.tokenization import chat_template_notes
 
@@ -136,18 +137,10 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         "generation": recipe.generation.model_dump(),
     }
     paths = render_report(run, result, recipe.policies)
-    summary = {
-        "stage": "compare",
-        "status": "completed",
-        "run_dir": str(run.path),
-        "wall_time_s": round(time.time() - started, 3),
-        "device": runtime.device_name(),
-        "report": str(paths["md"]),
-        "highlights": {"report": str(paths["md"]), "plots": ", ".join(str(p) for p in paths["plots"])},
-        "versions": library_versions(),
-    }
-    run.write_summary(summary)
-    ui.summary_table(summary)
+    summary = write_summary(
+        stage="compare", run=run, runtime=runtime, started=started, results={"report": str(paths["md"])},
+        highlights={"report": str(paths["md"]), "plots": ", ".join(str(p) for p in paths["plots"])},
+    )  # fmt: skip
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()
     return summary

@@ -3,7 +3,6 @@ initial policy (under LoRA: the same weights with the adapter switched off, no s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -21,63 +20,16 @@ from dpo_cli.encoding import prompt_ids_for_generation
 from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.forward import CompletionLogProbs
 from dpo_cli.generate import generate
-from dpo_cli.loop import BatchStream, StepFn, train
+from dpo_cli.loop import BatchStream, StepFn, batch_streams, train
 from dpo_cli.losses import dpo_loss, mean_token_logps
+from dpo_cli.model_io import save_final_model
 from dpo_cli.models import ModelBundle, build_causal_lm
-from dpo_cli.preference_data import collate_pairs
-from dpo_cli.recipes import DpoRecipe, DpoSection, ModelSection
-from dpo_cli.rl import response_logps
+from dpo_cli.preference_data import collate_pairs, load_preference_sets
+from dpo_cli.recipes import DpoRecipe, DpoSection
+from dpo_cli.roles import Reference, build_reference
 from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
 from dpo_cli.runtime import Runtime, setup_runtime
-from dpo_cli.stages.common import announce, load_preference_sets, save_final_model, summarize
-
-
-class Reference:
-    """Reference log-probs under no_grad: the policy with its LoRA adapter disabled, or a separate frozen model."""
-
-    def __init__(self, policy: CompletionLogProbs, separate: CompletionLogProbs | None):
-        self.policy = policy
-        self.separate = separate
-
-    @torch.no_grad()
-    def token_logps(self, rollout: Any) -> torch.Tensor:
-        """Per-token reference log-probs of sampled responses (at temperature 1), for the KL estimate."""
-        if self.separate is not None:
-            return response_logps(self.separate.model, rollout, 1.0)[0]
-        with self.policy.model.disable_adapter():
-            return response_logps(self.policy.model, rollout, 1.0)[0]
-
-    def release(self) -> None:
-        self.separate = None  # precomputed: the separate model's memory goes back
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        module = self.separate if self.separate is not None else self.policy
-        adapter_off = self.policy.model.disable_adapter() if self.separate is None else contextlib.nullcontext()
-        training = module.training
-        module.eval()
-        try:
-            with adapter_off:
-                return module(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        finally:
-            module.train(training)
-
-
-def build_reference(recipe: DpoRecipe, bundle: ModelBundle, policy: CompletionLogProbs, runtime: Runtime, run: RunDir) -> tuple[Reference, str]:
-    if recipe.dpo.ref_model is None and recipe.model.lora is not None:
-        return Reference(policy, None), "reference: the policy with its LoRA adapter disabled (no second copy)"
-    source = recipe.dpo.ref_model or recipe.model.name_or_path
-    cfg = ModelSection(
-        name_or_path=source,
-        revision=None if recipe.dpo.ref_model else recipe.model.revision,
-        dtype=recipe.model.dtype,
-        trust_remote_code=recipe.model.trust_remote_code,
-        attn_implementation=recipe.model.attn_implementation,
-    )
-    frozen = build_causal_lm(cfg, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "reference").model
-    frozen.requires_grad_(False)
-    what = "a separate model" if recipe.dpo.ref_model else "a frozen copy of the initial policy"
-    return Reference(policy, CompletionLogProbs(frozen)), f"reference: {what} ({source})"
+from dpo_cli.summary import Compute, Trained, write_summary
 
 
 def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
@@ -160,7 +112,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     policy = CompletionLogProbs(bundle.model)
     reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
-    announce(data.notes + bundle.notes + [reference_note])
+    ui.notes(data.notes + bundle.notes + [reference_note])
 
     source = eval_rows if eval_rows is not None else train_rows
     prompts = [source[i]["prompt"] for i in range(min(recipe.dpo.show_samples, len(source)))]
@@ -173,7 +125,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
             atomic_write_jsonl(before_path, ({"prompt": str(p), "response": r} for p, r in zip(prompts, before)))
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size  # forward-only passes: as large as an eval's
     evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device)
     if recipe.dpo.precompute_ref:
         train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime)
@@ -187,17 +139,11 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
             return None
         return evaluator(bundle.model, tokenizer, reference.token_logps, shard=not runtime.sharded)
 
+    train_stream, eval_stream = batch_streams(train_set, eval_set, collate, recipe.train, recipe.seed, runtime)
     result = train(
-        stage="dpo",
-        model=policy,
-        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate, rank=runtime.rank, world_size=runtime.world_size),
-        eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
-        step_fn=make_step(recipe.dpo, reference),
-        cfg=recipe.train,
-        run=run,
-        runtime=runtime,
-        after_step=after_step,
-    )
+        stage="dpo", model=policy, train_stream=train_stream, eval_stream=eval_stream, step_fn=make_step(recipe.dpo, reference),
+        cfg=recipe.train, run=run, runtime=runtime, after_step=after_step,
+    )  # fmt: skip
     save_final_model(run, runtime, bundle, prepared=result.model)
 
     after = sample(bundle, prompts, recipe, runtime)
@@ -207,10 +153,9 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     pairs_per_sec = result.state.items / max(result.state.train_seconds, 1e-9)
     reference_tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids") for ids in train_set[column])
     forward_tokens = reference_tokens if recipe.dpo.precompute_ref else result.state.tokens  # the reference's passes
-    summary = summarize(
-        stage="dpo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started,
-        extra={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "highlights": {"pairs/s": pairs_per_sec},
-               "compute": {"forward_tokens": forward_tokens}},
+    summary = write_summary(
+        stage="dpo", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result, Compute(forward_tokens=forward_tokens)),
+        data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec}, highlights={"pairs/s": pairs_per_sec},
     )  # fmt: skip
     ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))
     return summary

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dpo_cli import distributed, ui
-from dpo_cli.checkpoint import resume_newest_valid, write_checkpoint
 from dpo_cli.costs import model_shape
 from dpo_cli.data import DataReport, load_prompts
 from dpo_cli.encoding import prompt_ids_for_generation
-from dpo_cli.errors import RunInterrupted, UserError
+from dpo_cli.errors import UserError
 from dpo_cli.evaluation import periodic_evaluator
 from dpo_cli.generate import generate
 from dpo_cli.judges import RewardModelJudge, reward_model_judge
-from dpo_cli.loop import LoopResult, LoopState, discard_step, nonfinite_step, total_steps_for, weights_finite
+from dpo_cli.loop import discard_step, nonfinite_step, total_steps_for
 from dpo_cli.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -34,13 +33,16 @@ from dpo_cli.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from dpo_cli.models import ModelBundle, build_causal_lm, build_model, build_tokenizer
+from dpo_cli.models import build_causal_lm, build_tokenizer
 from dpo_cli.optim import build_optimizer, build_scheduler
-from dpo_cli.recipes import ModelSection, PpoRecipe
-from dpo_cli.rl import ActorCritic, Rollout, ValueHead, make_rollout
+from dpo_cli.model_io import save_final_model
+from dpo_cli.recipes import PpoRecipe
+from dpo_cli.rl import Rollout, make_rollout
+from dpo_cli.roles import ActorCritic, build_actor_critic
 from dpo_cli.rundir import RunDir
-from dpo_cli.runtime import Runtime, StopSignals, setup_runtime
-from dpo_cli.stages.common import save_final_model, summarize
+from dpo_cli.runtime import Runtime, setup_runtime
+from dpo_cli.session import TrainingSession
+from dpo_cli.summary import Compute, Trained, write_summary
 from dpo_cli.tokenization import chat_template_notes
 
 
@@ -56,38 +58,9 @@ class PpoState:
     time_train: float = 0.0
     trained_tokens: int = 0  # tokens through training passes (policy and critic, every epoch)
 
-
-# ----------------------------------------------------------------------------- models
-
-
-def build_actor_critic(recipe: PpoRecipe, bundle: ModelBundle, runtime: Runtime, run: RunDir, reward_vocab: dict) -> tuple[ActorCritic, list[str]]:
-    notes = []
-    if recipe.model.lora is not None:  # single-GPU mode: one base, two adapters
-        from peft import LoraConfig
-
-        lora = recipe.model.lora
-        torch.manual_seed(recipe.seed + 1)
-        bundle.model.add_adapter(
-            "value",
-            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, bias=lora.bias, task_type="CAUSAL_LM"),
-        )
-        bundle.model.set_adapter("default")
-        for name, param in bundle.model.named_parameters():
-            if "lora_" in name and ".value." in name:
-                param.requires_grad_(True)  # peft leaves a non-active adapter frozen
-        value_head = ValueHead(bundle.model.get_base_model().config.hidden_size).to(runtime.device)
-        notes.append("single-GPU mode: policy and critic are two LoRA adapters on one base; the reference is the base with both off")
-        return ActorCritic(bundle.model, None, value_head, None), notes
-    reference = build_causal_lm(recipe.model, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "reference").model
-    reference.requires_grad_(False)
-    critic_source = recipe.ppo.value_model or recipe.ppo.reward_model
-    if recipe.ppo.value_model is None and reward_vocab != bundle.tokenizer.get_vocab():
-        critic_source = recipe.model.name_or_path  # the critic reads the policy's tokens: it needs its vocabulary
-        notes.append("the reward model's tokenizer differs from the policy's: the critic starts from the policy instead")
-    critic_cfg = ModelSection(name_or_path=critic_source, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
-    critic = build_model(critic_cfg, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "critic", head="reward").model
-    notes.append(f"separate models: policy, frozen reference copy, critic from {critic_source}")
-    return ActorCritic(bundle.model, critic, None, reference), notes
+    @property
+    def step(self) -> int:  # the training session counts iterations as its steps
+        return self.iteration
 
 
 # ----------------------------------------------------------------------------- phases
@@ -182,7 +155,7 @@ def update_phase(
                     values = actor_critic.values(part)
                     value_loss, value_metrics = ppo_value_loss(values, part.values, part.returns, part.response_mask, cfg.cliprange_value)
                 runtime.accelerator.backward(cfg.vf_coef * value_loss)  # the critic's share of ppo_objective
-            grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic._trainable, recipe.train.max_grad_norm or float("inf"))
+            grad_norm = runtime.accelerator.clip_grad_norm_(actor_critic.trainable_parameters(), recipe.train.max_grad_norm or float("inf"))
             scaler = getattr(runtime.accelerator, "scaler", None)
             broken = nonfinite_step(distributed.mean(float(ppo_objective(policy_loss, value_loss, cfg.vf_coef).detach())), grad_norm, scaler)
             if broken is not None:  # never applied: every process sees the same reduced loss and norm
@@ -222,6 +195,49 @@ def update_phase(
 # ----------------------------------------------------------------------------- the stage
 
 
+class PromptBatches:
+    """Each process samples batch_size prompts of a global batch of batch_size x processes, in a seeded order per
+    epoch (an incomplete global batch at an epoch's end is left out with several processes, so all sample alike)."""
+
+    def __init__(self, prompts: list[Any], batch_size: int, seed: int, runtime: Runtime):
+        self.prompts, self.batch_size, self.seed, self.rank = prompts, batch_size, seed, runtime.rank
+        self.global_batch = batch_size * runtime.world_size
+        world = runtime.world_size
+        self.per_epoch = math.ceil(len(prompts) / self.global_batch) if world == 1 else len(prompts) // self.global_batch
+        if self.per_epoch == 0:
+            raise UserError(f"data.train: {len(prompts)} prompts cannot fill one batch of {batch_size} on each of {world} processes; lower train.batch_size or use fewer processes")
+        self._order = torch.Generator()
+
+    def __getitem__(self, iteration: int) -> list[Any]:
+        epoch, within = divmod(iteration, self.per_epoch)
+        permutation = torch.randperm(len(self.prompts), generator=self._order.manual_seed(self.seed * 7919 + epoch)).tolist()
+        start = within * self.global_batch + self.rank * self.batch_size
+        return [self.prompts[i] for i in permutation[start : start + self.batch_size]]
+
+
+def iteration_record(state: PpoState, rollout: Rollout, kl: torch.Tensor, update: dict[str, float], lr: float, seconds: tuple[float, float]) -> dict[str, Any]:
+    """The metrics line of an iteration, over every process's episodes (each holds batch_size of them, so
+    means of means are exact)."""
+    mask = rollout.response_mask
+    scores = torch.tensor(distributed.gather(rollout.scores.tolist()))
+    return {
+        "step": state.iteration,
+        "reward": float(scores.mean()),
+        "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "kl": distributed.mean(float(kl.sum(dim=1).mean())),
+        "kl_coef": state.kl_coef,
+        "entropy": distributed.mean(float(masked_mean(rollout.entropy, mask))),
+        **update,
+        "value/explained_variance": distributed.mean(float(explained_variance(rollout.values, rollout.returns, mask))),
+        "response_length": distributed.mean(float(mask.sum(dim=1).mean())),
+        "finished_rate": distributed.mean(float(rollout.finished.float().mean())),
+        "lr": lr,
+        "time/generate": seconds[0],
+        "time/train": seconds[1],
+        "episodes": state.episodes,
+    }
+
+
 def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     started = time.time()
     runtime = setup_runtime(recipe.train, recipe.seed, recipe.distributed)
@@ -242,147 +258,89 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     reward = reward_model_judge(
         recipe.ppo.reward_model, runtime.device, "ppo.reward_model", recipe.ppo.reward_batch_size, recipe.ppo.reward_quantization, name=recipe.ppo.reward_model
     )
-    reward_model, reward_tokenizer = reward.scorer.model, reward.tokenizer
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+    if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
         notes.append("the reward model has its own tokenizer: each response is re-tokenised from text for it")
-    actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward_tokenizer.get_vocab())
-    for message in notes + bundle.notes + role_notes:
-        ui.note(message)
+    actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward.tokenizer.get_vocab())
+    ui.notes(notes + bundle.notes + role_notes)
 
-    # Each process samples batch_size prompts of a global batch of batch_size x processes (an incomplete one
-    # at an epoch's end is left out with several processes, so that all sample alike).
-    world, rank = runtime.world_size, runtime.rank
-    global_batch = recipe.train.batch_size * world
-    per_epoch = math.ceil(len(raw) / global_batch) if world == 1 else len(raw) // global_batch
-    if per_epoch == 0:
-        raise UserError(f"data.train: {len(raw)} prompts cannot fill one batch of {recipe.train.batch_size} on each of {world} processes; lower train.batch_size or use fewer processes")
-    iterations = total_steps_for(recipe.train, per_epoch)
+    # The optimizer and the session around the iterations. Several processes: DDP averages the gradients
+    # (policy and critic in one forward, see update_phase); one: the optimizer alone goes through
+    # accelerate, whose wrapper unscales fp16-scaled gradients before a step.
+    batches = PromptBatches(raw, recipe.train.batch_size, recipe.seed, runtime)
+    iterations = total_steps_for(recipe.train, batches.per_epoch)
     updates_per_iteration = recipe.ppo.ppo_epochs * (recipe.train.batch_size // recipe.ppo.mini_batch_size)
     optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
     scheduler = build_scheduler(optimizer, recipe.train, iterations * updates_per_iteration)
-    state = PpoState(kl_coef=recipe.ppo.kl_coef)
-    scaler = getattr(runtime.accelerator, "scaler", None)  # fp16 loss scaling on a GPU without bf16
-    checkpoint, loaded = resume_newest_valid(run, model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=scaler, runtime=runtime)
-    if checkpoint is not None:
-        state = PpoState(**loaded)
-        ui.note(f"resuming from {checkpoint} (iteration {state.iteration} of {iterations})")
-    metrics_log = run.metrics_log(resume_step=state.iteration, enabled=runtime.is_main)
-    samples_log = run.jsonl_log(run.path / "samples.jsonl", resume_step=state.iteration, enabled=runtime.is_main)
-
-    # several processes: DDP averages the gradients (policy and critic in one forward, see update_phase); one:
-    # the optimizer alone goes through accelerate, whose wrapper unscales fp16-scaled gradients before a step
-    if world > 1:
+    if runtime.world_size > 1:
         trained, optimizer = runtime.accelerator.prepare(actor_critic, optimizer)
     else:
         trained, optimizer = actor_critic, runtime.accelerator.prepare_optimizer(optimizer)
-
-    def save_checkpoint() -> str:
-        metrics_log.sync()
-        where = write_checkpoint(
-            run, state.iteration, recipe.train.keep_checkpoints, runtime=runtime,
-            model=actor_critic, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loop_state=asdict(state),
-        )  # fmt: skip
-        return str(where)
-
-    order = torch.Generator().manual_seed(recipe.seed)
-    last: dict[str, Any] = {}
+    session = TrainingSession(
+        stage="ppo", run=run, runtime=runtime, cfg=recipe.train, total_steps=iterations, state=PpoState(kl_coef=recipe.ppo.kl_coef),
+        model=actor_critic, optimizer=optimizer, scheduler=scheduler, unit="iteration", progress_value="reward", progress_speed="episodes/s",
+    )  # fmt: skip
+    session.resume()
+    state: PpoState = session.state
     evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device, proxy=reward)
 
-    def evaluate_policy_now() -> None:
+    def evaluate_policy() -> None:
         with actor_critic.adapter("default"):
             record = evaluator(actor_critic.policy, tokenizer, lambda rollout: actor_critic.reference_logps(rollout, 1.0))
-        metrics_log.log({"step": state.iteration, **record})
+        session.log({"step": state.iteration, **record}, split="policy")
 
-    try:
+    last: dict[str, Any] = {}
+    with session:
+        samples_log = session.jsonl_log(run.path / "samples.jsonl")
         if evaluator is not None and state.iteration == 0:
-            evaluate_policy_now()
-        with StopSignals() as stop, ui.TrainProgress("ppo", iterations, state.iteration, runtime.is_main, value="reward", speed="episodes/s") as progress:
-            while state.iteration < iterations:
-                iteration = state.iteration
-                epoch, within = divmod(iteration, per_epoch)
-                permutation = torch.randperm(len(raw), generator=order.manual_seed(recipe.seed * 7919 + epoch)).tolist()
-                start = within * global_batch + rank * recipe.train.batch_size
-                batch_prompts = [raw[i] for i in permutation[start : start + recipe.train.batch_size]]
+            evaluate_policy()
+        while session.unfinished:
+            iteration = state.iteration
+            began = time.perf_counter()
+            rollout = rollout_phase(actor_critic, tokenizer, batches[iteration], recipe, runtime, iteration)
+            rollout.scores = score_phase(rollout, reward, recipe)
+            generated = time.perf_counter()
+            state.iteration += 1
+            state.time_generate += generated - began
+            if distributed.reduce_max(0.0 if torch.isfinite(rollout.scores).all() else 1.0):  # never applied: counted and logged
+                state.skipped += 1
+                session.log({"step": state.iteration, "skipped": "non-finite reward", "skipped_total": state.skipped})
+                continue
+            with runtime.accelerator.autocast():  # the same precision as the update: the first ratio is exactly 1
+                experience_phase(actor_critic, rollout, recipe, iteration)
+            kl = advantage_phase(rollout, recipe, state.kl_coef)
+            lr = scheduler.get_last_lr()[0]
+            update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=runtime.world_size > 1)
+            state.skipped_updates += update["skipped_updates"]
+            if state.skipped_updates > recipe.train.max_skipped_steps:
+                raise UserError(
+                    f"more than train.max_skipped_steps={recipe.train.max_skipped_steps} updates had a non-finite loss or gradient "
+                    "norm; nothing is written as final/; lower train.learning_rate and start over with --fresh"
+                )
+            session.check_weights(actor_critic.trainable_parameters(), state.iteration, lr, what="the policy or critic weights")
+            state.time_train += time.perf_counter() - generated
+            state.episodes += len(rollout.prompts) * runtime.world_size
+            state.tokens += int(distributed.reduce_sum([int(rollout.attention_mask.sum())])[0])
+            state.trained_tokens += update.pop("trained_tokens")
 
-                began = time.perf_counter()
-                rollout = rollout_phase(actor_critic, tokenizer, batch_prompts, recipe, runtime, iteration)
-                rollout.scores = score_phase(rollout, reward, recipe)
-                generated = time.perf_counter()
-                state.iteration += 1
-                state.time_generate += generated - began
-                if distributed.reduce_max(0.0 if torch.isfinite(rollout.scores).all() else 1.0):  # never applied: counted and logged
-                    state.skipped += 1
-                    metrics_log.log({"step": state.iteration, "skipped": "non-finite reward", "skipped_total": state.skipped})
-                    continue
-                with runtime.accelerator.autocast():  # the same precision as the update: the first ratio is exactly 1
-                    experience_phase(actor_critic, rollout, recipe, iteration)
-                kl = advantage_phase(rollout, recipe, state.kl_coef)
-                update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=world > 1)
-                state.skipped_updates += update["skipped_updates"]
-                if state.skipped_updates > recipe.train.max_skipped_steps:
-                    raise UserError(
-                        f"more than train.max_skipped_steps={recipe.train.max_skipped_steps} updates had a non-finite loss or gradient "
-                        "norm; nothing is written as final/; lower train.learning_rate and start over with --fresh"
-                    )
-                if not weights_finite([p for p in actor_critic.parameters() if p.requires_grad]):
-                    last = run.latest_checkpoint()
-                    raise UserError(
-                        f"the policy or critic weights became non-finite in the update of iteration {state.iteration}; nothing is "
-                        f"written as final/{f' ({last} is the last good state)' if last else ''}; lower train.learning_rate and start over with --fresh"
-                    )
-                state.time_train += time.perf_counter() - generated
-                state.episodes += len(batch_prompts) * world
-                state.tokens += int(distributed.reduce_sum([int(rollout.attention_mask.sum())])[0])
-                state.trained_tokens += update.pop("trained_tokens")
-
-                # every process's episodes: each holds batch_size of them, so means of means are exact
-                mask = rollout.response_mask
-                sequence_kl = distributed.mean(float(kl.sum(dim=1).mean()))
-                scores = torch.tensor(distributed.gather(rollout.scores.tolist()))
-                record = {
-                    "step": state.iteration,
-                    "reward": float(scores.mean()),
-                    "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-                    "kl": sequence_kl,
-                    "kl_coef": state.kl_coef,
-                    "entropy": distributed.mean(float(masked_mean(rollout.entropy, mask))),
-                    **update,
-                    "value/explained_variance": distributed.mean(float(explained_variance(rollout.values, rollout.returns, mask))),
-                    "response_length": distributed.mean(float(mask.sum(dim=1).mean())),
-                    "finished_rate": distributed.mean(float(rollout.finished.float().mean())),
-                    "lr": scheduler.get_last_lr()[0],
-                    "time/generate": generated - began,
-                    "time/train": time.perf_counter() - generated,
-                    "episodes": state.episodes,
-                }
-                if recipe.ppo.target_kl is not None:  # Ziegler et al.'s controller, after the update
-                    state.kl_coef = adaptive_kl_coef(state.kl_coef, sequence_kl, recipe.ppo.target_kl, recipe.ppo.kl_horizon, len(batch_prompts) * world)
-                if state.iteration % recipe.train.log_every == 0 or state.iteration == iterations:
-                    metrics_log.log(record)
-                last = record
-                logged = state.iteration % recipe.train.log_every == 0 or state.iteration == iterations
-                progress.update(state.iteration, record["reward"], record["lr"], record["episodes"] / max(state.time_generate + state.time_train, 1e-9), logged=logged)
-                if state.iteration % recipe.ppo.sample_every == 0 or state.iteration == iterations:
-                    for prompt, text, score in list(zip(rollout.prompts, rollout.texts, rollout.scores.tolist()))[: recipe.ppo.show_samples]:
-                        samples_log.log({"step": state.iteration, "prompt": prompt, "response": text.strip(), "score": score})
-
-                unfinished = state.iteration < iterations
-                if evaluator is not None and state.iteration % recipe.policy_eval.every == 0:
-                    evaluate_policy_now()
-                if recipe.ppo.kl_stop is not None and sequence_kl > recipe.ppo.kl_stop:
-                    where = save_checkpoint()
-                    raise UserError(
-                        f"the KL to the reference reached {sequence_kl:.3g} > ppo.kl_stop={recipe.ppo.kl_stop} at iteration "
-                        f"{state.iteration}; checkpoint {where} saved. Lower train.learning_rate or raise ppo.kl_coef, then --fresh"
-                    )
-                if recipe.train.save_every and state.iteration % recipe.train.save_every == 0 and unfinished:
-                    save_checkpoint()
-                stop_signal = stop.agreed()
-                if stop_signal and unfinished:
-                    raise RunInterrupted(state.iteration, save_checkpoint(), stop_signal)
-    finally:
-        metrics_log.close()
-        samples_log.close()
+            record = iteration_record(state, rollout, kl, update, scheduler.get_last_lr()[0], (generated - began, time.perf_counter() - generated))
+            if recipe.ppo.target_kl is not None:  # Ziegler et al.'s controller, after the update
+                state.kl_coef = adaptive_kl_coef(state.kl_coef, record["kl"], recipe.ppo.target_kl, recipe.ppo.kl_horizon, len(rollout.prompts) * runtime.world_size)
+            logged = state.iteration % recipe.train.log_every == 0 or state.iteration == iterations
+            if logged:
+                session.log(record)
+            last = record
+            session.show(record["reward"], record["lr"], record["episodes"] / max(state.time_generate + state.time_train, 1e-9), logged)
+            if state.iteration % recipe.ppo.sample_every == 0 or state.iteration == iterations:
+                for prompt, text, score in list(zip(rollout.prompts, rollout.texts, rollout.scores.tolist()))[: recipe.ppo.show_samples]:
+                    samples_log.log({"step": state.iteration, "prompt": prompt, "response": text.strip(), "score": score})
+            if evaluator is not None and state.iteration % recipe.policy_eval.every == 0:
+                evaluate_policy()
+            if recipe.ppo.kl_stop is not None and record["kl"] > recipe.ppo.kl_stop:
+                raise UserError(
+                    f"the KL to the reference reached {record['kl']:.3g} > ppo.kl_stop={recipe.ppo.kl_stop} at iteration "
+                    f"{state.iteration}; checkpoint {session.save_checkpoint()} saved. Lower train.learning_rate or raise ppo.kl_coef, then --fresh"
+                )
+            session.end_step()
 
     if state.skipped >= state.iteration:
         raise UserError(
@@ -392,28 +350,24 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     if actor_critic.shared:
         bundle.model.delete_adapter("value")  # final/ is the policy: its adapter alone
     save_final_model(run, runtime, bundle)
-    result = LoopResult(
-        state=LoopState(
-            step=state.iteration, tokens=state.tokens, items=state.episodes, sequences=state.episodes,
-            train_seconds=state.time_generate + state.time_train,
-        ),  # fmt: skip
-        total_steps=iterations,
-        last_train_metrics={k: v for k, v in last.items() if k not in ("step", "episodes")},
-    )
-    extra = {
+    seconds = state.time_generate + state.time_train
+    # sampling, then the policy's, reference's and critic's passes over every rollout; the reward model's
+    compute = Compute(
+        train_tokens=state.trained_tokens, forward_tokens=4 * state.tokens,
+        other_models=[{**model_shape(reward.scorer.model), "context": state.tokens / max(state.episodes, 1), "tokens": state.tokens}],
+    )  # fmt: skip
+    trained_totals = Trained(
+        model=bundle.model, steps=state.iteration, tokens=state.tokens, items=state.episodes, sequences=state.episodes, train_seconds=seconds,
+        final_metrics={k: v for k, v in last.items() if k not in ("step", "episodes")}, compute=compute,
+    )  # fmt: skip
+    results = {
         "episodes": state.episodes,
-        "episodes_per_sec": state.episodes / max(state.time_generate + state.time_train, 1e-9),
+        "episodes_per_sec": state.episodes / max(seconds, 1e-9),
         "time_generate_s": round(state.time_generate, 3),
         "time_train_s": round(state.time_train, 3),
         "skipped_iterations": state.skipped,
         "skipped_updates": state.skipped_updates,
         "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models",
-        "highlights": {"episodes/s": state.episodes / max(state.time_generate + state.time_train, 1e-9), "skipped iterations": state.skipped},
-        # sampling, then the policy's, reference's and critic's passes over every rollout; the reward model's
-        "compute": {
-            "train_tokens": state.trained_tokens,
-            "forward_tokens": 4 * state.tokens,
-            "extra": [{**model_shape(reward_model), "context": state.tokens / max(state.episodes, 1), "tokens": state.tokens}],
-        },
     }
-    return summarize(stage="ppo", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
+    highlights = {"episodes/s": results["episodes_per_sec"], "skipped iterations": state.skipped}
+    return write_summary(stage="ppo", run=run, runtime=runtime, started=started, trained=trained_totals, data=report, results=results, highlights=highlights)

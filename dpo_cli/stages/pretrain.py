@@ -6,21 +6,25 @@ import math
 import os
 import shutil
 import time
+from functools import partial
 
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_cli import distributed
+from dpo_cli import distributed, ui
 from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
-from dpo_cli.encoding import pack_blocks, text_checker, text_encoder
+from dpo_cli.encoding import collate_causal, pack_blocks, text_checker, text_encoder
 from dpo_cli.errors import UserError
+from dpo_cli.forward import CompletionLogProbs, lm_step
+from dpo_cli.generate import write_samples
+from dpo_cli.loop import batch_streams, train
+from dpo_cli.model_io import save_final_model
 from dpo_cli.models import build_causal_lm, build_tokenizer
 from dpo_cli.recipes import PretrainRecipe
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import setup_runtime
-from dpo_cli.stages.common import announce, save_final_model, summarize, train_language_model, write_samples
+from dpo_cli.summary import Trained, write_summary
 from dpo_cli.tokenization import train_bpe_tokenizer
-from dpo_cli.ui import samples_table
 
 
 def pretrain_tokenizer(recipe: PretrainRecipe, run: RunDir, texts: Dataset) -> tuple[PreTrainedTokenizerBase, list[str]]:
@@ -67,18 +71,15 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
 
     # Model: new from model.init, or continued from pretrained weights.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
-    announce(notes + bundle.notes)
+    ui.notes(notes + bundle.notes)
 
-    result = train_language_model(
-        "pretrain",
-        recipe,
-        bundle,
-        train_set,
-        eval_set,
-        run,
-        runtime,
-        on_checkpoint=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"),
-    )
+    # Train: the next-token loss on every block; each checkpoint carries the tokenizer.
+    collate = partial(collate_causal, pad_id=tokenizer.pad_token_id)
+    train_stream, eval_stream = batch_streams(train_set, eval_set, collate, recipe.train, recipe.seed, runtime)
+    result = train(
+        stage="pretrain", model=CompletionLogProbs(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=lm_step,
+        cfg=recipe.train, run=run, runtime=runtime, on_checkpoint=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"),
+    )  # fmt: skip
     save_final_model(run, runtime, bundle, prepared=result.model)
 
     # Samples: continue the opening words of a few held-out documents.
@@ -86,9 +87,9 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
     openings = [" ".join(text.split()[:4]) for text in source["text"][: recipe.pretrain.show_samples]]
     prompts = [(text, tokenizer(text)["input_ids"]) for text in openings if text]
     samples = write_samples(run, runtime, bundle, prompts, recipe.generation, recipe.seed)
-    extra = {}
-    if result.eval_metrics:
-        extra["eval_perplexity"] = math.exp(min(result.eval_metrics["loss"], 50.0))
-    summary = summarize(stage="pretrain", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
-    samples_table(samples, "pretrain samples")
+    results = {"eval_perplexity": math.exp(min(result.eval_metrics["loss"], 50.0))} if result.eval_metrics else {}
+    summary = write_summary(
+        stage="pretrain", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result), data=report, results=results
+    )
+    ui.samples_table(samples, "pretrain samples")
     return summary

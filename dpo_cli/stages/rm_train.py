@@ -13,15 +13,16 @@ from dpo_cli import ui
 from dpo_cli.data import DataReport
 from dpo_cli.forward import RewardScores
 from dpo_cli.judges import Judge, RewardModelJudge, build_judge
-from dpo_cli.loop import BatchStream, StepFn, train
+from dpo_cli.loop import StepFn, batch_streams, train
 from dpo_cli.losses import reward_loss
+from dpo_cli.model_io import save_final_model
 from dpo_cli.models import build_model
-from dpo_cli.preference_data import collate_pairs
+from dpo_cli.preference_data import collate_pairs, load_preference_sets
 from dpo_cli.prefs import spearman
 from dpo_cli.recipes import RmRecipe, RmSection
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import setup_runtime
-from dpo_cli.stages.common import announce, load_preference_sets, save_final_model, summarize
+from dpo_cli.summary import Trained, write_summary
 
 
 def make_step(cfg: RmSection) -> StepFn:
@@ -54,35 +55,31 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
 
     # Model: the body of a base or SFT model with a fresh scalar head; full, LoRA (head trained in full) or 4-bit.
     bundle = build_model(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path, head="reward")
-    announce(data.notes + bundle.notes)
+    ui.notes(data.notes + bundle.notes)
     judge = build_judge(recipe.rm.chosen_judge())  # user code is named (and a bad name refused) before training
 
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size
+    train_stream, eval_stream = batch_streams(train_set, eval_set, collate, recipe.train, recipe.seed, runtime)
     result = train(
-        stage="rm-train",
-        model=RewardScores(bundle.model),
-        train_stream=BatchStream(train_set, recipe.train.batch_size, recipe.seed, collate, rank=runtime.rank, world_size=runtime.world_size),
-        eval_stream=BatchStream(eval_set, eval_batch, recipe.seed, collate, shuffle=False) if eval_set is not None else None,
-        step_fn=make_step(recipe.rm),
-        cfg=recipe.train,
-        run=run,
-        runtime=runtime,
-    )
+        stage="rm-train", model=RewardScores(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=make_step(recipe.rm),
+        cfg=recipe.train, run=run, runtime=runtime,
+    )  # fmt: skip
     save_final_model(run, runtime, bundle, prepared=result.model)
 
-    extra: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9)}
-    highlights: dict[str, Any] = {"pairs/s": extra["pairs_per_sec"]}
+    results: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9)}
+    highlights: dict[str, Any] = {"pairs/s": results["pairs_per_sec"]}
     if result.eval_metrics:
-        extra["eval_accuracy"] = highlights["held-out accuracy"] = result.eval_metrics["accuracy"]
+        results["eval_accuracy"] = highlights["held-out accuracy"] = result.eval_metrics["accuracy"]
     if judge is not None and eval_rows is not None:
-        scorer = RewardModelJudge("rm", bundle.model, tokenizer, eval_batch, runtime.device, recipe.data.max_length)
+        scorer = RewardModelJudge("rm", bundle.model, tokenizer, eval_stream.batch_size, runtime.device, recipe.data.max_length)
         correlation = judge_correlation(judge, scorer, eval_rows)
         judge_name = judge.name.removeprefix("judge:")
-        extra["judge_rank_correlation"] = {"judge": judge_name, "spearman": correlation, "responses": 2 * len(eval_rows)}
+        results["judge_rank_correlation"] = {"judge": judge_name, "spearman": correlation, "responses": 2 * len(eval_rows)}
         highlights[f"rank correlation with {judge_name}"] = correlation
-    extra["highlights"] = highlights
-    summary = summarize(stage="rm-train", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
-    if "eval_accuracy" in extra:
-        ui.note(f"held-out accuracy {extra['eval_accuracy']:.3f} on {len(eval_set)} pairs")
+    summary = write_summary(
+        stage="rm-train", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result), data=report,
+        results=results, highlights=highlights,
+    )  # fmt: skip
+    if "eval_accuracy" in results:
+        ui.note(f"held-out accuracy {results['eval_accuracy']:.3f} on {len(eval_set)} pairs")
     return summary

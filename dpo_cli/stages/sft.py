@@ -5,18 +5,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 
 from datasets import Dataset
 
+from dpo_cli import ui
 from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
-from dpo_cli.encoding import pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
+from dpo_cli.encoding import collate_causal, pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
+from dpo_cli.forward import CompletionLogProbs, lm_step
+from dpo_cli.generate import write_samples
+from dpo_cli.loop import batch_streams, train
+from dpo_cli.model_io import save_final_model
 from dpo_cli.models import build_causal_lm, build_tokenizer
 from dpo_cli.recipes import SftRecipe
 from dpo_cli.rundir import RunDir
 from dpo_cli.runtime import setup_runtime
-from dpo_cli.stages.common import announce, save_final_model, summarize, train_language_model, write_samples
+from dpo_cli.summary import Trained, write_summary
 from dpo_cli.tokenization import ensure_chat_template
-from dpo_cli.ui import samples_table
 
 
 def sample_prompts(rows: Dataset, fmt: str, count: int, encoder: Callable[[dict], dict]) -> list[str | list[dict]]:
@@ -63,9 +68,15 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
 
     # Model: pretrained weights (or a previous run), full / LoRA / 4-bit + LoRA.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
-    announce(notes + bundle.notes)
+    ui.notes(notes + bundle.notes)
 
-    result = train_language_model("sft", recipe, bundle, train_set, eval_set, run, runtime)
+    # Train: the next-token loss on the completions.
+    collate = partial(collate_causal, pad_id=tokenizer.pad_token_id)
+    train_stream, eval_stream = batch_streams(train_set, eval_set, collate, recipe.train, recipe.seed, runtime)
+    result = train(
+        stage="sft", model=CompletionLogProbs(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=lm_step,
+        cfg=recipe.train, run=run, runtime=runtime,
+    )  # fmt: skip
     save_final_model(run, runtime, bundle, prepared=result.model)
 
     # Samples: answer a few held-out prompts.
@@ -75,9 +86,11 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
         for p in sample_prompts(source, fmt, recipe.sft.show_samples, encoder)
     ]
     samples = write_samples(run, runtime, bundle, prompts, recipe.generation, recipe.seed)
-    extra = {"data_format": "conversational" if _is_conversational(train_rows, fmt) else "prompt_completion"}
+    results = {"data_format": "conversational" if _is_conversational(train_rows, fmt) else "prompt_completion"}
     if result.eval_metrics:
-        extra["eval_perplexity"] = math.exp(min(result.eval_metrics["loss"], 50.0))
-    summary = summarize(stage="sft", run=run, runtime=runtime, bundle=bundle, result=result, report=report, started=started, extra=extra)
-    samples_table(samples, "sft samples")
+        results["eval_perplexity"] = math.exp(min(result.eval_metrics["loss"], 50.0))
+    summary = write_summary(
+        stage="sft", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result), data=report, results=results
+    )
+    ui.samples_table(samples, "sft samples")
     return summary

@@ -8,9 +8,9 @@ import signal
 
 import pytest
 
-import dpo_cli.stages.common
-from conftest import interrupt_at_call
-from conftest import assert_same_run
+import dpo_cli.stages.sft
+from helpers import interrupt_at_call
+from helpers import assert_same_run
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def interrupted(tmp_path, cli, sft_recipe, monkeypatch):
                         data={"train": "data/train.jsonl", "eval": None, "max_length": 96}, sft={"show_samples": 0})  # fmt: skip
     assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
     with monkeypatch.context() as patch:
-        interrupt_at_call(patch, dpo_cli.stages.common, "lm_step", 13, signal.SIGTERM)  # step 7's first micro-batch
+        interrupt_at_call(patch, dpo_cli.stages.sft, "lm_step", 13, signal.SIGTERM)  # step 7's first micro-batch
         assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 143
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-6", "step-7"]

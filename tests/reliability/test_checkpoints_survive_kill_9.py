@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import assert_same_run
+from helpers import assert_same_run
 
 # A real process, killed by SIGKILL from inside the write at one of its moments (then nothing else runs).
 KILLER = """

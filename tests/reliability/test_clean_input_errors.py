@@ -3,7 +3,7 @@ traceback, and an incomplete input run is refused as the incomplete run it is.""
 
 from __future__ import annotations
 
-from conftest import chat_sft_rows, write_jsonl
+from helpers import chat_sft_rows, write_jsonl
 
 
 def one_clear_line(err: str) -> bool:

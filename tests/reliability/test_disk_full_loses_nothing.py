@@ -17,8 +17,9 @@ from pathlib import Path
 import dpo_cli.checkpoint
 import dpo_cli.rundir
 import dpo_cli.stages.collect_prefs
-import dpo_cli.stages.common
-from conftest import assert_same_run, read_jsonl, skip_without_system, write_recipe
+import dpo_cli.model_io
+import dpo_cli.stages.sft
+from helpers import assert_same_run, read_jsonl, skip_without_system, write_recipe
 from dpo_cli.checkpoint import verify_manifest
 from dpo_cli.rundir import read_metrics
 
@@ -111,7 +112,7 @@ def test_a_full_disk_in_a_training_run_loses_nothing_and_the_rerun_is_exact(tmp_
             opened = lambda path, *a, **k: FullAfter(path, 3) if Path(path).name == file and a[:1] == ("a",) else real_open(path, *a, **k)  # noqa: E731
             patch.setattr(dpo_cli.rundir, "open", opened, raising=False)
         elif file == "final":
-            fill_before(patch, dpo_cli.stages.common, "save_final", disk)
+            fill_before(patch, dpo_cli.model_io, "save_final", disk)
         else:
             fill_before(patch, dpo_cli.checkpoint, "save_training_state", disk, call=2)
         code, _, err = cli("sft", recipe, "--run-dir", run)

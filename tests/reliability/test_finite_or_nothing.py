@@ -7,13 +7,13 @@ import json
 
 import torch
 
-import dpo_cli.stages.common
-from conftest import read_jsonl
+import dpo_cli.stages.sft
+from helpers import read_jsonl
 
 
 def poisoned_lm_step(calls: set[int], in_eval: bool = False):
     """lm_step whose loss is NaN on the given training calls (or in every eval pass)."""
-    real = dpo_cli.stages.common.lm_step
+    real = dpo_cli.stages.sft.lm_step
     count = {"n": 0}
 
     def step(model, batch):
@@ -43,12 +43,12 @@ def test_an_overflowing_update_stops_before_final(tmp_path, cli, sft_recipe):
 def test_a_nan_loss_stops_with_a_checkpoint_of_the_last_good_step_and_can_resume_skipping(tmp_path, cli, sft_recipe, monkeypatch):
     recipe = sft_recipe(train={"save_every": 10})
     with monkeypatch.context() as patch:
-        patch.setattr(dpo_cli.stages.common, "lm_step", poisoned_lm_step({3}))
+        patch.setattr(dpo_cli.stages.sft, "lm_step", poisoned_lm_step({3}))
         code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
     assert code == 1 and "the loss became nan at step 3: stopped with a checkpoint of step 2, the last good state" in err
     assert (tmp_path / "run" / "checkpoints" / "step-2").is_dir() and not (tmp_path / "run" / "final").exists()
     with monkeypatch.context() as patch:  # the same batch is poisoned again: skip it this time
-        patch.setattr(dpo_cli.stages.common, "lm_step", poisoned_lm_step({1}))
+        patch.setattr(dpo_cli.stages.sft, "lm_step", poisoned_lm_step({1}))
         code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run", "--set", "train.nonfinite=skip")
     assert code == 0, err
     summary = status(tmp_path / "run")
@@ -58,14 +58,14 @@ def test_a_nan_loss_stops_with_a_checkpoint_of_the_last_good_step_and_can_resume
 
 def test_skipping_stops_past_its_cap(tmp_path, cli, sft_recipe, monkeypatch):
     recipe = sft_recipe(train={"nonfinite": "skip", "max_skipped_steps": 1})
-    monkeypatch.setattr(dpo_cli.stages.common, "lm_step", poisoned_lm_step({2, 4}))
+    monkeypatch.setattr(dpo_cli.stages.sft, "lm_step", poisoned_lm_step({2, 4}))
     code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
     assert code == 1 and "more than train.max_skipped_steps=1 steps were skipped" in err
     assert not (tmp_path / "run" / "final").exists()
 
 
 def test_a_nan_eval_loss_stops_before_final(tmp_path, cli, sft_recipe, monkeypatch):
-    monkeypatch.setattr(dpo_cli.stages.common, "lm_step", poisoned_lm_step(set(), in_eval=True))
+    monkeypatch.setattr(dpo_cli.stages.sft, "lm_step", poisoned_lm_step(set(), in_eval=True))
     code, _, err = cli("sft", sft_recipe(), "--run-dir", tmp_path / "run")
     assert code == 1 and "the eval loss became nan" in err and not (tmp_path / "run" / "final").exists()
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from conftest import preference_rows, write_jsonl
+from helpers import preference_rows, write_jsonl
 from dpo_cli.recipe_loader import _flatten_union, _section_class, schema_for
 from dpo_cli.recipes import ALL_STAGES
 

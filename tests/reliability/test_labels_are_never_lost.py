@@ -8,7 +8,7 @@ import json
 import pytest
 
 import dpo_cli.stages.collect_prefs
-from conftest import read_jsonl, write_recipe
+from helpers import read_jsonl, write_recipe
 from dpo_cli.labels import LabelLog
 
 

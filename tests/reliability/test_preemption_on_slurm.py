@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_run, read_jsonl, skip_without_system
+from helpers import REPO, assert_same_run, read_jsonl, skip_without_system
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def long_recipe(tmp_path_factory, tiny_model_dir):
     """An sft run of about a minute on this machine: longer than the wait for Slurm's time-limit signal, which
     slurmctld sends at its first periodic check (every 30 s) after the warning time. Its uninterrupted
     run is the reference both tests compare with."""
-    from conftest import write_jsonl, write_recipe
+    from helpers import write_jsonl, write_recipe
     from dpo_cli.demo import demo_rows
 
     folder = tmp_path_factory.mktemp("slurm-recipe")

@@ -14,7 +14,7 @@ from dpo_cli.errors import UserError
 from dpo_cli.judges import build_judge
 from dpo_cli.recipe_loader import load_recipe
 from dpo_cli.sections import JudgeSpec
-from conftest import write_recipe
+from helpers import write_recipe
 
 # Every key that can name a judge: (stage, section, built-in key, python key, other keys the section needs).
 JUDGE_KEYS = [
