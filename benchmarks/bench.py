@@ -30,7 +30,7 @@ def build_base_model(folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpo_cli.demo import demo_rows
-    from dpo_cli.tokenization import train_bpe_tokenizer
+    from dpo_cli.data.tokenization import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer([r["text"] for r in demo_rows("demo:reviews?n=2000")], WORKLOAD["vocab"], 1024)
     config = LlamaConfig(
@@ -153,7 +153,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dpo_cli.ui import human_bytes
+    from dpo_cli.core.ui import human_bytes
 
     console = Console()
     results: dict[str, dict] = {}

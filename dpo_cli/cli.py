@@ -12,11 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from dpo_cli import __version__, ui
-from dpo_cli.data_files import check_data_paths
-from dpo_cli.errors import RunInterrupted, UserError
-from dpo_cli.recipe_loader import load_recipe, read_recipe_file, recipe_to_yaml, schema_for, stage_of
-from dpo_cli.recipes import ALL_STAGES
+from dpo_cli import __version__
+
+from dpo_cli.core import ui
+from dpo_cli.data.files import check_data_paths
+from dpo_cli.core.errors import RunInterrupted, UserError
+from dpo_cli.core.recipe_loader import load_recipe, read_recipe_file, recipe_to_yaml, schema_for, stage_of
+from dpo_cli.core.recipes import ALL_STAGES
 from dpo_cli.runner import run_stage
 
 app = typer.Typer(

@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from dpo_cli import ui
-from dpo_cli.errors import UserError
-from dpo_cli.recipe_loader import Value, format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
-from dpo_cli.recipes import ALL_STAGES, LocalPath, RecipeBase, Section
-from dpo_cli.rundir import RunDir, atomic_write_json
+from dpo_cli.core import ui
+from dpo_cli.core.errors import UserError
+from dpo_cli.core.recipe_loader import Value, format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
+from dpo_cli.core.recipes import ALL_STAGES, LocalPath, RecipeBase, Section
+from dpo_cli.core.rundir import RunDir, atomic_write_json
 from dpo_cli.runner import run_recipe
 
 

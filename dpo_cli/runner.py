@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo_cli import ui
-from dpo_cli.data_files import data_fingerprint, fingerprint_changes, with_hub_revisions
-from dpo_cli.errors import RunInterrupted, UserError
-from dpo_cli.recipe_loader import load_recipe, recipe_diff, recipe_to_dict, recipe_to_yaml, with_current_defaults
-from dpo_cli.recipes import PLANNED_STAGES, RecipeBase
-from dpo_cli.rundir import RunDir, disk_full
+from dpo_cli.core import ui
+from dpo_cli.data.files import data_fingerprint, fingerprint_changes, with_hub_revisions
+from dpo_cli.core.errors import RunInterrupted, UserError
+from dpo_cli.core.recipe_loader import load_recipe, recipe_diff, recipe_to_dict, recipe_to_yaml, with_current_defaults
+from dpo_cli.core.recipes import PLANNED_STAGES, RecipeBase
+from dpo_cli.core.rundir import RunDir, disk_full
 
 
 def default_run_dir(recipe: RecipeBase, recipe_path: Path, run_dir: Path | None, smoke: bool) -> Path:
@@ -43,10 +43,10 @@ def run_stage(
 def run_recipe(stage: str, recipe: RecipeBase, path: Path, fresh: bool, allow_data_change: bool = False) -> None:
     """Prepare the run dir on the main process (lock, recipe check, --fresh), tell the others what it
     decided, and run the stage on every process."""
-    from dpo_cli import distributed
+    from dpo_cli.core import distributed
 
     if getattr(recipe, "model", None) is not None:
-        from dpo_cli.models import check_model_input
+        from dpo_cli.models.build import check_model_input
 
         check_model_input(recipe.model, "reward" if stage == "rm-train" else "causal-lm")
     recipe.run_dir = str(path)
@@ -126,7 +126,7 @@ def _pin_hub_revisions(run: RunDir) -> None:
 
 
 def _execute(stage: str, recipe: RecipeBase, run: RunDir, saved: dict | None) -> None:
-    from dpo_cli import distributed, slurm
+    from dpo_cli.core import distributed, slurm
     from dpo_cli.stages import stage_runner
 
     try:

@@ -1,4 +1,4 @@
-"""One-GPU check: issue 11's matrix (every stage x model mode x input kind, tests/test_inputs.py) on CUDA,
+"""One-GPU check: issue 11's matrix (every stage x model mode x input kind, tests/stages/test_inputs.py) on CUDA,
 in bf16 and in 4-bit with bitsandbytes' CUDA kernels, then a Qwen2-0.5B-shaped model (random weights)
 through sft, dpo and ppo (single-GPU mode) at sequence length 1024. Prints one table: stage, mode, input,
 ok, peak torch.cuda.max_memory_allocated, tokens/s. Offline: every model is built from config.
@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "stages")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

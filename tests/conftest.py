@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 320-token byte-level BPE trained on demo reviews (what `pretrain` would train)."""
     from dpo_cli.demo import demo_rows
-    from dpo_cli.tokenization import train_bpe_tokenizer
+    from dpo_cli.data.tokenization import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tokenizer")
     texts = [r["text"] for r in demo_rows("demo:reviews?n=300")]

@@ -92,12 +92,12 @@ MODEL_BUILDING = ("ForCausalLM.from_pretrained", "ForSequenceClassification.from
 
 
 def test_models_are_built_in_one_home():
-    """Weights are loaded, quantized and given adapters or heads only in models.py (one model from a recipe
-    section), roles.py (the models an algorithm runs) and model_io.py (final/ and frozen loads)."""
-    home = {"models.py", "roles.py", "model_io.py"}
+    """Weights are loaded, quantized and given adapters or heads only in dpo_cli/models/: build.py (one model
+    from a recipe section), roles.py (the models an algorithm runs) and io.py (final/ and frozen loads)."""
+    home = {PACKAGE / "models" / name for name in ("build.py", "roles.py", "io.py")}
     found = [
         f"{path.relative_to(PACKAGE)} builds a model ({needle})"
-        for path in sorted(PACKAGE.rglob("*.py")) if path.name not in home
+        for path in sorted(PACKAGE.rglob("*.py")) if path not in home
         for needle in MODEL_BUILDING if needle in path.read_text()
     ]  # fmt: skip
     assert found == []
@@ -114,3 +114,22 @@ def test_tests_share_helpers_only_through_helpers_and_fixtures():
         if re.match(r"\s*(from|import)\s+(conftest|test_\w+|reliability)\b", line)
     ]  # fmt: skip
     assert found == []
+
+
+# The layers, bottom up: a module imports from its own layer and the layers below (docs/architecture.md).
+LAYERS = {"core": 0, "losses": 1, "data": 2, "models": 2, "demo": 2, "train": 3, "eval": 3, "stages": 4, "runner": 5, "cli": 6, "pipeline": 6, "__main__": 7}
+
+
+def layer_of(module: str) -> int:
+    top = module.removeprefix("dpo_cli").lstrip(".").split(".")[0]
+    return LAYERS.get(top, 0)  # the package itself (its version) is ground
+
+
+def test_every_module_lives_in_a_layer():
+    assert [m for m in import_graph() if m.count(".") >= 1 and m.split(".")[1] not in LAYERS] == []
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    graph = import_graph()
+    upward = [f"{name} imports {target}" for name, targets in graph.items() for target in targets if layer_of(target) > layer_of(name)]
+    assert upward == []

@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from helpers import REPO
-from dpo_cli.rundir import RunDir
+from dpo_cli.core.rundir import RunDir
 
 
 def test_help_lists_every_stage_with_examples(cli):
@@ -30,7 +30,7 @@ def test_version(cli):
 
 
 def test_every_stage_has_a_schema(cli):
-    from dpo_cli.recipes import ALL_STAGES
+    from dpo_cli.core.recipes import ALL_STAGES
 
     for stage in ALL_STAGES:
         code, out, _ = cli("schema", stage)
@@ -130,7 +130,7 @@ def test_smoke_uses_its_own_run_dir(cli, sft_recipe, tmp_path):
 def test_debug_shows_the_real_exception(cli, tmp_path):
     import pytest
 
-    from dpo_cli.errors import UserError
+    from dpo_cli.core.errors import UserError
 
     with pytest.raises(UserError, match="recipe not found"):
         cli("sft", tmp_path / "missing.yaml", "--debug")
@@ -143,7 +143,7 @@ def test_values_that_look_like_markup_are_shown_verbatim(cli):
 
 
 def test_samples_table_shows_brackets(capsys):
-    from dpo_cli.ui import samples_table
+    from dpo_cli.core.ui import samples_table
 
     samples_table([{"prompt": "[INST] hi [/INST]", "response": "ok [/INST]"}], "samples")
     assert "[INST] hi [/INST]" in capsys.readouterr().out

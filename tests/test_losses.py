@@ -52,7 +52,7 @@ def test_batch_without_targets_is_zero_not_nan():
 def test_mean_nll_from_sequence_sums_equals_the_token_mean(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from dpo_cli.forward import CompletionLogProbs
+    from dpo_cli.models.forward import CompletionLogProbs
     from dpo_cli.losses import mean_nll
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -144,7 +144,7 @@ def test_the_demo_pipeline_runs_on_two_processes(tmp_path):
 
 
 def test_command_line_overrides_reach_every_stage_or_the_named_one():
-    from dpo_cli.errors import UserError
+    from dpo_cli.core.errors import UserError
     from dpo_cli.pipeline import split_overrides
 
     kinds = {"sft": "sft", "dpo": "dpo", "compare": "compare"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 from dpo_cli.demo.reviews import reviews
-from dpo_cli.errors import UserError
+from dpo_cli.core.errors import UserError
 
 # Each set has its own seed offset so that pretraining, SFT and prompt sets do not share reviews.
 DEMO_SETS = {

@@ -11,22 +11,22 @@ import random
 import time
 from typing import Any
 
-from dpo_cli import distributed, ui
-from dpo_cli.data import DataReport, check_bad_rows, load_prompts, load_splits
-from dpo_cli.encoding import prompt_ids_for_generation
-from dpo_cli.errors import UserError
-from dpo_cli.generate import generate
-from dpo_cli.human import label_by_hand, require_terminal, resolve_annotator
-from dpo_cli.judges import Judge, bradley_terry_choice, build_judge, reward_model_judge, score_in_shards
-from dpo_cli.labels import LabelLog, now
-from dpo_cli.tokenization import chat_template_notes
-from dpo_cli.models import build_causal_lm, build_tokenizer
-from dpo_cli.prefs import Pair, build_records, form_pairs, preference_stats
-from dpo_cli.prefs_import import convert_rows, detect_format
-from dpo_cli.recipes import CollectPrefsRecipe, TrainSection
-from dpo_cli.rundir import RunDir, atomic_write_json, atomic_write_jsonl
-from dpo_cli.runtime import Runtime, setup_runtime
-from dpo_cli.summary import write_summary
+from dpo_cli.core import distributed, ui
+from dpo_cli.data.loading import DataReport, check_bad_rows, load_prompts, load_splits
+from dpo_cli.data.encoding import prompt_ids_for_generation
+from dpo_cli.core.errors import UserError
+from dpo_cli.models.generate import generate
+from dpo_cli.data.human import label_by_hand, require_terminal, resolve_annotator
+from dpo_cli.eval.judges import Judge, bradley_terry_choice, build_judge, reward_model_judge, score_in_shards
+from dpo_cli.data.labels import LabelLog, now
+from dpo_cli.data.tokenization import chat_template_notes
+from dpo_cli.models.build import build_causal_lm, build_tokenizer
+from dpo_cli.data.prefs import Pair, build_records, form_pairs, preference_stats
+from dpo_cli.data.prefs_import import convert_rows, detect_format
+from dpo_cli.core.recipes import CollectPrefsRecipe, TrainSection
+from dpo_cli.core.rundir import RunDir, atomic_write_json, atomic_write_jsonl
+from dpo_cli.core.runtime import Runtime, setup_runtime
+from dpo_cli.train.summary import write_summary
 
 
 def _read_jsonl(path) -> list[dict[str, Any]]:

@@ -12,20 +12,20 @@ from typing import Any
 
 import torch
 
-from dpo_cli import ui
-from dpo_cli.costs import path_cost
-from dpo_cli.data import DataReport, load_prompts
-from dpo_cli.errors import UserError
-from dpo_cli.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference, win_rate
-from dpo_cli.judges import Judge, build_judge, reward_model_judge
-from dpo_cli.model_io import load_policy
-from dpo_cli.recipes import CompareRecipe, TrainSection
-from dpo_cli.report import human_win_rate, render_report
-from dpo_cli.rundir import RunDir, read_metrics
-from dpo_cli.runtime import setup_runtime
-from dpo_cli.summary import write_summary
-from dpo_cli.sources import require_complete
-from dpo_cli.tokenization import chat_template_notes
+from dpo_cli.core import ui
+from dpo_cli.eval.costs import path_cost
+from dpo_cli.data.loading import DataReport, load_prompts
+from dpo_cli.core.errors import UserError
+from dpo_cli.eval.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference, win_rate
+from dpo_cli.eval.judges import Judge, build_judge, reward_model_judge
+from dpo_cli.models.io import load_policy
+from dpo_cli.core.recipes import CompareRecipe, TrainSection
+from dpo_cli.eval.report import human_win_rate, render_report
+from dpo_cli.core.rundir import RunDir, read_metrics
+from dpo_cli.core.runtime import setup_runtime
+from dpo_cli.train.summary import write_summary
+from dpo_cli.models.sources import require_complete
+from dpo_cli.data.tokenization import chat_template_notes
 
 
 def _is_run(path: str) -> bool:

@@ -14,22 +14,22 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save
 
-from dpo_cli import distributed, ui
-from dpo_cli.data import DataReport
-from dpo_cli.encoding import prompt_ids_for_generation
-from dpo_cli.evaluation import periodic_evaluator
-from dpo_cli.forward import CompletionLogProbs
-from dpo_cli.generate import generate
-from dpo_cli.loop import BatchStream, StepFn, batch_streams, train
+from dpo_cli.core import distributed, ui
+from dpo_cli.data.loading import DataReport
+from dpo_cli.data.encoding import prompt_ids_for_generation
+from dpo_cli.eval.evaluation import periodic_evaluator
+from dpo_cli.models.forward import CompletionLogProbs
+from dpo_cli.models.generate import generate
+from dpo_cli.train.loop import BatchStream, StepFn, batch_streams, train
 from dpo_cli.losses import dpo_loss, mean_token_logps
-from dpo_cli.model_io import save_final_model
-from dpo_cli.models import ModelBundle, build_causal_lm
-from dpo_cli.preference_data import collate_pairs, load_preference_sets
-from dpo_cli.recipes import DpoRecipe, DpoSection
-from dpo_cli.roles import Reference, build_reference
-from dpo_cli.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
-from dpo_cli.runtime import Runtime, setup_runtime
-from dpo_cli.summary import Compute, Trained, write_summary
+from dpo_cli.models.io import save_final_model
+from dpo_cli.models.build import ModelBundle, build_causal_lm
+from dpo_cli.data.preference_pairs import collate_pairs, load_preference_sets
+from dpo_cli.core.recipes import DpoRecipe, DpoSection
+from dpo_cli.models.roles import Reference, build_reference
+from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
+from dpo_cli.core.runtime import Runtime, setup_runtime
+from dpo_cli.train.summary import Compute, Trained, write_summary
 
 
 def make_step(cfg: DpoSection, reference: Reference) -> StepFn:

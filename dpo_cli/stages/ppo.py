@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from dpo_cli import distributed, ui
-from dpo_cli.costs import model_shape
-from dpo_cli.data import DataReport, load_prompts
-from dpo_cli.encoding import prompt_ids_for_generation
-from dpo_cli.errors import UserError
-from dpo_cli.evaluation import periodic_evaluator
-from dpo_cli.generate import generate
-from dpo_cli.judges import RewardModelJudge, reward_model_judge
-from dpo_cli.loop import discard_step, nonfinite_step, total_steps_for
+from dpo_cli.core import distributed, ui
+from dpo_cli.eval.costs import model_shape
+from dpo_cli.data.loading import DataReport, load_prompts
+from dpo_cli.data.encoding import prompt_ids_for_generation
+from dpo_cli.core.errors import UserError
+from dpo_cli.eval.evaluation import periodic_evaluator
+from dpo_cli.models.generate import generate
+from dpo_cli.eval.judges import RewardModelJudge, reward_model_judge
+from dpo_cli.train.loop import discard_step, nonfinite_step, total_steps_for
 from dpo_cli.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -33,17 +33,17 @@ from dpo_cli.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from dpo_cli.models import build_causal_lm, build_tokenizer
-from dpo_cli.optim import build_optimizer, build_scheduler
-from dpo_cli.model_io import save_final_model
-from dpo_cli.recipes import PpoRecipe
-from dpo_cli.rl import Rollout, make_rollout
-from dpo_cli.roles import ActorCritic, build_actor_critic
-from dpo_cli.rundir import RunDir
-from dpo_cli.runtime import Runtime, setup_runtime
-from dpo_cli.session import TrainingSession
-from dpo_cli.summary import Compute, Trained, write_summary
-from dpo_cli.tokenization import chat_template_notes
+from dpo_cli.models.build import build_causal_lm, build_tokenizer
+from dpo_cli.train.optim import build_optimizer, build_scheduler
+from dpo_cli.models.io import save_final_model
+from dpo_cli.core.recipes import PpoRecipe
+from dpo_cli.models.rollout import Rollout, make_rollout
+from dpo_cli.models.roles import ActorCritic, build_actor_critic
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.runtime import Runtime, setup_runtime
+from dpo_cli.train.session import TrainingSession
+from dpo_cli.train.summary import Compute, Trained, write_summary
+from dpo_cli.data.tokenization import chat_template_notes
 
 
 @dataclass

@@ -11,20 +11,20 @@ from functools import partial
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_cli import distributed, ui
-from dpo_cli.data import DataReport, encode_rows, load_splits, require_columns
-from dpo_cli.encoding import collate_causal, pack_blocks, text_checker, text_encoder
-from dpo_cli.errors import UserError
-from dpo_cli.forward import CompletionLogProbs, lm_step
-from dpo_cli.generate import write_samples
-from dpo_cli.loop import batch_streams, train
-from dpo_cli.model_io import save_final_model
-from dpo_cli.models import build_causal_lm, build_tokenizer
-from dpo_cli.recipes import PretrainRecipe
-from dpo_cli.rundir import RunDir
-from dpo_cli.runtime import setup_runtime
-from dpo_cli.summary import Trained, write_summary
-from dpo_cli.tokenization import train_bpe_tokenizer
+from dpo_cli.core import distributed, ui
+from dpo_cli.data.loading import DataReport, encode_rows, load_splits, require_columns
+from dpo_cli.data.encoding import collate_causal, pack_blocks, text_checker, text_encoder
+from dpo_cli.core.errors import UserError
+from dpo_cli.models.forward import CompletionLogProbs, lm_step
+from dpo_cli.models.generate import write_samples
+from dpo_cli.train.loop import batch_streams, train
+from dpo_cli.models.io import save_final_model
+from dpo_cli.models.build import build_causal_lm, build_tokenizer
+from dpo_cli.core.recipes import PretrainRecipe
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.runtime import setup_runtime
+from dpo_cli.train.summary import Trained, write_summary
+from dpo_cli.data.tokenization import train_bpe_tokenizer
 
 
 def pretrain_tokenizer(recipe: PretrainRecipe, run: RunDir, texts: Dataset) -> tuple[PreTrainedTokenizerBase, list[str]]:

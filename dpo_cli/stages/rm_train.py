@@ -9,20 +9,20 @@ from typing import Any
 
 import torch
 
-from dpo_cli import ui
-from dpo_cli.data import DataReport
-from dpo_cli.forward import RewardScores
-from dpo_cli.judges import Judge, RewardModelJudge, build_judge
-from dpo_cli.loop import StepFn, batch_streams, train
+from dpo_cli.core import ui
+from dpo_cli.data.loading import DataReport
+from dpo_cli.models.forward import RewardScores
+from dpo_cli.eval.judges import Judge, RewardModelJudge, build_judge
+from dpo_cli.train.loop import StepFn, batch_streams, train
 from dpo_cli.losses import reward_loss
-from dpo_cli.model_io import save_final_model
-from dpo_cli.models import build_model
-from dpo_cli.preference_data import collate_pairs, load_preference_sets
-from dpo_cli.prefs import spearman
-from dpo_cli.recipes import RmRecipe, RmSection
-from dpo_cli.rundir import RunDir
-from dpo_cli.runtime import setup_runtime
-from dpo_cli.summary import Trained, write_summary
+from dpo_cli.models.io import save_final_model
+from dpo_cli.models.build import build_model
+from dpo_cli.data.preference_pairs import collate_pairs, load_preference_sets
+from dpo_cli.data.prefs import spearman
+from dpo_cli.core.recipes import RmRecipe, RmSection
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.runtime import setup_runtime
+from dpo_cli.train.summary import Trained, write_summary
 
 
 def make_step(cfg: RmSection) -> StepFn:

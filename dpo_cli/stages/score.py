@@ -10,15 +10,15 @@ from typing import Any
 
 import torch
 
-from dpo_cli import ui
-from dpo_cli.data import ROW_NUMBER, load_source, rename_columns, require_columns, standard_layout
-from dpo_cli.encoding import check_messages
-from dpo_cli.errors import UserError
-from dpo_cli.judges import RewardModelJudge
-from dpo_cli.model_io import load_reward_model
-from dpo_cli.prefs_import import normalize_pair
-from dpo_cli.recipes import DataSection
-from dpo_cli.rundir import atomic_write_jsonl
+from dpo_cli.core import ui
+from dpo_cli.data.loading import ROW_NUMBER, load_source, rename_columns, require_columns, standard_layout
+from dpo_cli.data.encoding import check_messages
+from dpo_cli.core.errors import UserError
+from dpo_cli.eval.judges import RewardModelJudge
+from dpo_cli.models.io import load_reward_model
+from dpo_cli.data.prefs_import import normalize_pair
+from dpo_cli.core.recipes import DataSection
+from dpo_cli.core.rundir import atomic_write_jsonl
 
 LAYOUTS = [("prompt", "response"), ("prompt", "completion"), ("chosen", "rejected")]  # chosen/rejected: with or without a prompt
 COLUMN_HINT = "map yours with --column, e.g. --column prompt=question"

@@ -105,7 +105,7 @@ def test_a_run_started_before_newer_recipe_keys_existed_still_resumes(tmp_path, 
 def test_the_data_fingerprint_is_in_every_manifest_and_a_touched_file_is_not_a_change(tmp_path, cli, interrupted, monkeypatch):
     import os
 
-    import dpo_cli.data_files
+    import dpo_cli.data.files
 
     recipe, checkpoints = interrupted
     recorded = json.loads((tmp_path / "run" / "data_fingerprint.json").read_text())
@@ -113,8 +113,8 @@ def test_the_data_fingerprint_is_in_every_manifest_and_a_touched_file_is_not_a_c
     assert manifest["data"] == recorded and any(entry.endswith("train.jsonl") for entry in recorded)
 
     hashed = []
-    real = dpo_cli.data_files.sha256_file
-    monkeypatch.setattr(dpo_cli.data_files, "sha256_file", lambda name: hashed.append(name) or real(name))
+    real = dpo_cli.data.files.sha256_file
+    monkeypatch.setattr(dpo_cli.data.files, "sha256_file", lambda name: hashed.append(name) or real(name))
     data = tmp_path / "data" / "train.jsonl"
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))  # touched, same bytes
     code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")

@@ -14,7 +14,7 @@ from helpers import assert_same_run
 # A real process, killed by SIGKILL from inside the write at one of its moments (then nothing else runs).
 KILLER = """
 import os, signal, sys
-import dpo_cli.checkpoint as checkpoint
+import dpo_cli.train.checkpoint as checkpoint
 moment, calls = sys.argv[1], {"n": 0}
 def killing(name):
     real = getattr(checkpoint, name)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from pathlib import Path
 
-import dpo_cli.checkpoint
-import dpo_cli.rundir
+import dpo_cli.train.checkpoint
+import dpo_cli.core.rundir
 import dpo_cli.stages.collect_prefs
-import dpo_cli.model_io
+import dpo_cli.models.io
 import dpo_cli.stages.sft
 from helpers import assert_same_run, read_jsonl, skip_without_system, write_recipe
-from dpo_cli.checkpoint import verify_manifest
-from dpo_cli.rundir import read_metrics
+from dpo_cli.train.checkpoint import verify_manifest
+from dpo_cli.core.rundir import read_metrics
 
 
 @pytest.fixture()
@@ -110,11 +110,11 @@ def test_a_full_disk_in_a_training_run_loses_nothing_and_the_rerun_is_exact(tmp_
         if file == "metrics.jsonl":
             real_open = open
             opened = lambda path, *a, **k: FullAfter(path, 3) if Path(path).name == file and a[:1] == ("a",) else real_open(path, *a, **k)  # noqa: E731
-            patch.setattr(dpo_cli.rundir, "open", opened, raising=False)
+            patch.setattr(dpo_cli.core.rundir, "open", opened, raising=False)
         elif file == "final":
-            fill_before(patch, dpo_cli.model_io, "save_final", disk)
+            fill_before(patch, dpo_cli.models.io, "save_final", disk)
         else:
-            fill_before(patch, dpo_cli.checkpoint, "save_training_state", disk, call=2)
+            fill_before(patch, dpo_cli.train.checkpoint, "save_training_state", disk, call=2)
         code, _, err = cli("sft", recipe, "--run-dir", run)
     assert code == 1
     one_line_naming(err, disk, file)
@@ -177,8 +177,8 @@ def test_a_failed_checkpoint_of_several_processes_leaves_no_staging_folder(tmp_p
 
     from transformers import AutoModelForCausalLM
 
-    from dpo_cli.checkpoint import write_checkpoint
-    from dpo_cli.rundir import RunDir
+    from dpo_cli.train.checkpoint import write_checkpoint
+    from dpo_cli.core.rundir import RunDir
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -188,7 +188,7 @@ def test_a_failed_checkpoint_of_several_processes_leaves_no_staging_folder(tmp_p
     def full(folder, **_):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.pt"))
 
-    monkeypatch.setattr(dpo_cli.checkpoint, "save_shared_state", full)
+    monkeypatch.setattr(dpo_cli.train.checkpoint, "save_shared_state", full)
     run = RunDir(tmp_path / "run")
     (tmp_path / "run").mkdir()
     with pytest.raises(OSError):

@@ -9,7 +9,7 @@ import pytest
 
 import dpo_cli.stages.collect_prefs
 from helpers import read_jsonl, write_recipe
-from dpo_cli.labels import LabelLog
+from dpo_cli.data.labels import LabelLog
 
 
 @pytest.fixture()

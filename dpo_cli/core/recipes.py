@@ -1,0 +1,370 @@
+"""Typed recipe schemas: one per stage, built from the shared sections of sections.py."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dpo_cli.core.sections import (
+    DataSection,
+    DistributedSection,
+    Dtype,
+    GenerationSection,
+    InitSection,
+    JudgeSpec,
+    LocalPath,
+    LoraSection,
+    ModelSection,
+    PathMarker,
+    PathOrHubId,
+    QuantizationSection,
+    Section,
+    TokenizerSection,
+    TrainSection,
+    _switch,
+    check_builtin_judge,
+    check_python_function,
+    judge_spec,
+)
+
+RUNS_CODE = " This runs your code: only keys named *python do."
+PYTHON_JUDGE = "your function 'module:function' (prompt, response) -> float, imported from the current directory or the Python path."
+
+
+# The shared sections are re-exported: a stage imports its schema and its sections from here.
+__all__ = [
+    "DataSection", "DistributedSection", "Dtype", "GenerationSection", "InitSection", "LocalPath", "LoraSection", "ModelSection", "PathMarker",
+    "PathOrHubId", "QuantizationSection", "Section", "TokenizerSection", "TrainSection",
+    "PretrainRecipe", "SftRecipe", "CollectPrefsRecipe", "DpoRecipe", "RmRecipe", "PpoRecipe", "CompareRecipe",
+    "RecipeBase", "TrainingRecipe", "STAGE_SCHEMAS", "PLANNED_STAGES", "ALL_STAGES",
+]  # fmt: skip
+
+
+class PretrainSection(Section):
+    show_samples: int = Field(3, ge=0, description="Continuations of eval-text openings printed at the end.")
+
+
+class SftSection(Section):
+    packing: bool = Field(False, description="Pack several examples into each max_length row (attention kept within each example).")
+    show_samples: int = Field(3, ge=0, description="Responses to eval prompts printed at the end.")
+
+
+class CollectSection(Section):
+    source: Literal["generate", "import"] = Field(
+        "generate", description="generate: sample the policy and label pairs; import: convert an existing preference dataset."
+    )
+    samples_per_prompt: int = Field(2, ge=2, description="Responses sampled per prompt.")
+    pairs_per_prompt: int | None = Field(None, ge=1, description="Pairs formed per prompt (seeded choice); null: every pair of samples.")
+    import_format: Literal["auto", "trl", "hh", "ultrafeedback"] = Field(
+        "auto", description="Format of an imported dataset; auto detects it from the columns."
+    )
+
+
+class LabelSection(Section):
+    by: Literal["human", "reward-model", "judge"] = Field("judge", description="Who picks the better response.")
+    judge: str = Field("sentiment", description="Built-in judge: sentiment or length (a function of your own goes in label.python).")
+    python: str | None = Field(None, description="The judge is " + PYTHON_JUDGE + RUNS_CODE)
+    reward_model: PathOrHubId | None = Field(None, description="An rm-train run dir or any sequence-classification checkpoint with one output.")
+    noise: float | None = Field(
+        None, gt=0, description="Bradley-Terry temperature T: sample A with probability sigmoid((s_A - s_B) / T) (simulated noisy raters)."
+    )
+    tie_margin: float = Field(0.0, ge=0.0, description="Scores closer than this are a tie.")
+    ties: Literal["drop", "keep"] = Field("drop", description="Ties are left out of prefs.jsonl, or kept with tie: true.")
+    aggregate: Literal["majority", "all"] = Field(
+        "majority", description="Several annotators on one pair: one record with the majority choice, or one record per label."
+    )
+    annotator: str | None = Field(None, description="Name of the human annotator (default: --annotator, $DPO_CLI_ANNOTATOR, $USER).")
+    batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
+
+    _judge = field_validator("judge")(lambda value: check_builtin_judge(value, "label.python"))
+    _python = field_validator("python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _needs(self) -> LabelSection:
+        if self.by == "reward-model" and self.reward_model is None:
+            raise ValueError("label.by: reward-model needs label.reward_model (an rm-train run or a sequence classifier)")
+        if self.python is not None and self.by != "judge":
+            raise ValueError(f"label.python is the judge of label.by: judge, not of label.by: {self.by}")
+        self.chosen_judge()
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.judge, "label.judge", "sentiment", self.python, "label.python")
+
+
+class RecipeBase(Section):
+    stage: str | None = Field(None, description="The stage this recipe is for; checked against the subcommand.")
+    run_dir: LocalPath | None = Field(None, description="Where checkpoints, metrics and final/ go (--run-dir wins).")
+    seed: int = 42
+
+    def reopens_complete_run(self) -> bool:
+        """Whether running again into a complete run dir has work to do (e.g. a second annotator)."""
+        return False
+
+
+class TrainingRecipe(RecipeBase):
+    model: ModelSection
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+
+class PretrainRecipe(TrainingRecipe):
+    stage: Literal["pretrain"] | None = "pretrain"
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self) -> PretrainRecipe:
+        if self.model.init is not None and self.tokenizer.name_or_path is None and self.tokenizer.train_vocab_size is None:
+            raise ValueError("a new model (model.init) needs a tokenizer: set tokenizer.train_vocab_size or tokenizer.name_or_path")
+        if self.tokenizer.train_vocab_size is not None and self.model.init is None:
+            raise ValueError("tokenizer.train_vocab_size trains a new tokenizer, which only a new model (model.init) can use")
+        return self
+
+
+class SftRecipe(TrainingRecipe):
+    stage: Literal["sft"] | None = "sft"
+    sft: SftSection = Field(default_factory=SftSection)
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> SftRecipe:
+        if self.model.init is not None:
+            raise ValueError("sft starts from pretrained weights: set model.name_or_path (e.g. a pretrain run) instead of model.init")
+        return self
+
+
+class PolicyEvalSection(Section):
+    """The same small evaluation every N steps (dpo, ppo), logged to metrics.jsonl with "split": "policy_eval",
+    so the comparison's reward-KL frontier can use the path a policy took."""
+
+    every: int | None = Field(None, ge=1, description="Evaluate every N steps (and before the first); null: never.")
+    prompts: PathOrHubId | None = Field(None, description="Held-out prompts (files, hub id or demo:NAME), like data.train.")
+    max_prompts: int = Field(32, ge=1, description="Use at most this many prompts.")
+    judge: str | None = Field(None, description="Ground-truth judge: sentiment or length (a function of your own goes in policy_eval.python).")
+    python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
+    reward_model: PathOrHubId | None = Field(None, description="Proxy reward model (ppo: its own reward model by default).")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response.")
+
+    _judge = field_validator("judge")(lambda value: check_builtin_judge(value, "policy_eval.python"))
+    _python = field_validator("python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _prompts(self) -> PolicyEvalSection:
+        if self.every is not None and self.prompts is None:
+            raise ValueError("policy_eval.every needs policy_eval.prompts")
+        self.chosen_judge()
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.judge, "policy_eval.judge", None, self.python, "policy_eval.python")
+
+
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL pull toward the reference (the DPO paper's beta).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="The preference loss.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped labels: conservative DPO (sigmoid) or robust DPO (robust)."
+    )
+    ref_model: PathOrHubId | None = Field(
+        None, description="A separate reference model; default: the initial policy (under LoRA: the same model, adapter disabled)."
+    )
+    precompute_ref: bool = Field(False, description="Compute every reference log-prob once before training; saved in the run dir.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Cut prompts to this many tokens, from the left.")
+    show_samples: int = Field(3, ge=0, description="Eval prompts answered before and after training, printed at the end.")
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DpoSection:
+        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {self.loss}")
+        return self
+
+
+class DpoRecipe(TrainingRecipe):
+    stage: Literal["dpo"] | None = "dpo"
+    dpo: DpoSection = Field(default_factory=DpoSection)
+    policy_eval: PolicyEvalSection = Field(default_factory=PolicyEvalSection)
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> DpoRecipe:
+        if self.model.init is not None:
+            raise ValueError("dpo starts from a trained policy: set model.name_or_path (e.g. an sft run)")
+        if self.dpo.max_prompt_length is not None and self.dpo.max_prompt_length >= self.data.max_length:
+            raise ValueError("dpo.max_prompt_length must be below data.max_length, or no completion token would fit")
+        return self
+
+
+class RmSection(Section):
+    margin: bool = Field(False, description="Subtract each pair's `margin` column inside the loss: -log s(r_c - r_r - margin).")
+    center_rewards_coef: float | None = Field(
+        None, ge=0.0, description="Add coef x mean((r_c + r_r)^2), pulling the mean reward toward 0."
+    )
+    correlate_with: str | None = Field(
+        None, description="A built-in judge (sentiment, length) whose ranking of held-out responses the learned scores are compared with."
+    )
+    correlate_with_python: str | None = Field(None, description="Compare with " + PYTHON_JUDGE + RUNS_CODE)
+
+    _judge = field_validator("correlate_with")(lambda value: check_builtin_judge(value, "rm.correlate_with_python"))
+    _python = field_validator("correlate_with_python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> RmSection:
+        self.chosen_judge()
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.correlate_with, "rm.correlate_with", None, self.correlate_with_python, "rm.correlate_with_python")
+
+
+class RmRecipe(TrainingRecipe):
+    stage: Literal["rm-train"] | None = "rm-train"
+    rm: RmSection = Field(default_factory=RmSection)
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> RmRecipe:
+        if self.model.init is not None:
+            raise ValueError("rm-train starts from pretrained weights (a base or SFT model): set model.name_or_path")
+        return self
+
+
+class PpoSection(Section):
+    reward_model: PathOrHubId = Field(..., description="An rm-train run or any scalar sequence classifier; frozen.")
+    reward_quantization: QuantizationSection | None = Field(
+        None, description="Load the reward model in 4 bit (a run trained in 4 bit is loaded so anyway)."
+    )
+    value_model: PathOrHubId | None = Field(
+        None, description="Separate models only: the critic's starting point (default: the reward model). With LoRA the critic is an adapter on the policy's base."
+    )
+    mini_batch_size: int = Field(8, ge=1, description="Rollouts per optimizer step; must divide train.batch_size (rollouts per iteration).")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    kl_coef: float = Field(0.05, ge=0.0, description="beta_KL: per-token penalty on log pi - log pi_ref (the starting value when adaptive).")
+    target_kl: float | None = Field(None, gt=0, description="Adapt kl_coef toward this sequence KL (Ziegler et al.); null keeps it fixed.")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller, in episodes.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="lambda of GAE.")
+    cliprange: float = Field(0.2, gt=0, description="Clip range of the probability ratio.")
+    cliprange_value: float = Field(0.2, gt=0, description="Clip range of the value update.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards of each batch before GAE.")
+    missing_eos_penalty: float | None = Field(None, ge=0.0, description="Subtract this from the score of a response that never emits EOS.")
+    early_stop_kl: float | None = Field(None, gt=0, description="End an iteration's update epochs once approx_kl passes this.")
+    kl_stop: float | None = Field(None, gt=0, description="Stop the run (after a checkpoint) when the mean sequence KL to the reference passes this.")
+    reward_batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
+    sample_every: int = Field(10, ge=1, description="Write a few sample responses to RUN/samples.jsonl every N iterations.")
+    show_samples: int = Field(3, ge=0, description="Samples written each time.")
+
+    _switch_quantization = field_validator("reward_quantization", mode="before")(_switch)
+
+
+class PpoRecipe(TrainingRecipe):
+    stage: Literal["ppo"] | None = "ppo"
+    ppo: PpoSection
+    policy_eval: PolicyEvalSection = Field(default_factory=PolicyEvalSection)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PpoRecipe:
+        if self.model.init is not None:
+            raise ValueError("ppo starts from a trained policy: set model.name_or_path (e.g. an sft run)")
+        if self.train.batch_size % self.ppo.mini_batch_size:
+            raise ValueError(
+                f"ppo.mini_batch_size ({self.ppo.mini_batch_size}) must divide train.batch_size ({self.train.batch_size}), the rollouts per iteration"
+            )
+        if self.train.grad_accum != 1:
+            raise ValueError("ppo updates per mini-batch: leave train.grad_accum at 1 and size ppo.mini_batch_size instead")
+        if self.model.lora is not None and self.ppo.value_model is not None:
+            raise ValueError("with model.lora the critic is a second adapter on the policy's base: drop ppo.value_model")
+        if self.data.eval is not None:
+            raise ValueError("data.eval: ppo samples prompts from data.train only")
+        return self
+
+
+class HumanAbSection(Section):
+    a: str = Field(..., description="The first policy of the blind A/B (a name from policies).")
+    b: str = Field(..., description="The second policy.")
+    pairs: int = Field(20, ge=1, description="Prompts to judge.")
+
+
+class JudgesSection(Section):
+    function: str | None = Field(
+        "sentiment", description="The ground-truth judge: sentiment or length (a function of your own goes in judges.python); null for none."
+    )
+    python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
+    reward_model: PathOrHubId | None = Field(None, description="The proxy: an rm-train run or any scalar sequence classifier.")
+    human: HumanAbSection | None = Field(None, description="A blind pairwise A/B of two policies on the labelling screen.")
+
+    _judge = field_validator("function")(lambda value: check_builtin_judge(value, "judges.python"))
+    _python = field_validator("python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgesSection:
+        self.chosen_judge()
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.function, "judges.function", "sentiment", self.python, "judges.python")
+
+
+class CompareRecipe(RecipeBase):
+    stage: Literal["compare"] | None = "compare"
+    policies: dict[str, PathOrHubId] = Field(..., description="name -> run dir or model, e.g. sft, ppo, dpo.")
+    baseline: str | None = Field(None, description="The policy win rates are measured against (default: the first).")
+    reference: str | None = Field(None, description="The policy the KL is measured to (default: the baseline).")
+    data: DataSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    judges: JudgesSection = Field(default_factory=JudgesSection)
+    costs: dict[str, list[PathOrHubId]] = Field(
+        default_factory=dict, description="Training path -> its run dirs, whose costs add up (e.g. rlhf: [rm, ppo])."
+    )
+    show_samples: int = Field(3, ge=0, description="Responses per policy shown in the report.")
+
+    @model_validator(mode="after")
+    def _names(self) -> CompareRecipe:
+        if not self.policies:
+            raise ValueError("policies: name at least one policy")
+        names = list(self.policies)
+        for key in ("baseline", "reference"):
+            value = getattr(self, key)
+            if value is not None and value not in names:
+                raise ValueError(f"{key}: {value!r} is not one of the policies ({', '.join(names)})")
+        human = self.judges.human
+        if human is not None and (human.a not in names or human.b not in names):
+            raise ValueError(f"judges.human: a and b must be policies ({', '.join(names)})")
+        if self.judges.chosen_judge() is None and self.judges.reward_model is None and human is None:
+            raise ValueError("judges: give a judge function, a reward model, or both")
+        return self
+
+
+class CollectPrefsRecipe(RecipeBase):
+    stage: Literal["collect-prefs"] | None = "collect-prefs"
+    model: ModelSection | None = Field(None, description="The policy to sample (not needed to import).")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: DataSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    collect: CollectSection = Field(default_factory=CollectSection)
+    label: LabelSection = Field(default_factory=LabelSection)
+
+    @model_validator(mode="after")
+    def _policy(self) -> CollectPrefsRecipe:
+        if self.collect.source == "generate" and self.model is None:
+            raise ValueError("collect.source: generate samples a policy: set model.name_or_path (e.g. an sft run)")
+        if self.data.eval is not None:
+            raise ValueError("data.eval: collect-prefs labels every prompt of data.train; it has no eval split")
+        return self
+
+    def reopens_complete_run(self) -> bool:
+        return self.collect.source == "generate" and self.label.by == "human"
+
+
+STAGE_SCHEMAS: dict[str, type[RecipeBase]] = {
+    "pretrain": PretrainRecipe,
+    "sft": SftRecipe,
+    "collect-prefs": CollectPrefsRecipe,
+    "dpo": DpoRecipe,
+    "rm-train": RmRecipe,
+    "ppo": PpoRecipe,
+    "compare": CompareRecipe,
+}
+PLANNED_STAGES: tuple[str, ...] = ()
+ALL_STAGES = ("pretrain", "sft", "collect-prefs", "rm-train", "ppo", "dpo", "compare")

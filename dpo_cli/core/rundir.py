@@ -1,0 +1,387 @@
+"""Run directories: the lock, the resolved recipe, metrics.jsonl, checkpoints, final/ and summary.json.
+
+Layout of RUN/:
+    .lock                  held (flock) while a stage runs; released by the kernel even on kill -9
+    recipe.yaml            the resolved recipe, every default filled in
+    metrics.jsonl          one JSON object per logged step (eval lines carry "split": "eval")
+    checkpoints/step-N/    everything needed to resume; written as .tmp-step-N-PID, renamed when complete
+    final/                 plain Hugging Face format (model or PEFT adapter, tokenizer)
+    summary.json           stage, status, wall time, throughput, memory, final metrics, versions
+
+Nothing that exists is overwritten in place: files are written to a temporary name, fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_cli.core.errors import UserError
+
+CHECKPOINT_MARKER = "trainer_state.json"  # written last: a checkpoint without it is not complete
+OUTPUT_KEYS = ("final_dir", "prefs")  # summary.json keys naming what a finished stage produced
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_full(exc: BaseException | None) -> BaseException | None:
+    """The ENOSPC / EDQUOT in an exception or what caused it, also from a library that carries no errno
+    (torch's serializer, safetensors' "os error 28"); None when the disk was not full."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if any(text in str(exc) for text in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """A full disk while writing `target` (a file, or a folder staged under another name) says so by name."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None or (isinstance(full, OSError) and full.filename == str(target)):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(target)) from exc
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Written to a temporary name, fsynced, renamed: `path` is the old file or the whole new one, never a
+    part; a failed write (e.g. a full disk) leaves no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with writing(path):
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """JSON Lines as datasets and TRL read them: one object per line, UTF-8 (not escaped), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder below `path` (before the rename that publishes it)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+@contextlib.contextmanager
+def _staging(tmp: Path, target: Path) -> Iterator[Path]:
+    """A fresh temporary folder to fill (to become `target`); removed if filling fails, fsynced (ready to
+    rename) if it succeeds."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    with writing(target):
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_tree(tmp)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; each line is flushed as it is written."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._handle = open(path, "a", encoding="utf-8") if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._handle is not None:
+            with writing(self.path):  # a line torn by a full disk is dropped on resume (read_metrics)
+                self._handle.write(json.dumps(record) + "\n")
+                self._handle.flush()
+
+    def sync(self) -> None:
+        if self._handle is not None:
+            os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete line; a line torn by a crash mid-write is skipped (and dropped on resume)."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+PRECIOUS_FILES = ("labels.jsonl", "labels.quarantine", "candidates.jsonl", "pairs.jsonl", "prefs.jsonl")  # never discarded
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.final_dir = self.path / "final"
+        self.recipe_path = self.path / "recipe.yaml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self._lock_handle: Any = None
+        self._created = False
+
+    # ------------------------------------------------------------------ locking
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: Path) -> Iterator[RunDir]:
+        """Lock the run dir for the duration of a stage; a second run into it is refused."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"run dir {run.path} exists and is not a directory; choose another --run-dir")
+        run._created = not run.path.exists()
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run dir {run.path}: {exc.strerror}") from None
+        handle = open(run.path / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"run dir {run.path} is in use by {holder}; wait for it to finish or choose another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        run._lock_handle = handle
+        try:
+            yield run
+        finally:
+            run._release()
+
+    def _release(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+        if self._created and {p.name for p in self.path.iterdir()} <= {".lock"}:
+            shutil.rmtree(self.path, ignore_errors=True)  # a run that failed before writing anything leaves no trace
+
+    # ------------------------------------------------------------------ recipe and status
+
+    def saved_recipe(self) -> dict[str, Any] | None:
+        if not self.recipe_path.exists():
+            return None
+        try:  # the same safe loader as any recipe: a tag or a damaged file is one line, never a constructor
+            saved = yaml.safe_load(self.recipe_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{self.recipe_path}: this run dir's recipe cannot be read ({first}); use --fresh to start over (the old run is kept)") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{self.recipe_path}: this run dir's recipe is not a mapping; use --fresh to start over (the old run is kept)")
+        return saved
+
+    def has_content(self) -> bool:
+        return any(p.name != ".lock" for p in self.path.iterdir())
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def is_complete(self) -> bool:
+        """Finished, and its outputs (final/, prefs.jsonl, ... as summary.json names them) are still there."""
+        summary = self.summary()
+        if not summary or summary.get("status") != "completed":
+            return False
+        return all(Path(summary[key]).exists() for key in OUTPUT_KEYS if summary.get(key))
+
+    def archive(self) -> Path:
+        """Move everything but the lock to a sibling RUN.prev-TIMESTAMP folder (what --fresh does)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.prev-{stamp}")
+        suffix = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.prev-{stamp}-{suffix}")
+            suffix += 1
+        target.mkdir()
+        for entry in self.path.iterdir():
+            if entry.name != ".lock":
+                os.replace(entry, target / entry.name)
+        fsync_dir(self.path)
+        fsync_dir(target)
+        return target
+
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        path = self.path / "data_fingerprint.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def write_data_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "data_fingerprint.json", fingerprint)
+
+    def holds_work(self) -> bool:
+        """Anything a rerun resumes from, or that people made: checkpoints, final/, labels, sampled candidates,
+        pairs. A failed run that holds work is marked failed and kept, never discarded."""
+        return bool(self.checkpoints()) or self.final_dir.exists() or any((self.path / name).exists() for name in PRECIOUS_FILES)
+
+    def no_space_message(self, filename: str | None) -> str:
+        """The one line for a full disk: which file system, which file, what is safe, what to do."""
+        where = Path(filename or self.path).absolute()
+        mount = where
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        labels = self.path / "labels.jsonl"
+        count = sum(1 for line in labels.read_text(encoding="utf-8", errors="replace").splitlines() if '"event": "label"' in line) if labels.is_file() else 0
+        safe = f"{count} label events are safe in {labels}; " if count else "earlier checkpoints and files are intact; "
+        return f"no space left on the device mounted at {mount} writing {filename or f'into {self.path}'}; {safe}free space and run the same command again to resume"
+
+    def discard(self) -> None:
+        """Remove everything but the lock (a run that failed on bad input before training)."""
+        for entry in self.path.iterdir():
+            if entry.name != ".lock":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def write_recipe(self, recipe_yaml: str) -> None:
+        atomic_write_text(self.recipe_path, recipe_yaml)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def clean_partial(self) -> None:
+        """Remove half-written checkpoints and finals left by a crash (never complete ones)."""
+        for parent in (self.path, self.checkpoints_dir):
+            if parent.is_dir():
+                for entry in parent.glob(".tmp-*"):
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        found = []
+        if self.checkpoints_dir.is_dir():
+            for entry in self.checkpoints_dir.iterdir():
+                if entry.name.startswith("step-") and (entry / CHECKPOINT_MARKER).is_file():
+                    try:
+                        found.append((int(entry.name.removeprefix("step-")), entry))
+                    except ValueError:
+                        continue
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    @contextlib.contextmanager
+    def new_checkpoint(self, step: int, keep: int) -> Iterator[Path]:
+        """Yield a temporary folder to fill; on success it becomes checkpoints/step-N, and old ones are pruned."""
+        self.checkpoints_dir.mkdir(exist_ok=True)
+        with _staging(self.checkpoints_dir / f".tmp-step-{step}-{os.getpid()}", self.checkpoints_dir / f"step-{step}") as tmp:
+            yield tmp
+        self.publish_checkpoint(tmp, step, keep)
+
+    def checkpoint_staging(self, step: int) -> Path:
+        """The folder every process of a multi-process run writes its part of checkpoint N into (the main
+        process makes it empty first)."""
+        return self.checkpoints_dir / f".tmp-step-{step}"
+
+    def publish_checkpoint(self, tmp: Path, step: int, keep: int) -> Path:
+        """A filled staging folder becomes checkpoints/step-N (complete or absent), then old ones are pruned."""
+        if not (tmp / CHECKPOINT_MARKER).is_file():
+            raise RuntimeError(f"checkpoint {tmp} was written without {CHECKPOINT_MARKER}")
+        fsync_tree(tmp)
+        final = self.checkpoints_dir / f"step-{step}"
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.checkpoints_dir)
+        for _step, old in self.checkpoints()[:-keep]:
+            # One rename takes the checkpoint away whole (a crash mid-delete cannot leave a step-N that looks
+            # complete without its weights); the rest is a .tmp-* folder that clean_partial removes.
+            trash = self.checkpoints_dir / f".tmp-pruned-{old.name}-{os.getpid()}"
+            os.replace(old, trash)
+            fsync_dir(self.checkpoints_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    # ------------------------------------------------------------------ final
+
+    @contextlib.contextmanager
+    def new_final(self) -> Iterator[Path]:
+        """Yield a temporary folder; on success it becomes final/ (an older final/ is moved aside first)."""
+        with _staging(self.path / f".tmp-final-{os.getpid()}", self.final_dir) as tmp:
+            yield tmp
+        if self.final_dir.exists():
+            os.replace(self.final_dir, self.path / f"final.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(tmp, self.final_dir)
+        fsync_dir(self.path)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics_log(self, resume_step: int, enabled: bool = True) -> MetricsLog:
+        """Open metrics.jsonl for appending, first dropping lines logged after the checkpoint we resume from."""
+        return self.jsonl_log(self.metrics_path, resume_step, enabled)
+
+    def jsonl_log(self, path: Path, resume_step: int, enabled: bool = True) -> MetricsLog:
+        """Any per-step JSONL log (records carry "step"): lines past the resumed checkpoint are dropped first."""
+        if enabled and path.exists():
+            kept = [line for line in read_metrics(path) if line.get("step", 0) <= resume_step]
+            atomic_write_jsonl(path, kept)
+        return MetricsLog(path, enabled=enabled)

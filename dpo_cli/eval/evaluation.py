@@ -1,0 +1,199 @@
+"""Evaluating a policy the same way everywhere (compare, and dpo/ppo every N steps): sample responses to
+held-out prompts, score them with a judge and a reward model, and estimate the KL to a reference.
+
+The KL estimate: responses y ~ pi(.|x) sampled at temperature 1 with no top-k/top-p truncation (the
+policy's full distribution: truncation would bias it), and KL(pi || pi_ref) ~ mean over responses of
+sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (the unbiased "k1" estimator).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpo_cli.core import distributed
+from dpo_cli.data.encoding import prompt_ids_for_generation
+from dpo_cli.models.generate import Generation, generate
+from dpo_cli.eval.judges import Judge
+from dpo_cli.losses import sequence_kl as kl_estimate
+from dpo_cli.core.recipes import GenerationSection
+from dpo_cli.models.rollout import Rollout, make_rollout, response_logps
+
+KL_ESTIMATOR = (
+    "KL(pi || pi_ref) estimated as the mean over responses y ~ pi(.|x), sampled at temperature 1 without top-k or "
+    "top-p truncation, of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]"
+)
+
+ReferenceLogps = Callable[[Rollout], torch.Tensor]  # rollout -> (B, T) reference log-probs of its response tokens
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: list[float], z: float = 1.96) -> dict[str, float | int | None]:
+    """Mean and its 95% confidence interval (normal approximation: mean +- 1.96 s / sqrt(n))."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = statistics.fmean(values)
+    half = z * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def win_rate(scores: list[float | None], baseline: list[float | None]) -> float | None:
+    """Fraction of prompts where the policy's response scores above the baseline's; ties count half."""
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline) if a is not None and b is not None]
+    return statistics.fmean(outcomes) if outcomes else None
+
+
+def distinct_n(texts: list[str], n: int) -> float | None:
+    """Distinct word n-grams over all n-grams of all responses (1 = no repetition at all)."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+# ----------------------------------------------------------------------------- sampling and KL
+
+
+def sample(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], cfg: GenerationSection, seed: int, device: torch.device, max_prompt: int) -> tuple[list[list[int]], list[Generation]]:
+    prompt_ids = [prompt_ids_for_generation(tokenizer, p)[-max_prompt:] for p in prompts]
+    return prompt_ids, generate(model, tokenizer, prompt_ids, cfg, seed, device)
+
+
+def full_distribution(cfg: GenerationSection) -> GenerationSection:
+    """Sampling for the KL estimate: temperature 1, no truncation."""
+    return cfg.model_copy(update={"temperature": 1.0, "top_p": 1.0, "top_k": 0})
+
+
+@torch.no_grad()
+def sequence_kl(model: torch.nn.Module, reference: ReferenceLogps, rollout: Rollout) -> list[float]:
+    # the reference: (B, T) per token, or (B,) per response (another tokenizer)
+    return kl_estimate(response_logps(model, rollout, 1.0)[0], reference(rollout), rollout.response_mask).tolist()
+
+
+def text_reference(reference_model: torch.nn.Module, reference_tokenizer: Any) -> ReferenceLogps:
+    """A reference with another tokenizer: each prompt + response is re-tokenised for it, and the response's
+    log-probability summed over its own tokens (the log-ratio of the two sequence probabilities)."""
+    from dpo_cli.data.encoding import pad
+    from dpo_cli.models.forward import CompletionLogProbs
+    from dpo_cli.losses import IGNORE_INDEX
+    from dpo_cli.data.preference_pairs import sequence_ids
+
+    scorer = CompletionLogProbs(reference_model)
+
+    def logps(rollout: Rollout) -> torch.Tensor:
+        sequences, labels = [], []
+        for prompt, text, finished in zip(rollout.prompts, rollout.texts, rollout.finished.tolist()):
+            completion = [{"role": "assistant", "content": text.strip()}] if isinstance(prompt, list) else text
+            ids, start = sequence_ids(reference_tokenizer, prompt, completion)
+            if not finished and not isinstance(prompt, list) and ids[-1] == reference_tokenizer.eos_token_id:
+                ids = ids[:-1]  # the response never ended: no EOS to score
+            sequences.append(ids)
+            labels.append([IGNORE_INDEX] * start + ids[start:])
+        input_ids, mask = pad(sequences, reference_tokenizer.pad_token_id)
+        target, _ = pad(labels, IGNORE_INDEX)
+        device = rollout.response_mask.device
+        return scorer(input_ids.to(device), mask.to(device), target.to(device))[0]
+
+    return logps
+
+
+def model_reference(reference_model: torch.nn.Module) -> ReferenceLogps:
+    """A separate reference model reading the same tokens."""
+    return lambda rollout: response_logps(reference_model, rollout, 1.0)[0]
+
+
+@dataclass
+class PolicyEval:
+    """One policy on one prompt set."""
+
+    texts: list[str]
+    finished: list[bool]
+    lengths: list[int]  # response tokens
+    judge_scores: list[float | None] = field(default_factory=list)
+    proxy_scores: list[float | None] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "judge": mean_ci(self.judge_scores) if self.judge_scores else None,
+            "proxy": mean_ci(self.proxy_scores) if self.proxy_scores else None,
+            "kl": mean_ci(self.kl) if self.kl else None,
+            "response_length": statistics.fmean(self.lengths) if self.lengths else None,
+            "finished_rate": statistics.fmean(float(f) for f in self.finished) if self.finished else None,
+            "distinct_1": distinct_n(self.texts, 1),
+            "distinct_2": distinct_n(self.texts, 2),
+        }
+
+
+def evaluate_policy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[Any],
+    cfg: GenerationSection,
+    seed: int,
+    device: torch.device,
+    max_prompt: int,
+    judge: Judge | None,
+    proxy: Judge | None,
+    reference: ReferenceLogps | None,
+    shard: bool = True,
+) -> PolicyEval:
+    """Responses with the given sampling settings, scored; and, against `reference`, the KL estimate on a
+    second set of responses from the full distribution (the same set when the settings already are that).
+    With several processes each evaluates its share of the prompts (`shard`; not with FSDP / ZeRO-3, whose
+    processes must run the same forward passes) and every process gets the whole result."""
+    if shard and distributed.world_size() > 1:
+        part = distributed.shard(len(prompts))
+        local = evaluate_policy(model, tokenizer, prompts[part.start : part.stop], cfg, seed, device, max_prompt, judge, proxy, reference, shard=False)
+        return PolicyEval(**{name: distributed.gather(getattr(local, name)) for name in PolicyEval.__dataclass_fields__})
+    prompt_ids, generations = sample(model, tokenizer, prompts, cfg, seed, device, max_prompt)
+    texts = [g.text.strip() for g in generations]
+    result = PolicyEval(texts=texts, finished=[g.finished for g in generations], lengths=[len(g.response_ids) for g in generations])
+    if judge is not None:
+        result.judge_scores = judge.score(prompts, texts).values
+    if proxy is not None:
+        result.proxy_scores = proxy.score(prompts, texts).values
+    if reference is not None:
+        full = full_distribution(cfg)
+        kl_generations = generations if full == cfg else sample(model, tokenizer, prompts, full, seed + 1, device, max_prompt)[1]
+        rollout = make_rollout(prompts, prompt_ids, kl_generations, tokenizer.pad_token_id, device)
+        was_training = model.training
+        model.eval()
+        result.kl = sequence_kl(model, reference, rollout)
+        model.train(was_training)
+    return result
+
+
+def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge | None = None) -> Callable[..., dict[str, Any]] | None:
+    """A `policy_eval` section made runnable: (model, tokenizer, reference) -> the metrics line to log."""
+    if cfg.every is None:
+        return None
+    from dpo_cli.data.loading import DataReport, load_prompts
+    from dpo_cli.eval.judges import build_judge, reward_model_judge
+    from dpo_cli.core.recipes import DataSection
+
+    prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts), seed + 17, DataReport())
+    judge = build_judge(cfg.chosen_judge())
+    if cfg.reward_model is not None:
+        proxy = reward_model_judge(cfg.reward_model, device, "policy_eval.reward_model")
+    sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=len(prompts))
+
+    def evaluate(model: torch.nn.Module, tokenizer: Any, reference: ReferenceLogps, shard: bool = True) -> dict[str, Any]:
+        result = evaluate_policy(model, tokenizer, prompts, sampling, seed + 23, device, 512, judge, proxy, reference, shard)
+        summary = result.summary()
+        return {
+            "split": "policy_eval",
+            "judge_score": summary["judge"]["mean"] if summary["judge"] else None,
+            "proxy_score": summary["proxy"]["mean"] if summary["proxy"] else None,
+            "kl": summary["kl"]["mean"] if summary["kl"] else None,
+            "response_length": summary["response_length"],
+            "distinct_2": summary["distinct_2"],
+        }
+
+    return evaluate

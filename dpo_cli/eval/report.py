@@ -1,0 +1,233 @@
+"""The comparison report: report.json, report.md (written atomically), PNG plots and the terminal table;
+and the blind human A/B between two policies, on the collect-prefs labelling screen."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from dpo_cli.core import ui
+from dpo_cli.data.labels import LabelLog
+from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_metrics
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 or abs(value) < 1e-3 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _interval(ci: dict | None) -> str:
+    """mean ± half-width of the 95% interval."""
+    if not ci or ci.get("mean") is None:
+        return "-"
+    return f"{ci['mean']:.3f} ± {(ci['high'] - ci['low']) / 2:.3f}"
+
+
+def _rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, summary in result["policies"].items():
+        rows.append(
+            [
+                name + (" (baseline)" if name == result["baseline"] else ""),
+                _interval(summary["judge"]),
+                _interval(summary["proxy"]),
+                _fmt(summary["win_rate"]),
+                _interval(summary["kl"]),
+                _fmt(summary["response_length"], 1),
+                _fmt(summary["finished_rate"], 2),
+                _fmt(summary["distinct_2"], 2),
+                "YES" if summary.get("reward_hacking") else "",
+            ]
+        )
+    return rows
+
+
+HEADERS = ["policy", "ground truth", "proxy RM", "win rate", "KL to ref", "length", "ended", "distinct-2", "hacking"]
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def plot_frontier(result: dict[str, Any], out: Path) -> Path:
+    """Ground-truth score against KL to the reference, every policy (with 95% intervals) and the
+    evaluations logged during training: the reward-KL frontier of the DPO paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "judge" if result["judges"]["ground_truth"] else "proxy"
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    for index, (name, summary) in enumerate(result["policies"].items()):
+        color = f"C{index}"
+        points = [c for c in result["checkpoints"].get(name, []) if c.get("kl") is not None and c.get(f"{key}_score") is not None]
+        if points:
+            axis.plot([p["kl"] for p in points], [p[f"{key}_score"] for p in points], "-", color=color, alpha=0.4, marker=".", label=f"{name} during training")
+        score, kl = summary[key], summary["kl"]
+        if score and score["mean"] is not None and kl and kl["mean"] is not None:
+            axis.errorbar(
+                kl["mean"], score["mean"], xerr=[[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
+                yerr=[[score["mean"] - score["low"]], [score["high"] - score["mean"]]], fmt="o", color=color, capsize=3, label=name,
+            )  # fmt: skip
+    axis.set_xlabel("KL to the reference (nats per response)")
+    axis.set_ylabel(("ground-truth score: " + (result["judges"]["ground_truth"] or "")) if key == "judge" else "proxy reward-model score")
+    axis.set_title("reward vs KL frontier (95% intervals)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    atomic_write_bytes(out, _png(figure))
+    plt.close(figure)
+    return out
+
+
+def plot_costs(result: dict[str, Any], out: Path) -> Path | None:
+    if not result["costs"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["costs"])
+    most = max((result["costs"][n]["flops"] for n in names), default=0.0)
+    unit, scale = next(((u, f) for u, f in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)) if most >= f), ("FLOP", 1.0))
+    panels = [
+        ("train_time_s", "training time (s)", 1.0),
+        ("flops", f"estimated training compute ({unit})", scale),
+        ("peak_memory_bytes", "peak memory (GiB)", 2**30),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(11, 3.8))
+    for axis, (key, label, scale) in zip(axes, panels):
+        values = [result["costs"][n][key] / scale for n in names]
+        bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(names))])
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+        axis.set_title(label, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle("what each training path cost")
+    atomic_write_bytes(out, _png(figure))
+    plt.close(figure)
+    return out
+
+
+def plot_curves(runs: dict[str, str], out: Path) -> Path | None:
+    """The main training curve of every run: loss, or mean reward for ppo."""
+    curves = {}
+    for name, path in runs.items():
+        metrics = [m for m in read_metrics(Path(path) / "metrics.jsonl") if m.get("split") is None]
+        key = "reward" if metrics and "reward" in metrics[0] else "loss"
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            curves[name] = (key, points)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(curves))
+    rows = (len(curves) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, (name, (key, points)) in zip(axes.flat, curves.items()):
+        axis.plot([p[0] for p in points], [p[1] for p in points])
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("step (ppo: iteration)")
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(curves) :]:
+        axis.axis("off")
+    atomic_write_bytes(out, _png(figure))
+    plt.close(figure)
+    return out
+
+
+def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, str]) -> dict[str, Any]:
+    runs = {name: path for name, path in policies.items() if (Path(path) / "metrics.jsonl").is_file()}
+    for path_name, path_runs in result["costs"].items():
+        for path in path_runs:
+            runs.setdefault(f"{path_name}: {Path(path).name}", path)
+    plots = [p for p in (plot_frontier(result, run.path / "frontier.png"), plot_costs(result, run.path / "costs.png"), plot_curves(runs, run.path / "curves.png")) if p]
+    result["plots"] = [str(p) for p in plots]
+    atomic_write_json(run.path / "report.json", result)
+
+    rows = _rows(result)
+    lines = [
+        "# dpo-cli comparison",
+        "",
+        f"{result['prompts']} held-out prompts; ground truth: {result['judges']['ground_truth'] or '-'}; proxy: {result['judges']['proxy'] or '-'}; "
+        f"baseline: {result['baseline']}; KL reference: {result['reference']}.",
+        "",
+        _markdown_table(HEADERS, rows),
+        "",
+        f"- Win rate: {result['win_rate']}.",
+        f"- Confidence intervals: {result['confidence_intervals']}.",
+        f"- KL: {result['kl_estimator']}.",
+        "- Scores and KL: mean ± the half-width of the 95% interval; length in response tokens; ended: the fraction of responses that "
+        "ended before the length cap; distinct-2: distinct word bigrams over all bigrams.",
+        "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell.",
+    ]
+    if result["costs"]:
+        cost_rows = [
+            [name, ", ".join(Path(r).name for r in cost["runs"]), _fmt(cost["wall_time_s"], 1), _fmt(cost["train_time_s"], 1),
+             f"{cost['flops']:.3g}", ui.human_bytes(cost["peak_memory_bytes"]), ui.human_count(cost["tokens"]), "; ".join(cost["devices"])]
+            for name, cost in result["costs"].items()
+        ]  # fmt: skip
+        lines += ["", "## Cost", "", _markdown_table(["path", "runs", "wall time (s)", "train time (s)", "est. FLOPs", "peak memory", "tokens", "device"], cost_rows)]
+        lines += ["", "FLOPs: 6N per token trained plus the attention term 6LTd, forward-only passes 2N + 2LTd (N non-embedding parameters)."]
+    if result.get("human"):
+        human = result["human"]
+        lines += ["", "## Blind human A/B", "", f"{human['a']} vs {human['b']}: {human['a']} preferred in {_fmt(human['win_rate'])} of {human['decided']} decided pairs (ties half)."]
+    lines += ["", "## Samples"]
+    for name, summary in result["policies"].items():
+        lines += ["", f"### {name}", ""]
+        lines += [f"- **{s['prompt']}** {s['response']}" for s in summary["samples"]]
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    atomic_write_text(run.path / "report.md", "\n".join(lines) + "\n")
+
+    table = Table(title="compare", title_justify="left")
+    for header in HEADERS:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    ui.console.print(table)
+    return {"md": run.path / "report.md", "json": run.path / "report.json", "plots": plots}
+
+
+def human_win_rate(recipe: Any, run: RunDir, prompts: list[Any], responses: dict[str, list[str]]) -> dict[str, Any]:
+    """Blind pairwise A/B on the labelling screen: each pair is (policy a, policy b) in a random shown order."""
+    from dpo_cli.data.human import label_by_hand, resolve_annotator
+    from dpo_cli.data.prefs import Pair
+
+    spec = recipe.judges.human
+    pairs = [Pair(f"ab-{i}", prompts[i], responses[spec.a][i], responses[spec.b][i]) for i in range(min(spec.pairs, len(prompts)))]
+    log = LabelLog(run.path / "labels.jsonl")
+    try:
+        label_by_hand(pairs, log, resolve_annotator(None), recipe.seed, ui.console)
+        standing = log.active_events()
+    finally:
+        log.close()
+    return {"a": spec.a, "b": spec.b, **ab_outcome(standing)}
+
+
+def ab_outcome(labels: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often A (the first policy) won among decided labels; ties count half, skips not at all."""
+    decided = [label["choice"] for label in labels if label["choice"] in ("A", "B", "tie")]
+    wins = sum(1.0 if c == "A" else 0.5 if c == "tie" else 0.0 for c in decided)
+    return {"win_rate": wins / len(decided) if decided else None, "decided": len(decided), "labels": json.loads(json.dumps(decided))}

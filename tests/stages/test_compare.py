@@ -1,0 +1,176 @@
+"""`dpo-cli compare` and its math: confidence intervals, win rates, distinct-n, FLOPs, the reward-hacking
+flag, a KL of 0 for a policy against itself, and a well-formed report with plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import torchrun, write_recipe
+from dpo_cli.eval.costs import estimate_flops, path_cost
+from dpo_cli.eval.evaluation import distinct_n, mean_ci, win_rate
+from dpo_cli.eval.report import ab_outcome
+from dpo_cli.stages.compare import reward_hacking
+
+
+def test_confidence_interval_hand_computed():
+    ci = mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = 1.96 * math.sqrt(5 / 3) / 2  # sample sd of 1..4 is sqrt(5/3)
+    assert ci["mean"] == 2.5 and ci["n"] == 4
+    assert ci["low"] == pytest.approx(2.5 - half) and ci["high"] == pytest.approx(2.5 + half)
+    assert mean_ci([7.0]) == {"mean": 7.0, "low": 7.0, "high": 7.0, "n": 1}
+    assert mean_ci([float("nan"), None])["mean"] is None
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1.0, 2.0, 3.0, None], [1.0, 1.0, 4.0, 2.0]) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert win_rate([None], [1.0]) is None
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)  # (a b) x3, (b a) x1
+    assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert distinct_n(["a"], 2) is None
+
+
+def test_flops_hand_computed():
+    compute = {"params": 1e6, "layers": 2, "hidden": 64, "context": 100, "train_tokens": 1000, "forward_tokens": 500}
+    per_token = 2e6 + 2 * 2 * 100 * 64
+    assert estimate_flops(compute) == pytest.approx(3 * per_token * 1000 + per_token * 500)
+    extra = {**compute, "extra": [{"params": 1e5, "layers": 1, "hidden": 32, "context": 10, "tokens": 100}]}
+    assert estimate_flops(extra) == pytest.approx(estimate_flops(compute) + (2e5 + 2 * 1 * 10 * 32) * 100)
+    cost = path_cost([{"wall_time_s": 1.0, "train_time_s": 0.5, "peak_memory_bytes": 10, "tokens": 3, "compute": compute, "device": "cpu"},
+                      {"wall_time_s": 2.0, "train_time_s": 1.5, "peak_memory_bytes": 20, "tokens": 4, "device": "cpu"}])  # fmt: skip
+    assert cost == {"wall_time_s": 3.0, "train_time_s": 2.0, "peak_memory_bytes": 20, "tokens": 7, "flops": estimate_flops(compute), "devices": ["cpu"]}
+
+
+def test_reward_hacking_flag():
+    def s(judge, proxy):
+        return {"judge": {"mean": judge}, "proxy": {"mean": proxy}}
+
+    flags = reward_hacking({"sft": s(0.5, 1.0), "hacked": s(0.3, 2.0), "good": s(0.8, 2.0), "worse": s(0.3, 0.5)}, "sft")
+    assert flags == {"sft": False, "hacked": True, "good": False, "worse": False}
+
+
+def test_human_ab_outcome():
+    labels = [{"choice": c} for c in ("A", "A", "B", "tie", "skip")]
+    assert ab_outcome(labels) == {"win_rate": (1 + 1 + 0 + 0.5) / 4, "decided": 4, "labels": ["A", "A", "B", "tie"]}
+
+
+@pytest.fixture()
+def compare_recipe(tmp_path, tiny_model_dir, tiny_reward_model_dir):
+    def make(**sections):
+        recipe = {
+            "stage": "compare",
+            "seed": 1,
+            "policies": {"base": str(tiny_model_dir), "same": str(tiny_model_dir)},
+            "data": {"train": "demo:prompts?n=6", "max_length": 32},
+            "generation": {"max_new_tokens": 6, "temperature": 0.7},
+            "judges": {"function": "sentiment", "reward_model": str(tiny_reward_model_dir)},
+            "show_samples": 2,
+        }
+        recipe.update(sections)
+        return write_recipe(tmp_path / "compare.yaml", recipe)
+
+    return make
+
+
+def test_compare_report(tmp_path, cli, compare_recipe, sft_recipe):
+    assert cli("sft", sft_recipe(train={"max_steps": 2}), "--run-dir", tmp_path / "sft")[0] == 0
+    recipe = compare_recipe(
+        policies={"base": str(tmp_path / "sft"), "same": str(tmp_path / "sft")},
+        costs={"sft": [str(tmp_path / "sft")]},
+    )
+    code, out, err = cli("compare", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for name in ("base", "same"):
+        policy = report["policies"][name]
+        for key in ("judge", "proxy", "kl", "win_rate", "response_length", "finished_rate", "distinct_1", "distinct_2", "reward_hacking", "samples"):
+            assert key in policy, key
+        assert policy["kl"]["mean"] == 0.0  # the same model as the reference
+        assert policy["judge"]["n"] == 6 and len(policy["samples"]) == 2
+    assert report["policies"]["same"]["win_rate"] == 0.5  # the same responses: all ties
+    assert "temperature 1" in report["kl_estimator"]
+    assert report["costs"]["sft"]["flops"] > 0 and report["costs"]["sft"]["train_time_s"] > 0
+    for plot in ("frontier.png", "costs.png", "curves.png"):
+        assert (tmp_path / "run" / plot).read_bytes().startswith(b"\x89PNG"), plot
+    assert "| policy |" in (tmp_path / "run" / "report.md").read_text()
+    assert "ground truth" in out
+
+
+def test_compare_refuses_missing_or_incomplete_runs(tmp_path, cli, compare_recipe):
+    code, _, err = cli("compare", compare_recipe(policies={"gone": str(tmp_path / "nope")}), "--run-dir", tmp_path / "a")
+    assert code == 1 and "does not exist" in err
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "recipe.yaml").write_text("stage: dpo\n")
+    (half / "summary.json").write_text('{"status": "interrupted"}')
+    code, _, err = cli("compare", compare_recipe(policies={"half": str(half)}), "--run-dir", tmp_path / "b")
+    assert code == 1 and "not complete (status: interrupted)" in err
+    code, _, err = cli("compare", compare_recipe(baseline="nobody"), "--run-dir", tmp_path / "c")
+    assert code == 1 and "baseline: 'nobody' is not one of the policies" in err
+
+
+def test_human_ab_needs_a_terminal(tmp_path, cli, compare_recipe, tiny_model_dir, tiny_reward_model_dir):
+    judges = {"function": "sentiment", "reward_model": str(tiny_reward_model_dir), "human": {"a": "base", "b": "same", "pairs": 2}}
+    code, _, err = cli("compare", compare_recipe(judges=judges), "--run-dir", tmp_path / "run")
+    assert code == 1 and "needs an interactive terminal" in err
+
+
+def test_the_text_reference_equals_the_token_reference_for_the_same_tokenizer(tiny_model_dir, tiny_tokenizer):
+    """Re-tokenising for a reference with another tokenizer: on the same tokenizer, and responses whose tokens
+    are their text's own tokenisation, it gives the same KL as reading the tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cli.eval.evaluation import model_reference, sequence_kl, text_reference
+    from dpo_cli.models.generate import Generation
+    from dpo_cli.models.rollout import make_rollout
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    prompts, texts = ["The Last Road is", "A film about"], [" a great film.", " a lost child"]
+    prompt_ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = tiny_tokenizer.eos_token_id
+    generations = [
+        Generation(prompt_ids[0], tiny_tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [eos], texts[0], True),
+        Generation(prompt_ids[1], tiny_tokenizer(texts[1], add_special_tokens=False)["input_ids"], texts[1], False),  # cut off
+    ]
+    rollout = make_rollout(prompts, prompt_ids, generations, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    by_tokens = sequence_kl(policy, model_reference(reference), rollout)
+    by_text = sequence_kl(policy, text_reference(reference, tiny_tokenizer), rollout)
+    assert all(abs(k) > 1e-3 for k in by_tokens)
+    assert by_text == pytest.approx(by_tokens, abs=1e-4)
+
+
+def test_two_processes_evaluate_their_shares_of_the_prompts(tmp_path, cli, compare_recipe):
+    recipe = compare_recipe()
+    done = torchrun("compare", recipe, "--run-dir", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    for name in ("base", "same"):
+        policy = report["policies"][name]
+        assert policy["judge"]["n"] == policy["proxy"]["n"] == 6 and policy["kl"]["n"] == 6  # every prompt, once
+        assert policy["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert report["policies"]["same"]["win_rate"] == 0.5
+    assert done.stdout.count("compare · completed") == 1
+
+
+def test_conversational_prompts_for_a_policy_without_a_chat_template(tmp_path, cli, tiny_model_dir, tiny_reward_model_dir):
+    """The demo-style tokenizer has no template: compare installs the default one and says so, not a traceback."""
+    from helpers import write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"A film, take {i}:"}]} for i in range(4)])
+    recipe = write_recipe(tmp_path / "compare.yaml", {
+        "stage": "compare", "policies": {"base": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "prompts.jsonl"), "max_length": 64},
+        "generation": {"max_new_tokens": 4}, "judges": {"function": "length", "reward_model": str(tiny_reward_model_dir)},
+    })  # fmt: skip
+    code, _, err = cli("compare", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "no chat template" in err

@@ -1,0 +1,243 @@
+"""`dpo-cli ppo` on tiny models: single-GPU mode (shared base, LoRA, 4-bit) and separate models, the
+correctness points, resume, a learnable toy reward, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import dpo_cli.stages.ppo
+from helpers import interrupt_at_call, read_jsonl, write_jsonl
+from dpo_cli.models.build import build_causal_lm
+from dpo_cli.core.recipes import ModelSection
+from dpo_cli.models.rollout import Rollout, response_logps
+from dpo_cli.models.roles import ActorCritic, ValueHead
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def toy_reward_model_dir(tmp_path_factory, tiny_model_dir):
+    """A reward model that is a fixed linear function of the mean embedding of the response's tokens:
+    attention made uniform (q and k zeroed), MLPs silenced. Which tokens the policy emits decides the
+    reward, so it is learnable in a few iterations."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.k_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.score.weight.mul_(50.0)
+    folder = tmp_path_factory.mktemp("toy-rm")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+METRICS = {
+    "reward", "reward/std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+    "value/explained_variance", "response_length", "time/generate", "time/train",
+}  # fmt: skip
+MODES = {
+    "shared-lora": {"lora": {"r": 4, "dropout": 0.0}},
+    "shared-4bit": {"lora": {"r": 4, "dropout": 0.0}, "quantization": {}},
+    "separate": {"lora": None},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_end_to_end(mode, tmp_path, cli, ppo_recipe, tiny_model_dir):
+    recipe = ppo_recipe(model={"name_or_path": str(tiny_model_dir), **MODES[mode]})
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and METRICS <= set(metrics[0])
+    assert metrics[0]["kl"] == 0.0  # policy = reference at the start
+    assert all(m["ratio/first_minibatch"] == 1.0 for m in metrics)  # pi = pi_old at each iteration's first update
+    assert [s["step"] for s in read_jsonl(tmp_path / "run" / "samples.jsonl")] == [2, 3]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["episodes"] == 12 and summary["time_generate_s"] > 0 and summary["time_train_s"] > 0
+    final = tmp_path / "run" / "final"
+    if mode == "separate":
+        assert summary["mode"] == "separate models"
+        assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size > 0
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        assert not (final / "value").exists()  # final/ is the policy adapter alone
+        AutoPeftModelForCausalLM.from_pretrained(final)
+        assert summary["mode"].startswith("single-GPU")
+
+
+def shared_actor_critic(tiny_model_dir, tiny_tokenizer):
+    from peft import LoraConfig
+
+    bundle = build_causal_lm(ModelSection(name_or_path=str(tiny_model_dir), lora={"r": 4, "dropout": 0.0}), tiny_tokenizer, CPU, seed=0)
+    bundle.model.add_adapter("value", LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    bundle.model.set_adapter("default")
+    for name, param in bundle.model.named_parameters():
+        if "lora_" in name and ".value." in name:
+            param.requires_grad_(True)
+    return ActorCritic(bundle.model, None, ValueHead(64), None)
+
+
+def toy_rollout(tokenizer) -> Rollout:
+    torch.manual_seed(0)
+    query_response = torch.randint(5, 300, (3, 9))
+    attention_mask = torch.ones_like(query_response)
+    attention_mask[0, :2] = 0  # a left-padded prompt
+    attention_mask[2, 7:] = 0  # a short response
+    response_mask = attention_mask[:, 4:].float()
+    return Rollout(["p"] * 3, query_response, attention_mask, 4, response_mask, ["r"] * 3, torch.ones(3, dtype=torch.bool))
+
+
+def test_adapter_off_reference_equals_a_frozen_copy_and_stays_frozen(tiny_model_dir, tiny_tokenizer):
+    actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
+    with torch.no_grad():
+        for name, param in actor_critic.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)  # trained adapters
+    rollout = toy_rollout(tiny_tokenizer)
+    copy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    reference = actor_critic.reference_logps(rollout, 0.7)
+    expected, _ = response_logps(copy, rollout, 0.7)
+    assert torch.allclose(reference, expected, atol=1e-5)
+    policy, _ = actor_critic.policy_logps(rollout, 0.7)
+    assert not torch.allclose(policy, reference, atol=1e-2)
+    # One update step moves the adapters and the value head, never the shared base.
+    base_before = {n: p.clone() for n, p in actor_critic.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in actor_critic.parameters() if p.requires_grad], lr=0.1)
+    (policy * rollout.response_mask).sum().backward()
+    actor_critic.values(rollout).sum().backward()
+    value_grads = [n for n, p in actor_critic.named_parameters() if p.grad is not None and (".value." in n or "value_head" in n)]
+    policy_grads = [n for n, p in actor_critic.named_parameters() if p.grad is not None and ".default." in n]
+    assert value_grads and policy_grads  # both adapters learn, although peft freezes whichever is inactive
+    optimizer.step()
+    assert all(torch.equal(p, base_before[n]) for n, p in actor_critic.named_parameters() if n in base_before)
+    assert torch.allclose(actor_critic.reference_logps(rollout, 0.7), expected, atol=1e-5)
+
+
+def test_reward_and_reference_weights_never_change(tmp_path, cli, ppo_recipe, tiny_model_dir, tiny_reward_model_dir):
+    rm_before = load_file(str(tiny_reward_model_dir / "model.safetensors"))
+    recipe = ppo_recipe(model={"name_or_path": str(tiny_model_dir), "lora": None}, train={"max_steps": 2})
+    assert cli("ppo", recipe, "--run-dir", tmp_path / "run")[0] == 0
+    rm_after = load_file(str(tiny_reward_model_dir / "model.safetensors"))
+    assert all(torch.equal(rm_before[k], rm_after[k]) for k in rm_before)
+    # The reference of separate mode is rebuilt from the source on resume; it is never in a checkpoint.
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "trainable.safetensors")) if (tmp_path / "run" / "checkpoints" / "step-2").exists() else {}
+    assert not any(k.startswith("_reference") for k in saved)
+
+
+def test_resume_is_exact(tmp_path, cli, ppo_recipe, monkeypatch):
+    recipe = ppo_recipe(train={"max_steps": 4, "save_every": 2})
+    assert cli("ppo", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, dpo_cli.stages.ppo, "update_phase", 3)  # during iteration 3
+        code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 143, err
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0 and "resuming from" in err and "iteration 3 of 4" in err
+    got, want = read_jsonl(tmp_path / "run" / "metrics.jsonl"), read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    for key in ("reward", "kl", "policy_loss", "value_loss", "approx_kl"):
+        assert [m[key] for m in got] == pytest.approx([m[key] for m in want], abs=1e-6), key
+    weights, expected = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "reference" / "final" / "adapter_model.safetensors")
+    )
+    assert all(torch.allclose(weights[k], expected[k], atol=1e-6) for k in expected)
+
+
+def test_mean_reward_rises_on_a_learnable_toy(tmp_path, cli, ppo_recipe, tiny_model_dir, toy_reward_model_dir):
+    write_jsonl(tmp_path / "short.jsonl", [{"prompt": letter} for letter in "ABCDEFGHIJKLMNOP"])  # the response dominates
+    recipe = ppo_recipe(
+        model={"name_or_path": str(tiny_model_dir), "lora": None},
+        data={"train": "short.jsonl", "max_length": 16},
+        train={"max_steps": 20, "batch_size": 16, "learning_rate": 1e-2, "save_every": None},
+        generation={"max_new_tokens": 8, "temperature": 1.0},
+        ppo={"reward_model": str(toy_reward_model_dir), "mini_batch_size": 8, "ppo_epochs": 4, "kl_coef": 0.0, "sample_every": 100},
+    )
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    rewards = [m["reward"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 3.0, rewards  # about -2.4 -> 12 on this toy
+
+
+def test_an_iteration_with_non_finite_rewards_is_skipped_and_counted(tmp_path, cli, ppo_recipe, monkeypatch):
+    real = dpo_cli.stages.ppo.score_phase
+    calls = {"n": 0}
+
+    def first_scores_nan(rollout, reward, recipe):
+        calls["n"] += 1
+        scores = real(rollout, reward, recipe)
+        return scores * float("nan") if calls["n"] == 1 else scores
+
+    monkeypatch.setattr(dpo_cli.stages.ppo, "score_phase", first_scores_nan)
+    code, _, err = cli("ppo", ppo_recipe(train={"max_steps": 2, "save_every": None}), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_iterations"] == 1
+    assert [m.get("skipped") for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == ["non-finite reward", None]
+
+
+def test_kl_past_the_bound_stops_with_a_checkpoint(tmp_path, cli, ppo_recipe):
+    recipe = ppo_recipe(train={"max_steps": 5, "learning_rate": 5e-2, "save_every": None}, ppo={"kl_stop": 1e-9})
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 1 and "ppo.kl_stop" in err and "checkpoint" in err
+    assert list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_bad_input(tmp_path, cli, ppo_recipe, tiny_model_dir):
+    code, _, err = cli("ppo", ppo_recipe(ppo={"reward_model": str(tiny_model_dir)}), "--run-dir", tmp_path / "a")
+    assert code == 1 and "ppo.reward_model" in err and "is not a reward model" in err
+    code, _, err = cli("ppo", ppo_recipe(ppo={"mini_batch_size": 3}), "--run-dir", tmp_path / "b")
+    assert code == 1 and "ppo.mini_batch_size (3) must divide train.batch_size (4)" in err
+    code, _, err = cli("ppo", ppo_recipe(ppo={"value_model": str(tiny_model_dir)}), "--run-dir", tmp_path / "c")
+    assert code == 1 and "drop ppo.value_model" in err
+
+
+def test_a_reward_model_with_another_tokenizer_is_re_tokenised(tmp_path, cli, ppo_recipe, tiny_model_dir):
+    from dpo_cli.demo import demo_rows
+    from dpo_cli.data.tokenization import train_bpe_tokenizer
+
+    other = tmp_path / "other-rm"
+    tokenizer = train_bpe_tokenizer([r["text"] for r in demo_rows("demo:reviews?n=200")], 290, 256)
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    recipe = ppo_recipe(model={"name_or_path": str(tiny_model_dir), "lora": None}, ppo={"reward_model": str(other)}, train={"max_steps": 1})
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "re-tokenised" in err and "the critic starts from the policy" in err
+
+
+def test_one_combined_backward_equals_two(tmp_path, ppo_recipe, tiny_model_dir, tiny_tokenizer):
+    """DDP runs policy and critic as one forward and one backward; one GPU frees the policy's graph first.
+    The updates are the same."""
+    from dpo_cli.core.recipe_loader import load_recipe
+    from dpo_cli.core.runtime import setup_runtime
+    from dpo_cli.stages.ppo import advantage_phase, experience_phase, update_phase
+
+    recipe = load_recipe(ppo_recipe(), "ppo", [], False)
+    runtime = setup_runtime(recipe.train, recipe.seed)
+    trained = []
+    for combined in (False, True):
+        torch.manual_seed(0)
+        actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
+        rollout = toy_rollout(tiny_tokenizer)
+        rollout.scores = torch.tensor([1.0, -0.5, 0.25])
+        experience_phase(actor_critic, rollout, recipe, 0)
+        advantage_phase(rollout, recipe, 0.05)
+        optimizer = torch.optim.AdamW(actor_critic._trainable, lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0, combined=combined)
+        trained.append(({n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics))
+    (two, metrics_two), (one, metrics_one) = trained
+    assert metrics_two["updates"] == metrics_one["updates"] == 4
+    assert metrics_one["policy_loss"] == pytest.approx(metrics_two["policy_loss"], rel=1e-5)
+    for name in two:
+        assert torch.allclose(one[name], two[name], atol=1e-6), name

@@ -1,0 +1,59 @@
+"""Learning-rate schedules on hand-computed points; decay groups; the optimizer choices build."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpo_cli.train.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
+from dpo_cli.core.recipes import TrainSection
+
+
+def factor(step, schedule="linear", warmup=2, total=10, min_ratio=0.0):
+    return lr_multiplier(step, warmup_steps=warmup, total_steps=total, schedule=schedule, min_ratio=min_ratio)
+
+
+def test_warmup_reaches_full_rate_on_its_last_step():
+    assert factor(0) == 0.5 and factor(1) == 1.0
+
+
+def test_linear_and_cosine_decay():
+    assert factor(2) == 1.0  # decay starts after warmup
+    assert math.isclose(factor(6), 0.5)  # halfway through 8 decay steps
+    assert math.isclose(factor(6, "cosine"), 0.5)
+    assert math.isclose(factor(4, "cosine"), 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert math.isclose(factor(10, min_ratio=0.1), 0.1)
+    assert math.isclose(factor(10, "cosine", min_ratio=0.2), 0.2)
+    assert factor(7, "constant") == 1.0
+
+
+def test_scheduler_applies_factor_per_step():
+    param = torch.nn.Parameter(torch.zeros(2))
+    cfg = TrainSection(learning_rate=0.1, warmup_steps=2, lr_scheduler="linear")
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert [round(x, 6) for x in seen] == [round(0.1 * factor(s), 6) for s in range(10)]
+
+
+def test_no_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = parameter_groups(model, 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 3]
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"])
+def test_every_optimizer_takes_a_step(name):
+    model = torch.nn.Linear(64, 64)
+    before = model.weight.detach().clone()
+    optimizer = build_optimizer(model, TrainSection(optimizer=name, learning_rate=1e-2), torch.device("cpu"))
+    model(torch.randn(8, 64)).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)

@@ -1,0 +1,135 @@
+"""Exact resume: a run stopped after step k (SIGTERM, SIGINT, kill -9, or a crash while writing a checkpoint)
+and started again ends with the same per-step losses and final weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dpo_cli.train.checkpoint
+import dpo_cli.train.loop
+import dpo_cli.stages.sft
+from helpers import model_modes, assert_same_run, interrupt_at_call
+
+MODES = model_modes(dropout=0.1)  # dropout: a resume must restore the RNG too
+
+
+def signal_at_call(monkeypatch, call: int, signum: int) -> None:
+    interrupt_at_call(monkeypatch, dpo_cli.stages.sft, "lm_step", call, signum)
+
+
+@pytest.fixture()
+def resume_recipe(sft_recipe):
+    def make(mode: str):
+        return sft_recipe(
+            f"{mode}.yaml",
+            model={**MODES[mode]},
+            train={"max_steps": 8, "save_every": 3, "log_every": 1, "batch_size": 4, "grad_accum": 2},
+            data={"train": "data/train.jsonl", "eval": 8, "max_length": 96},
+            sft={"show_samples": 0},
+        )
+
+    return make
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_then_resume_is_exact(mode, tmp_path, cli, resume_recipe, monkeypatch):
+    recipe = resume_recipe(mode)
+    assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+
+    with monkeypatch.context() as patch:
+        signal_at_call(patch, call=9, signum=signal.SIGTERM)  # micro-batch 9 = step 5 with grad_accum 2
+        code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 143, err
+    assert "interrupted by SIGTERM at step 5" in err
+    assert (tmp_path / "run" / "checkpoints" / "step-5").is_dir()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "run" / "final").exists()
+
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "resuming from" in err and "step 5 of 8" in err
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+def test_a_checkpoint_of_the_single_process_layout_still_resumes(tmp_path, cli, resume_recipe, monkeypatch):
+    """Checkpoints written before the multi-process version hold rng.pt (not rng-rank0.pt)."""
+    recipe = resume_recipe("full")
+    assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+    with monkeypatch.context() as patch:
+        signal_at_call(patch, call=9, signum=signal.SIGTERM)
+        assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 143
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-5"
+    (checkpoint / "rng-rank0.pt").rename(checkpoint / "rng.pt")
+    (checkpoint / "manifest.json").unlink()  # that layout had no manifest either
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path, cli, resume_recipe, monkeypatch):
+    recipe = resume_recipe("full")
+    signal_at_call(monkeypatch, call=3, signum=signal.SIGINT)
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 130 and "interrupted by SIGINT at step 2" in err
+    assert (tmp_path / "run" / "checkpoints" / "step-2").is_dir()
+
+
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, cli, resume_recipe, monkeypatch):
+    recipe = resume_recipe("lora")
+    assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+
+    real_save = dpo_cli.train.checkpoint.save_training_state
+    saves = {"n": 0}
+
+    def crashing_save(folder, **parts):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the step-6 checkpoint: half written, then the disk fails
+            (folder / "trainable.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save(folder, **parts)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo_cli.train.checkpoint, "save_training_state", crashing_save)
+        code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 1 and "no space left on the device mounted at" in err and "free space and run the same command again" in err
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-3"]  # the half-written one is gone, the previous one intact
+
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0 and "step 3 of 8" in err
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+def test_kill_9_mid_run_then_resume_is_exact(tmp_path, cli, sft_recipe):
+    recipe = sft_recipe(
+        "kill.yaml",
+        train={"max_steps": 40, "save_every": 2, "log_every": 1, "batch_size": 16},
+        data={"train": "data/train.jsonl", "eval": 8, "max_length": 96},
+        sft={"show_samples": 0},
+    )
+    assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dpo_cli", "sft", str(recipe), "--run-dir", str(run)], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-4").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: no handler runs, the lock dies with the process
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run / "final").exists()
+
+    code, _, err = cli("sft", recipe, "--run-dir", run)
+    assert code == 0, err
+    assert "resuming from" in err
+    assert_same_run(run, tmp_path / "reference")
