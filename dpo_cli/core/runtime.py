@@ -1,5 +1,5 @@
-"""The process a stage runs in: device and mixed precision (through accelerate), seeding, stop signals,
-peak memory and library versions."""
+"""The process a stage runs in: device and mixed precision (through accelerate), seeding, peak memory and
+library versions."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import os
 import platform
 import random
 import resource
-import signal
 import threading
 from dataclasses import dataclass
 from importlib import metadata
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -142,38 +140,3 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-class StopSignals:
-    """SIGINT/SIGTERM/SIGUSR1 only set a flag; the loop checkpoints at the next step boundary and stops.
-
-    A second SIGINT while stopping raises KeyboardInterrupt, for a user who does not want to wait.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: Slurm's warning before preemption
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def agreed(self) -> str | None:
-        """The signal any process received (the same answer on every process, so all stop at the same step
-        boundary); a collective call, made by every process at every boundary."""
-        from dpo_cli.core.distributed import reduce_max
-
-        mine = int(signal.Signals[self.received]) if self.received else 0
-        signum = int(reduce_max(float(mine)))
-        return signal.Signals(signum).name if signum else None

@@ -27,7 +27,8 @@ from dpo_cli.core.distributed import reduce_max
 from dpo_cli.core.errors import RunInterrupted, UserError
 from dpo_cli.core.recipes import TrainSection
 from dpo_cli.core.rundir import MetricsLog, RunDir
-from dpo_cli.core.runtime import Runtime, StopSignals
+from dpo_cli.core.runtime import Runtime
+from dpo_cli.core.signals import StopSignals
 from dpo_cli.core.ui import TrainProgress, note
 
 
