@@ -1,217 +1,193 @@
-"""`make bench`: throughput and peak memory of pretrain, sft, dpo, rm-train and ppo on a fixed synthetic workload, and of
-the same sft and dpo workloads through Hugging Face TRL (when it is installed: `pip install -e .[dev]`).
+"""`make bench`: dpo-cli and Hugging Face TRL side by side on the same workloads, and dpo-cli's own modes.
 
-Each configuration runs as its own process (so peak memory is that run's alone), several times; the table
-reports medians. Timings are of training only (dpo-cli: summary.json's train_time_s; TRL: its
-train_runtime), not of start-up, model loading or tokenisation. rows/s counts training rows (pairs for dpo
-and rm-train, episodes for ppo, whose time includes generation).
+    python benchmarks/bench.py [--repeats 3] [--workloads short,long] [--only dpo]    (the side-by-side table)
+    python benchmarks/bench.py --suite modes                                          (full, LoRA, 4-bit, PPO)
 
-    python benchmarks/bench.py [--repeats 3] [--steps 20] [--out benchmarks/results.json]
+Side by side: sft, rm and dpo (TRL's default and its fastest setting) on each workload (workloads.py): the same
+model, rows, batches (TRL reads them in dpo-cli's training order), sequence limit, optimizer (AdamW, lr 1e-4,
+linear decay, clip 1.0), fp32, seed. The two tools alternate run by run, each run its own process. Time is the
+training loop plus any precomputed reference pass (start-up, model loading and tokenisation left out, for both).
+Reported: rows/s and non-padding tokens/s (the workload's tokens, a prompt counted in each sequence), the ratio
+dpo-cli / TRL (median of the paired runs' ratios), peak memory (process RSS on CPU, allocated on GPU) and its
+ratio, model-FLOPs utilisation against a matmul peak measured in the same run, and whether the first-step losses
+agree (within 1e-4 relative). Results go to benchmarks/results/<host>-<date>.json; a markdown table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-WORKLOAD = {"seq_len": 256, "batch_size": 8, "hidden": 256, "layers": 4, "heads": 8, "vocab": 2048}
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import WORKLOADS, Workload, build_base_model, build_reward_init, in_training_order, model_flops_per_token, write_data  # noqa: E402
+
+SEED = 7
+# What the first step's agreement is checked on: DPO's first loss is log 2 whatever the batch (policy = reference),
+# so for dpo the chosen completions' log-probs (TRL logs them under the same name).
+FIRST_STEP_KEY = {"sft": "loss", "rm-train": "loss", "dpo": "logps/chosen"}
+# (name, dpo-cli stage, TRL trainer, TRL setting, dpo-cli section overrides)
+COMPARISONS = [
+    ("sft", "sft", "sft", "fastest", {"sft": {"show_samples": 0}}),
+    ("rm-train", "rm-train", "rm", "fastest", {}),
+    ("dpo vs TRL default", "dpo", "dpo", "default", {"dpo": {"show_samples": 0, "beta": 0.1}}),
+    ("dpo vs TRL fastest (precomputed reference)", "dpo", "dpo", "fastest", {"dpo": {"show_samples": 0, "beta": 0.1, "precompute_ref": True}}),
+]
 
 
-def build_base_model(folder: Path) -> None:
-    """A 4-layer Llama with a BPE tokenizer trained on demo reviews: the fixed model every config starts from."""
+def matmul_peak(seconds: float = 3.0) -> float:
+    """The machine's fp32 matmul throughput (FLOP/s), best of a few shapes, this process's threads."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_cli.demo import demo_rows
-    from dpo_cli.data.tokenization import train_bpe_tokenizer
-
-    tokenizer = train_bpe_tokenizer([r["text"] for r in demo_rows("demo:reviews?n=2000")], WORKLOAD["vocab"], 1024)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=WORKLOAD["hidden"],
-        intermediate_size=4 * WORKLOAD["hidden"],
-        num_hidden_layers=WORKLOAD["layers"],
-        num_attention_heads=WORKLOAD["heads"],
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    best = 0.0
+    for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 256, 1024), (4096, 1024, 256)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 4:
+            a @ b
+            count += 1
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - started))
+    return best
 
 
-def write_data(workdir: Path) -> dict[str, Path]:
-    """Fixed synthetic data: reviews (pretrain), openings -> continuations (sft), preference pairs (dpo)."""
-    import random
-
-    from dpo_cli.demo import demo_rows
-    from dpo_cli.demo.reviews import make_review
-
-    rng = random.Random(0)
-    pairs = []
-    for _ in range(1000):
-        good, bad = make_review(rng, "positive"), make_review(rng, "negative")
-        pairs.append({"prompt": good["opening"], "chosen": " " + good["continuation"], "rejected": " " + bad["continuation"]})
-    files = {"sft": workdir / "sft.jsonl", "dpo": workdir / "prefs.jsonl"}
-    files["rm"] = workdir / "rm"
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    AutoModelForSequenceClassification.from_pretrained(workdir / "base", num_labels=1).save_pretrained(files["rm"])
-    AutoTokenizer.from_pretrained(workdir / "base").save_pretrained(files["rm"])
-    files["sft"].write_text("".join(json.dumps(r) + "\n" for r in demo_rows("demo:sft?n=2000")))
-    files["dpo"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    return files
-
-
-def configs(base: Path, files: dict[str, Path], steps: int) -> dict[str, tuple[str, dict]]:
-    train = {"max_steps": steps, "batch_size": WORKLOAD["batch_size"], "learning_rate": 1e-4, "save_every": None, "log_every": 5}
-    data = {"max_length": WORKLOAD["seq_len"]}
-    model = {"name_or_path": str(base)}
-    lora, qlora = {**model, "lora": {"r": 16}}, {**model, "lora": {"r": 16}, "quantization": {}}
-    pretrain = {"model": model, "data": {**data, "train": "demo:reviews?n=3000"}, "train": train, "pretrain": {"show_samples": 0}}
-    sft = {"model": model, "data": {**data, "train": str(files["sft"])}, "train": train, "sft": {"show_samples": 0}}
-    packed = {**sft, "sft": {"show_samples": 0, "packing": True}}
-    dpo = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train, "dpo": {"show_samples": 0}}
-    rm = {"model": model, "data": {**data, "train": str(files["dpo"])}, "train": train}
-    ppo_run = {"max_steps": steps // 2, "batch_size": WORKLOAD["batch_size"], "learning_rate": 1e-5, "save_every": None, "log_every": 5}
-    ppo = {
-        "model": lora,
-        "data": {"train": "demo:prompts", "max_length": 64},
-        "train": ppo_run,
-        "generation": {"max_new_tokens": 64, "batch_size": WORKLOAD["batch_size"]},
-        "ppo": {"reward_model": str(files["rm"]), "mini_batch_size": 4, "ppo_epochs": 2},
-    }
-    return {
-        "pretrain full": ("pretrain", pretrain),
-        "sft full": ("sft", sft),
-        "sft full (packed)": ("sft", packed),
-        "sft LoRA r=16 (packed)": ("sft", {**packed, "model": lora}),
-        "sft 4-bit + LoRA (packed)": ("sft", {**packed, "model": qlora}),
-        "dpo full": ("dpo", dpo),
-        "dpo LoRA r=16": ("dpo", {**dpo, "model": lora}),
-        "dpo 4-bit + LoRA": ("dpo", {**dpo, "model": qlora}),
-        "rm-train full": ("rm-train", rm),
-        "rm-train LoRA r=16": ("rm-train", {**rm, "model": lora}),
-        "rm-train 4-bit + LoRA": ("rm-train", {**rm, "model": qlora}),
-        "ppo single-GPU mode (shared base, LoRA)": ("ppo", ppo),
-        "ppo single-GPU mode (shared 4-bit base)": ("ppo", {**ppo, "model": qlora}),
-        "ppo separate models": ("ppo", {**ppo, "model": model}),
-    }
-
-
-TRL_BASELINES = {"sft full": "sft", "dpo full": "dpo"}  # our configuration -> the same workload in TRL
-
-
-def run_once(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
+def ours(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    run_dir = workdir / "runs" / name
-    subprocess.run(
-        [sys.executable, "-m", "dpo_cli", stage, str(path), "--run-dir", str(run_dir), "--fresh"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary["rows_per_sec"] = summary["steps"] * WORKLOAD["batch_size"] / summary["train_time_s"]  # ppo: episodes/s
-    return summary
+    run = workdir / "runs" / name
+    done = subprocess.run([sys.executable, "-m", "dpo_cli", stage, str(path), "--run-dir", str(run), "--fresh"], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"dpo-cli {stage} failed:\n{done.stderr[-3000:]}")
+    summary = json.loads((run / "summary.json").read_text())
+    first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' not in line)
+    first["loss"] = first.get(FIRST_STEP_KEY[stage], first["loss"])
+    seconds = summary["train_time_s"] + summary.get("reference_logps_seconds", 0.0)
+    return {"seconds": seconds, "tokens": summary["tokens"], "peak_memory_bytes": summary["peak_memory_bytes"], "first_loss": first["loss"]}
 
 
-def run_trl(stage: str, base: Path, files: dict[str, Path], workdir: Path, steps: int, name: str) -> dict | None:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return None
-    config = {"stage": stage, "model": str(base), "data": str(files[stage]), "output_dir": str(workdir / name)}
-    config.update(batch_size=WORKLOAD["batch_size"], steps=steps, max_length=WORKLOAD["seq_len"])
+def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Workload, workdir: Path, name: str) -> dict:
+    config = {"stage": trainer, "setting": setting, "model": str(model), "data": str(data), "output_dir": str(workdir / name)}
+    config.update(batch_size=workload.batch_size, steps=workload.steps, max_length=workload.max_length, seed=SEED)
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(config))
-    script = Path(__file__).with_name("trl_baseline.py")
-    output = subprocess.run([sys.executable, str(script), str(path)], check=True, capture_output=True, text=True).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    result["rows_per_sec"] = result["items"] / result["train_seconds"]
-    return result
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_baseline.py")), str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"TRL {trainer} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "seconds": result["train_seconds"] + result["precompute_seconds"]}
+
+
+def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
+    base, rm_init = workdir / "base", workdir / "rm-init"
+    build_base_model(base)
+    build_reward_init(base, rm_init)
+    flops_per_token = model_flops_per_token(base)
+    peak = matmul_peak()
+    rows = []
+    for workload in (WORKLOADS[name] for name in args.workloads.split(",")):
+        files = write_data(workdir, base, workload)
+        ordered = {key: in_training_order(path, workload.batch_size, SEED) for key, path in files.items()}
+        for label, stage, trainer, setting, sections in COMPARISONS:
+            if args.only not in label:
+                continue
+            model = rm_init if stage == "rm-train" else base
+            data = files["sft" if stage == "sft" else "pairs"]
+            recipe = {
+                "stage": stage, "seed": SEED, "model": {"name_or_path": str(model)},
+                "data": {"train": str(data), "eval": None, "max_length": workload.max_length},
+                "train": {"max_steps": workload.steps, "batch_size": workload.batch_size, "learning_rate": 1e-4, "lr_scheduler": "linear",
+                          "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": None, "log_every": 1},
+                **sections,
+            }  # fmt: skip
+            print(f"{workload.name} · {label}: {args.repeats} paired runs", flush=True)
+            pairs = []
+            for r in range(args.repeats):
+                run_ours = lambda: ours(stage, recipe, workdir, f"{workload.name}-{stage}-{setting}-{r}")  # noqa: E731
+                run_theirs = lambda: theirs(trainer, setting, model, ordered["sft" if stage == "sft" else "pairs"], workload, workdir, f"trl-{workload.name}-{trainer}-{setting}-{r}")  # noqa: E731
+                a, b = (run_ours(), run_theirs()) if r % 2 == 0 else tuple(reversed((run_theirs(), run_ours())))
+                pairs.append((a, b))
+            rows.append(summarise(workload, label, stage, pairs, flops_per_token, peak))
+    return {"matmul_peak_flops": peak, "model_flops_per_token_forward": flops_per_token, "rows": rows}
+
+
+def summarise(workload: Workload, label: str, stage: str, pairs: list[tuple[dict, dict]], flops_per_token: float, peak: float) -> dict:
+    rows, tokens = workload.rows, pairs[0][0]["tokens"]
+    passes = 3 + (1 if stage == "dpo" else 0)  # training: forward and backward; dpo: a reference forward too
+    rate = lambda run: rows / run["seconds"]  # noqa: E731
+    mfu = lambda run: tokens * passes * flops_per_token / run["seconds"] / peak  # noqa: E731
+    a, b = pairs[0]
+    agree = a["first_loss"] is not None and b["first_loss"] is not None and abs(a["first_loss"] - b["first_loss"]) <= 1e-4 * abs(b["first_loss"])
+    return {
+        "workload": workload.name, "comparison": label, "rows": rows, "tokens": tokens,
+        "ours_rows_per_s": statistics.median(rate(x) for x, _ in pairs), "trl_rows_per_s": statistics.median(rate(y) for _, y in pairs),
+        "ratio": statistics.median(rate(x) / rate(y) for x, y in pairs), "runs_ratio": [round(rate(x) / rate(y), 3) for x, y in pairs],
+        "ours_tokens_per_s": statistics.median(tokens / x["seconds"] for x, _ in pairs), "trl_tokens_per_s": statistics.median(tokens / y["seconds"] for _, y in pairs),
+        "ours_peak_memory_bytes": statistics.median(x["peak_memory_bytes"] for x, _ in pairs), "trl_peak_memory_bytes": statistics.median(y["peak_memory_bytes"] for _, y in pairs),
+        "ours_mfu": statistics.median(mfu(x) for x, _ in pairs), "trl_mfu": statistics.median(mfu(y) for _, y in pairs),
+        "first_loss": [a["first_loss"], b["first_loss"]], "first_losses_agree": agree,
+    }  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    lines = [
+        "| workload | stage | dpo-cli rows/s | TRL rows/s | ratio (median of pairs) | tokens/s dpo-cli / TRL | MFU dpo-cli / TRL | peak MiB dpo-cli / TRL | first step agrees (loss; dpo: logps/chosen) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['workload']} | {row['comparison']} | {row['ours_rows_per_s']:.1f} | {row['trl_rows_per_s']:.1f} | **{row['ratio']:.2f}x** "
+            f"| {row['ours_tokens_per_s']:,.0f} / {row['trl_tokens_per_s']:,.0f} | {100 * row['ours_mfu']:.0f}% / {100 * row['trl_mfu']:.0f}% "
+            f"| {mib(row['ours_peak_memory_bytes'])} / {mib(row['trl_peak_memory_bytes'])} ({row['ours_peak_memory_bytes'] / row['trl_peak_memory_bytes']:.2f}x) "
+            f"| {'yes' if row['first_losses_agree'] else 'no'} ({row['first_loss'][0]:.6f} / {row['first_loss'][1]:.6f}) |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["trl", "modes"], default="trl")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
-    parser.add_argument("--only", default="", help="Run only the configurations whose name contains this text (e.g. ppo).")
+    parser.add_argument("--workloads", default="short,long")
+    parser.add_argument("--only", default="", help="Only the comparisons (or modes) whose name contains this text.")
+    parser.add_argument("--out", type=Path, default=None, help="Default: benchmarks/results/<host>-<date>.json")
     args = parser.parse_args()
+    import torch
 
-    from rich.console import Console
-    from rich.table import Table
+    from dpo_cli.core.runtime import library_versions
 
-    from dpo_cli.core.ui import human_bytes
-
-    console = Console()
-    results: dict[str, dict] = {}
-    baselines: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="dpo-cli-bench-") as tmp:
-        workdir = Path(tmp)
-        build_base_model(workdir / "base")
-        files = write_data(workdir)
-        for index, (label, (stage, recipe)) in enumerate(configs(workdir / "base", files, args.steps).items()):
-            if args.only not in label:
-                continue
-            console.print(f"[bold]{label}[/bold]: {args.repeats} runs of {args.steps} steps")
-            runs = [run_once(stage, recipe, workdir, f"c{index}-r{r}") for r in range(args.repeats)]
-            results[label] = {
-                "rows_per_sec": statistics.median(r["rows_per_sec"] for r in runs),
-                "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
-                "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in runs),
-                "peak_memory_kind": runs[0]["peak_memory_kind"],
-                "device": runs[0]["device"],
-                "runs": [round(r["rows_per_sec"], 2) for r in runs],
-            }
-            if stage == "ppo":  # where the time goes: sampling vs updating
-                results[label]["generate_share"] = statistics.median(r["time_generate_s"] / (r["time_generate_s"] + r["time_train_s"]) for r in runs)
-            if label in TRL_BASELINES:
-                console.print(f"[bold]TRL {label}[/bold]: {args.repeats} runs of {args.steps} steps")
-                trl_runs = [run_trl(TRL_BASELINES[label], workdir / "base", files, workdir, args.steps, f"trl{index}-r{r}") for r in range(args.repeats)]
-                if all(trl_runs):
-                    baselines[label] = {
-                        "rows_per_sec": statistics.median(r["rows_per_sec"] for r in trl_runs),
-                        "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in trl_runs),
-                        "runs": [round(r["rows_per_sec"], 2) for r in trl_runs],
-                    }
+        if args.suite == "modes":
+            from modes import own_modes
 
-    table = Table(title=f"dpo-cli bench: {WORKLOAD} · {args.steps} steps · median of {args.repeats}", title_justify="left")
-    for column in ("configuration", "rows/s (pairs/s)", "tokens/s", "peak memory", "TRL rows/s", "vs TRL", "runs (rows/s)"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    for label, row in results.items():
-        baseline = baselines.get(label)
-        table.add_row(
-            label,
-            f"{row['rows_per_sec']:,.1f}",
-            f"{row['tokens_per_sec']:,.0f}",
-            f"{human_bytes(row['peak_memory_bytes'])}",
-            f"{baseline['rows_per_sec']:,.1f}" if baseline else "",
-            f"{row['rows_per_sec'] / baseline['rows_per_sec']:.2f}x" if baseline else "",
-            ", ".join(f"{x:,.1f}" for x in row["runs"]),
-        )
-    console.print(table)
-    console.print(f"device: {next(iter(results.values()))['device']}; peak memory: {next(iter(results.values()))['peak_memory_kind']}")
-    for label, row in results.items():
-        if "generate_share" in row:
-            console.print(f"{label}: {100 * row['generate_share']:.0f}% of the time generating, {100 * (1 - row['generate_share']):.0f}% training")
-    for label, baseline in baselines.items():
-        console.print(f"TRL {label}: peak memory {human_bytes(baseline['peak_memory_bytes'])}, runs {baseline['runs']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"workload": WORKLOAD, "steps": args.steps, "repeats": args.repeats, "results": results, "trl": baselines}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {args.out}")
+            report = own_modes(args, Path(tmp))
+        else:
+            report = side_by_side(args, Path(tmp))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    versions = library_versions()
+    try:
+        versions["trl"] = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        pass
+    report.update(suite=args.suite, repeats=args.repeats, host=socket.gethostname(), device=device, date=datetime.date.today().isoformat(), versions=versions)
+    out = args.out or Path(__file__).parent / "results" / f"{socket.gethostname()}-{report['date']}-{args.suite}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.suite == "trl":
+        print(f"\n{device}; matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s (fp32); TRL {report['versions'].get('trl', '?')}\n")
+        print(markdown(report))
+    print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

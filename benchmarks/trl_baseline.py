@@ -1,6 +1,8 @@
-"""The same workload through Hugging Face TRL (SFTTrainer / DPOTrainer), for `make bench` to compare against.
+"""One TRL run of a benchmark workload (SFTTrainer, RewardTrainer or DPOTrainer), for `make bench` to set beside
+dpo-cli's. Rows are read in file order (bench.py writes them in dpo-cli's training order), so both tools see
+the same batches.
 
-    python benchmarks/trl_baseline.py CONFIG.json  ->  prints one JSON line: train seconds, items, peak memory
+    python benchmarks/trl_baseline.py CONFIG.json  ->  one JSON line: train and precompute seconds, first loss, peak memory
 """
 
 from __future__ import annotations
@@ -8,43 +10,64 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 
 import torch
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.utils.data import SequentialSampler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
 def main() -> None:
     config = json.loads(open(sys.argv[1]).read())
+    stage, fastest = config["stage"], config["setting"] == "fastest"
     tokenizer = AutoTokenizer.from_pretrained(config["model"])
-    model = AutoModelForCausalLM.from_pretrained(config["model"])
     data = load_dataset("json", data_files=config["data"], split="train")
     common = dict(
-        output_dir=config["output_dir"],
-        per_device_train_batch_size=config["batch_size"],
-        max_steps=config["steps"],
-        learning_rate=1e-4,
-        logging_steps=5,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        max_length=config["max_length"],
-        dataloader_num_workers=0,
-    )
-    if config["stage"] == "dpo":
+        output_dir=config["output_dir"], per_device_train_batch_size=config["batch_size"], max_steps=config["steps"],
+        learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+        max_length=config["max_length"], dataloader_num_workers=0, seed=config["seed"],
+    )  # fmt: skip
+    if stage != "dpo" or fastest:
+        common["gradient_checkpointing"] = False  # TRL's default is on; its fastest setting turns it off
+    precompute = {"seconds": 0.0}
+    if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=data, processing_class=tokenizer)
+        original = DPOTrainer._precompute_ref_logps
+
+        def timed(self, *args, **kwargs):  # the reference pass is work: it is timed like training
+            started = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                precompute["seconds"] += time.perf_counter() - started
+
+        DPOTrainer._precompute_ref_logps = timed
+        args = DPOConfig(beta=0.1, precompute_ref_log_probs=fastest, **common)
+        model = AutoModelForCausalLM.from_pretrained(config["model"])
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    elif stage == "rm":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=1)
+        trainer = RewardTrainer(model=model, args=RewardConfig(center_rewards_coefficient=None, **common), train_dataset=data, processing_class=tokenizer)
     else:
         from trl import SFTConfig, SFTTrainer
 
+        model = AutoModelForCausalLM.from_pretrained(config["model"])
         trainer = SFTTrainer(model=model, args=SFTConfig(packing=False, **common), train_dataset=data, processing_class=tokenizer)
+    trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)
     output = trainer.train()
+    key = "logps/chosen" if stage == "dpo" else "loss"  # bench.py's FIRST_STEP_KEY
+    losses = [entry[key] for entry in trainer.state.log_history if key in entry]
     if torch.cuda.is_available():
-        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+        peak = torch.cuda.max_memory_allocated()
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
-    print(json.dumps({"train_seconds": output.metrics["train_runtime"], "items": config["steps"] * config["batch_size"], "peak_memory_bytes": peak, "peak_memory_kind": kind}))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"train_seconds": output.metrics["train_runtime"], "precompute_seconds": precompute["seconds"], "first_loss": losses[0] if losses else None}
+    print(json.dumps({**result, "peak_memory_bytes": peak}))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,11 @@ class DpoSection(Section):
         None, description="A separate reference model; default: the initial policy (under LoRA: the same model, adapter disabled)."
     )
     precompute_ref: bool = Field(False, description="Compute every reference log-prob once before training; saved in the run dir.")
+    share_prompt: bool = Field(
+        True,
+        description="Chosen and rejected in one row, the prompt computed once (the same log-probs as a row each, within float "
+        "rounding); off by itself where the attention takes no custom mask (flash-attention) or a sliding window is shorter than data.max_length.",
+    )
     max_prompt_length: int | None = Field(None, ge=1, description="Cut prompts to this many tokens, from the left.")
     show_samples: int = Field(3, ge=0, description="Eval prompts answered before and after training, printed at the end.")
 
@@ -197,6 +202,11 @@ class DpoRecipe(TrainingRecipe):
 
 
 class RmSection(Section):
+    share_prompt: bool = Field(
+        True,
+        description="Chosen and rejected in one row, the prompt computed once (the same scores as a row each, within float "
+        "rounding); off by itself where the attention takes no custom mask (flash-attention) or a sliding window is shorter than data.max_length.",
+    )
     margin: bool = Field(False, description="Subtract each pair's `margin` column inside the loss: -log s(r_c - r_r - margin).")
     center_rewards_coef: float | None = Field(
         None, ge=0.0, description="Add coef x mean((r_c + r_r)^2), pulling the mean reward toward 0."

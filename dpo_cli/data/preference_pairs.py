@@ -149,6 +149,54 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+# Segments of a shared-prompt row (collate_shared_pairs): which tokens a position may attend to.
+SHARED, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
+
+
+def shared_prefix(chosen_ids: list[int], rejected_ids: list[int], chosen_labels: list[int], rejected_labels: list[int]) -> int:
+    """How many leading tokens both sequences share and neither trains on: their common prompt, computed once."""
+    first_label = lambda labels: next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))  # noqa: E731
+    limit = min(first_label(chosen_labels), first_label(rejected_labels))
+    length = 0
+    while length < limit and chosen_ids[length] == rejected_ids[length]:
+        length += 1
+    return length
+
+
+def collate_shared_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
+    """B pairs -> B right-padded rows of prompt, chosen completion, rejected completion: the prompt passes the
+    model once instead of twice. Position ids restart at the end of the prompt for the rejected completion, and
+    `segments` say what each token may attend to (its own completion and the prompt, never the other one), so
+    each completion gets the log-probs it would get in a row of its own (models.forward reads the layout).
+    Otherwise as collate_pairs: `num_tokens` counts the tokens of both sequences, prompt twice."""
+    ids_rows, label_rows, position_rows, segment_rows = [], [], [], []
+    for row in rows:
+        chosen, rejected = row["chosen_input_ids"], row["rejected_input_ids"]
+        chosen_labels, rejected_labels = row["chosen_labels"], row["rejected_labels"]
+        length = shared_prefix(chosen, rejected, chosen_labels, rejected_labels)
+        own_chosen, own_rejected = len(chosen) - length, len(rejected) - length
+        ids_rows.append(chosen + rejected[length:])
+        # A completion's first token has no predecessor of its own when nothing is shared: never a target.
+        rejected_targets = rejected_labels[length:] if length else [IGNORE_INDEX] + rejected_labels[1:]
+        label_rows.append(chosen_labels + rejected_targets)
+        position_rows.append(list(range(len(chosen))) + list(range(length, len(rejected))))
+        segment_rows.append([SHARED] * length + [CHOSEN] * own_chosen + [REJECTED] * own_rejected)
+    input_ids, attention_mask = pad(ids_rows, pad_id)  # (B, T)
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "labels": pad(label_rows, IGNORE_INDEX)[0],  # (B, T) each token's own label, as in a row of its own
+        "position_ids": pad(position_rows, 0)[0],  # (B, T)
+        "segments": pad(segment_rows, PADDING)[0],  # (B, T)
+    }
+    if "margin" in rows[0]:
+        batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)
+    if "ref_chosen_logps" in rows[0]:
+        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    batch["num_items"] = len(rows)
+    batch["num_tokens"] = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+    return batch
+
+
 @dataclass
 class PreferenceSets:
     """Preference pairs of a training stage: the raw rows (for samples and judges) and the encoded sets."""

@@ -10,11 +10,14 @@ Models whose head does more than a linear map (logit soft-capping, scaling) take
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dpo_cli.data.preference_pairs import CHOSEN, PADDING, REJECTED, SHARED, collate_pairs, collate_shared_pairs
 from dpo_cli.losses import IGNORE_INDEX, mean_nll, token_logps
 from dpo_cli.models.build import base_model
 
@@ -37,9 +40,71 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return token_logps(head(hidden), targets)
 
 
+def custom_mask_problem(model: torch.nn.Module, max_length: int) -> str | None:
+    """Why the model cannot take a shared-prompt row's attention mask (None: it can). A custom 4D mask is
+    passed to the attention as it is: eager and SDPA take one, flash-attention kernels do not, and a sliding
+    window shorter than a sequence would be lost (the mask then says everything)."""
+    config = base_model(model).config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return f"its attention ({implementation}) takes no custom mask"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window and getattr(text, "use_sliding_window", True) and window < max_length:
+        return f"its sliding window ({window} tokens) is shorter than data.max_length ({max_length})"
+    return None
+
+
+def pair_collator(tokenizer: Any, section: str, share_prompt: bool, models: list[torch.nn.Module], max_length: int) -> tuple[Callable, list[str]]:
+    """The collate function of a pair stage: shared-prompt rows where `SECTION.share_prompt` is on and every
+    model takes their mask, else a row per sequence (with a note saying why)."""
+    problems = [problem for model in models if (problem := custom_mask_problem(model, max_length))] if share_prompt else []
+    if section == "rm" and share_prompt and not all(hasattr(base_model(model), "score") for model in models):
+        problems.append("the reward model has no `score` head")
+    notes = [f"{section}.share_prompt: off, {problems[0]}; one row per sequence"] if problems else []
+    collate = collate_shared_pairs if share_prompt and not problems else collate_pairs
+    return partial(collate, pad_id=tokenizer.pad_token_id), notes
+
+
+def shared_prompt_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) segments of shared-prompt rows -> the (B, 1, T, T) attention mask: causal, and a completion sees
+    the prompt and itself only. A padding position sees itself, so no softmax row is empty (an empty one is
+    NaN in SDPA, and NaN times a zero gradient is still NaN)."""
+    length = segments.size(1)
+    index = torch.arange(length, device=segments.device)
+    causal = index[None, :] <= index[:, None]  # (T, T) key <= query
+    real = segments != PADDING  # (B, T)
+    visible = (segments[:, None, :] == SHARED) | (segments[:, None, :] == segments[:, :, None])  # (B, Tq, Tk)
+    allowed = causal & visible & real[:, None, :] & real[:, :, None]
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device) & ~real[:, :, None]
+    allowed = allowed[:, None]  # (B, 1, T, T)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def shared_prompt_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The targets of shared-prompt rows (B, T): (rows, sources, targets, sequences), each (N,). A target's
+    log-prob comes from the hidden state at `sources`: the position before it, except for the first token of
+    the rejected completion, whose predecessor is the prompt's last token. `sequences` numbers chosen
+    completions 0..B-1 and rejected ones B..2B-1, as collate_pairs orders its rows."""
+    is_target = labels != IGNORE_INDEX  # (B, T)
+    is_target[:, 0] = False
+    rows, cols = is_target.nonzero(as_tuple=True)  # (N,), (N,)
+    rejected = segments[rows, cols] == REJECTED  # (N,)
+    previous = segments[rows, (cols - 1).clamp(min=0)]  # (N,)
+    shared = (segments == SHARED).sum(dim=1)  # (B,)
+    first_rejected = rejected & (previous != REJECTED)
+    sources = torch.where(first_rejected, shared[rows] - 1, cols - 1)
+    return rows, sources, labels[rows, cols], rows + labels.size(0) * rejected.long()
+
+
 class CompletionLogProbs(torch.nn.Module):
     """Wraps a causal LM (peft-wrapped or not). forward(input_ids, attention_mask, labels) returns, per
-    sequence, the sum of log-probs of the labelled tokens and how many there are: (S,) and (S,)."""
+    sequence, the sum of log-probs of the labelled tokens and how many there are: (S,) and (S,).
+
+    With `segments` (collate_shared_pairs' rows of prompt, chosen, rejected), the B rows give 2B sums:
+    chosen completions first, then rejected, each equal to what its own row would give."""
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 2048, logits_budget_bytes: int = 256 * 2**20):
         super().__init__()
@@ -59,17 +124,23 @@ class CompletionLogProbs(torch.nn.Module):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """attention_mask None with position_ids: packed rows (transformers builds the block-diagonal mask)."""
-        target_labels = labels[:, 1:]  # (S, T-1): position t predicts token t+1
-        mask = target_labels != IGNORE_INDEX  # (S, T-1)
-        rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
-        targets = target_labels[rows, cols]  # (N,)
         base = base_model(self.model)
+        if segments is None:
+            target_labels = labels[:, 1:]  # (S, T-1): position t predicts token t+1
+            rows, sources = (target_labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,)
+            targets, sequences, count = target_labels[rows, sources], rows, input_ids.size(0)
+        else:
+            rows, sources, targets, sequences = shared_prompt_targets(labels, segments)
+            count = 2 * input_ids.size(0)
+            dtype = base.get_input_embeddings().weight.dtype
+            attention_mask = shared_prompt_mask(segments, base.config._attn_implementation, dtype if dtype.is_floating_point else torch.float32)
         if _plain_linear_head(base):
             decoder = base.get_decoder()
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-            selected = hidden[:, :-1][rows, cols]  # (N, H)
+            selected = hidden[rows, sources]  # (N, H)
             head = base.get_output_embeddings()
             vocabulary = head.weight.shape[0]
             if selected.size(0) * vocabulary * 4 <= self.logits_budget_bytes:
@@ -86,15 +157,16 @@ class CompletionLogProbs(torch.nn.Module):
             logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits  # (S, T, V)
-            logps = token_logps(logits[:, :-1][rows, cols], targets)
-        sums = torch.zeros(input_ids.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)  # (S,)
-        return sums, mask.sum(dim=1)
+            logps = token_logps(logits[rows, sources], targets)
+        sums = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)  # (S,)
+        return sums, torch.bincount(sequences, minlength=count)
 
 
 class RewardScores(torch.nn.Module):
     """Wraps a scalar sequence classifier; forward(input_ids, attention_mask) -> (S,) scores, each read at the
     sequence's last real token (found from the attention mask, so left and right padding both work, and a pad
-    token equal to EOS cannot move it)."""
+    token equal to EOS cannot move it). With `segments` (shared-prompt rows), B rows give 2B scores: chosen
+    first, then rejected, each read at its completion's last token."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -105,20 +177,40 @@ class RewardScores(torch.nn.Module):
         """The wrapped model with its LoRA adapters switched off: the initial policy, no second copy."""
         return self.model.disable_adapter()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
-        last = (attention_mask * positions).argmax(dim=1)  # (S,) index of the last real token
-        rows = torch.arange(input_ids.size(0), device=input_ids.device)
         base = base_model(self.model)
-        if hasattr(base, "score") and hasattr(base, "get_decoder"):
+        if segments is not None:
+            rows = torch.arange(input_ids.size(0), device=input_ids.device).repeat(2)  # (2B,)
+            last = torch.cat([((segments == side) * positions).argmax(dim=1) for side in (CHOSEN, REJECTED)])  # (2B,)
+            dtype = base.get_input_embeddings().weight.dtype
+            attention_mask = shared_prompt_mask(segments, base.config._attn_implementation, dtype if dtype.is_floating_point else torch.float32)
+        else:
+            rows = torch.arange(input_ids.size(0), device=input_ids.device)
+            last = (attention_mask * positions).argmax(dim=1)  # (S,) index of the last real token
             # Left padding shifts the real tokens: positions count from each sequence's first real token.
             position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        if hasattr(base, "score") and hasattr(base, "get_decoder"):
             hidden = base.get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state  # (S, T, H)
             return base.score(hidden[rows, last]).squeeze(-1).float()  # (S,)
+        if segments is not None:
+            raise ValueError("shared-prompt rows need a reward model with a `score` head")
         # Other heads: transformers pools at the last non-pad token itself.
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CompletionLogProbs (or its distributed wrapper) on a batch of pairs, either layout: (2B,) sums, (2B,) counts."""
+    return model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"), batch.get("segments"))
+
+
+def pair_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """A RewardScores (or its distributed wrapper) on a batch of pairs, either layout: (2B,) scores."""
+    return model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), batch.get("segments"))
 
 
 def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dpo_cli.models.forward import CompletionLogProbs
+from dpo_cli.models.forward import CompletionLogProbs, pair_logps
 from dpo_cli.models.build import ModelBundle, base_model, build_causal_lm, build_model
 from dpo_cli.core.recipes import DpoRecipe, ModelSection, PpoRecipe
 from dpo_cli.models.rollout import Rollout, disable_dropout, position_ids, response_logps
@@ -52,7 +52,7 @@ class Reference:
         module.eval()
         try:
             with adapter_off:
-                return module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                return pair_logps(module, batch)
         finally:
             module.train(training)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,13 @@ from dpo_cli.core import distributed, ui
 from dpo_cli.data.loading import DataReport
 from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.eval.evaluation import periodic_evaluator
-from dpo_cli.models.forward import CompletionLogProbs
+from dpo_cli.models.forward import CompletionLogProbs, pair_collator, pair_logps
 from dpo_cli.models.generate import generate
 from dpo_cli.train.loop import BatchStream, StepFn, batch_streams, train
 from dpo_cli.losses import dpo_loss, mean_token_logps
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
-from dpo_cli.data.preference_pairs import collate_pairs, load_preference_sets
+from dpo_cli.data.preference_pairs import load_preference_sets
 from dpo_cli.core.recipes import DpoRecipe, DpoSection
 from dpo_cli.models.roles import Reference, build_reference
 from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
@@ -34,7 +33,7 @@ from dpo_cli.train.summary import Compute, Trained, write_summary
 
 def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        policy_logps, counts = model(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,), (2B,)
+        policy_logps, counts = pair_logps(model, batch)  # (2B,), (2B,)
         ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
         if cfg.loss == "ipo":  # IPO compares mean per-token log-probs (as TRL does)
             policy_logps, ref_logps = mean_token_logps(policy_logps, counts), mean_token_logps(ref_logps, counts)
@@ -112,7 +111,9 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     policy = CompletionLogProbs(bundle.model)
     reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
-    ui.notes(data.notes + bundle.notes + [reference_note])
+    models = [bundle.model] + ([reference.separate.model] if reference.separate is not None else [])
+    collate, layout_notes = pair_collator(tokenizer, "dpo", recipe.dpo.share_prompt, models, recipe.data.max_length)
+    ui.notes(data.notes + bundle.notes + [reference_note] + layout_notes)
 
     source = eval_rows if eval_rows is not None else train_rows
     prompts = [source[i]["prompt"] for i in range(min(recipe.dpo.show_samples, len(source)))]
@@ -124,15 +125,16 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         if runtime.is_main:
             atomic_write_jsonl(before_path, ({"prompt": str(p), "response": r} for p, r in zip(prompts, before)))
 
-    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     eval_batch = recipe.train.eval_batch_size or recipe.train.batch_size  # forward-only passes: as large as an eval's
     evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device)
+    reference_started = time.perf_counter()
     if recipe.dpo.precompute_ref:
         train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime)
         if eval_set is not None:
             eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime)
         if evaluator is None:  # the policy evaluation's KL still needs the reference
             reference.release()
+    reference_seconds = time.perf_counter() - reference_started  # the precomputed pass (0 when loaded or off)
 
     def after_step(step: int) -> dict[str, Any] | None:
         if evaluator is None or step % recipe.policy_eval.every:
@@ -155,7 +157,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     forward_tokens = reference_tokens if recipe.dpo.precompute_ref else result.state.tokens  # the reference's passes
     summary = write_summary(
         stage="dpo", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result, Compute(forward_tokens=forward_tokens)),
-        data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec}, highlights={"pairs/s": pairs_per_sec},
+        data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds}, highlights={"pairs/s": pairs_per_sec},
     )  # fmt: skip
     ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))
     return summary

@@ -4,20 +4,19 @@ SFT model, trained so that chosen responses score above rejected ones."""
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any
 
 import torch
 
 from dpo_cli.core import ui
 from dpo_cli.data.loading import DataReport
-from dpo_cli.models.forward import RewardScores
+from dpo_cli.models.forward import RewardScores, pair_collator, pair_scores
 from dpo_cli.eval.judges import Judge, RewardModelJudge, build_judge
 from dpo_cli.train.loop import StepFn, batch_streams, train
 from dpo_cli.losses import reward_loss
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import build_model
-from dpo_cli.data.preference_pairs import collate_pairs, load_preference_sets
+from dpo_cli.data.preference_pairs import load_preference_sets
 from dpo_cli.data.prefs import spearman
 from dpo_cli.core.recipes import RmRecipe, RmSection
 from dpo_cli.core.rundir import RunDir
@@ -27,7 +26,7 @@ from dpo_cli.train.summary import Trained, write_summary
 
 def make_step(cfg: RmSection) -> StepFn:
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,): chosen first, then rejected
+        rewards = pair_scores(model, batch)  # (2B,): chosen first, then rejected
         pairs = rewards.size(0) // 2
         return reward_loss(rewards[:pairs], rewards[pairs:], batch.get("margins"), cfg.center_rewards_coef)
 
@@ -55,10 +54,10 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
 
     # Model: the body of a base or SFT model with a fresh scalar head; full, LoRA (head trained in full) or 4-bit.
     bundle = build_model(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path, head="reward")
-    ui.notes(data.notes + bundle.notes)
+    collate, layout_notes = pair_collator(tokenizer, "rm", recipe.rm.share_prompt, [bundle.model], recipe.data.max_length)
+    ui.notes(data.notes + bundle.notes + layout_notes)
     judge = build_judge(recipe.rm.chosen_judge())  # user code is named (and a bad name refused) before training
 
-    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     train_stream, eval_stream = batch_streams(train_set, eval_set, collate, recipe.train, recipe.seed, runtime)
     result = train(
         stage="rm-train", model=RewardScores(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=make_step(recipe.rm),

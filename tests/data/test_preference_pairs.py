@@ -6,7 +6,7 @@ from datasets import Dataset
 
 from dpo_cli.data.encoding import divergence
 from dpo_cli.losses import IGNORE_INDEX
-from dpo_cli.data.preference_pairs import collate_pairs, drop_ties, normalize_pairs, pair_encoder
+from dpo_cli.data.preference_pairs import collate_pairs, drop_ties, normalize_pairs, pair_encoder, collate_shared_pairs, shared_prefix
 from dpo_cli.data.tokenization import DEFAULT_CHAT_TEMPLATE
 
 PAIR = {"prompt": "The Last Road is a drama.", "chosen": " The acting is superb.", "rejected": " Dull."}
@@ -99,3 +99,24 @@ def test_unreadable_rows_before_readable_ones_are_dropped_and_counted(tiny_token
     assert pairs[0]["prompt"] == [] and pairs[-1]["prompt"] == ask
     out = encode_rows(pairs, pair_encoder(tiny_tokenizer, 128, None), "data.train", DataSection(train="x", bad_rows="drop"), report, "train")
     assert len(out) == 2 and report.dropped == {"train/malformed": 1001}
+
+
+def test_shared_prompt_rows_hold_the_prompt_once_with_positions_restarting_for_the_rejected_completion():
+    rows = [
+        # prompt [1, 2]; the completions start alike ([3]): shared only up to the first trained token
+        {"chosen_input_ids": [1, 2, 3, 4], "chosen_labels": [-100, -100, 3, 4], "rejected_input_ids": [1, 2, 3, 5, 6], "rejected_labels": [-100, -100, 3, 5, 6]},
+        # a prompt whose last token the chosen completion merged into (tokenised apart): shared [7] only
+        {"chosen_input_ids": [7, 9], "chosen_labels": [-100, 9], "rejected_input_ids": [7, 8, 10], "rejected_labels": [-100, -100, 10]},
+    ]
+    batch = collate_shared_pairs(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 3, 5, 6], [7, 9, 8, 10, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 1, 2, 0, 0, 0]]
+    assert batch["segments"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 2, -1, -1, -1]]
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, 3, 5, 6], [-100, 9, -100, 10, -100, -100, -100]]
+    assert batch["num_items"] == 2 and batch["num_tokens"] == 4 + 5 + 2 + 3  # as two rows each would count
+
+
+def test_shared_prefix_is_the_common_untrained_beginning():
+    assert shared_prefix([1, 2, 3], [1, 2, 4], [-100, -100, 3], [-100, -100, 4]) == 2
+    assert shared_prefix([1, 2, 3], [1, 2, 3, 4], [-100, 2, 3], [-100, -100, 3, 4]) == 1
+    assert shared_prefix([5, 2], [1, 2], [-100, 2], [-100, 2]) == 0

@@ -63,3 +63,86 @@ def test_small_problems_take_one_pass_with_the_same_result(tiny_model_dir):
     chunked, _ = CompletionLogProbs(model, chunk_size=2, logits_budget_bytes=0)(input_ids, attention_mask, labels)
     single, _ = CompletionLogProbs(model)(input_ids, attention_mask, labels)
     assert torch.allclose(chunked, single, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- shared-prompt rows
+
+
+def pair_rows(tokenizer, chat: bool, n: int = 5) -> list[dict]:
+    """Encoded pairs of unequal lengths, as dpo and rm-train encode them (chat-templated for chat models)."""
+    from dpo_cli.data.preference_pairs import pair_encoder
+    from helpers import chat_preference_rows, preference_rows
+
+    rows = chat_preference_rows(n, seed=3) if chat else preference_rows(n, seed=3)
+    encode = pair_encoder(tokenizer, max_length=256, max_prompt_length=None, with_margin=False)
+    encoded = [encode(row) for row in rows]
+    assert not any(row["problem"] or row["emptied"] or row["truncated"] for row in encoded)
+    return encoded
+
+
+def both_layouts(rows, pad_id):
+    from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs
+
+    return collate_pairs(rows, pad_id), collate_shared_pairs(rows, pad_id)
+
+
+SHARED_CASES = [("tiny", "full", "sdpa"), ("tiny", "full", "eager"), ("tiny", "lora", "sdpa"), ("tiny", "qlora", "sdpa"),
+                ("qwen2", "full", "sdpa"), ("llama3", "full", "sdpa"), ("mistral", "lora", "sdpa")]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, mode, attention", SHARED_CASES)
+def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_a_row_each(family, mode, attention, tiny_model_dir, zoo):
+    from dpo_cli.core.sections import ModelSection, TokenizerSection
+    from dpo_cli.models.build import build_causal_lm, build_tokenizer
+    from dpo_cli.models.forward import pair_logps
+    from helpers import model_modes
+
+    folder = tiny_model_dir if family == "tiny" else zoo(family)
+    cfg = ModelSection(name_or_path=str(folder), attn_implementation=attention, **model_modes()[mode])
+    tokenizer = build_tokenizer(cfg, TokenizerSection())[0]
+    bundle = build_causal_lm(cfg, tokenizer, torch.device("cpu"), seed=0)
+    model = CompletionLogProbs(bundle.model).eval()  # no dropout: both layouts see one function
+    padded, shared = both_layouts(pair_rows(bundle.tokenizer, chat=family != "tiny"), bundle.tokenizer.pad_token_id)
+    assert shared["input_ids"].numel() < padded["input_ids"].numel()
+    weights = torch.linspace(-1.0, 1.0, 2 * shared["num_items"])
+    results = []
+    for batch in (padded, shared):
+        bundle.model.zero_grad()
+        sums, counts = pair_logps(model, batch)
+        (sums * weights).sum().backward()
+        trained = [p for p in bundle.model.parameters() if p.requires_grad]
+        results.append((sums.detach(), counts, [p.grad.clone() for p in trained]))
+    (straight, straight_counts, straight_grads), (ours, our_counts, our_grads) = results
+    assert our_counts.tolist() == straight_counts.tolist()
+    assert torch.allclose(ours, straight, rtol=1e-5, atol=1e-4), (ours, straight)
+    for mine, theirs in zip(our_grads, straight_grads):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompt_reward_scores_equal_a_row_each(tiny_reward_model_dir, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dpo_cli.models.forward import RewardScores, pair_scores
+
+    model = RewardScores(AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir).eval())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    padded, shared = both_layouts(pair_rows(tokenizer, chat=False), tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(pair_scores(model, shared), pair_scores(model, padded), atol=1e-5)
+
+
+def test_models_that_cannot_take_the_mask_fall_back_to_a_row_each(tiny_model_dir, zoo):
+    from transformers import AutoTokenizer
+
+    from dpo_cli.data.preference_pairs import collate_pairs
+    from dpo_cli.models.forward import custom_mask_problem, pair_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert custom_mask_problem(model, 256) is None
+    model.config._attn_implementation = "flash_attention_2"
+    assert "takes no custom mask" in custom_mask_problem(model, 256)
+    collate, notes = pair_collator(tokenizer, "dpo", True, [model], 256)
+    assert collate.func is collate_pairs and notes == ["dpo.share_prompt: off, its attention (flash_attention_2) takes no custom mask; one row per sequence"]
+    mistral = AutoModelForCausalLM.from_pretrained(zoo("mistral"))  # sliding window of 512 tokens
+    assert custom_mask_problem(mistral, 512) is None and "sliding window (512 tokens)" in custom_mask_problem(mistral, 1024)

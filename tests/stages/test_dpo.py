@@ -278,3 +278,14 @@ def test_saved_reference_logps_are_recomputed_when_the_token_sequences_change(tm
     code, _, err = cli("dpo", recipe, "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert saved_fingerprint(path) == fingerprint and torch.equal(load_file(path)["logps"], honest)
+
+
+def test_shared_prompt_rows_train_like_a_row_per_sequence(tmp_path, cli, dpo_recipe):
+    """dpo.share_prompt (the default) computes each prompt once; the run is the one of a row per sequence, up to
+    float rounding: the same losses, rewards, eval and final weights."""
+    from helpers import assert_equivalent
+
+    for name, share in (("shared", True), ("rows", False)):
+        code, _, err = cli("dpo", dpo_recipe(f"{name}.yaml", dpo={"share_prompt": share, "show_samples": 0}), "--run-dir", tmp_path / name)
+        assert code == 0, err
+    assert_equivalent(tmp_path / "shared", tmp_path / "rows", ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"))

@@ -165,3 +165,12 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, rm_recipe):
     done = torchrun("rm-train", two, "--run-dir", tmp_path / "two")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equivalent(tmp_path / "two", tmp_path / "one", ("loss", "accuracy", "grad_norm"))
+
+
+def test_shared_prompt_rows_train_like_a_row_per_sequence(tmp_path, cli, rm_recipe):
+    from helpers import assert_equivalent
+
+    for name, share in (("shared", True), ("rows", False)):
+        code, _, err = cli("rm-train", rm_recipe(f"{name}.yaml", rm={"share_prompt": share}), "--run-dir", tmp_path / name)
+        assert code == 0, err
+    assert_equivalent(tmp_path / "shared", tmp_path / "rows", ("loss", "accuracy", "grad_norm"))
