@@ -57,3 +57,26 @@ def test_every_optimizer_takes_a_step(name):
     model(torch.randn(8, 64)).pow(2).mean().backward()
     optimizer.step()
     assert not torch.equal(before, model.weight)
+
+
+def test_the_fused_adamw_takes_the_steps_of_the_straightforward_one():
+    """AdamW runs fused on CPU and GPU; its weights after some steps are those of torch's per-tensor loop."""
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+        cfg = TrainSection(learning_rate=1e-2, weight_decay=0.1)
+        if fused:
+            optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        else:
+            betas = (cfg.adam_beta1, cfg.adam_beta2)
+            optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-2, betas=betas, eps=cfg.adam_epsilon, foreach=False)
+        assert all(group["fused"] is (True if fused else None) for group in optimizer.param_groups)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(16, 32, generator=generator)).pow(2).mean().backward()
+            optimizer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for fused, plain in zip(*weights):
+        assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)
