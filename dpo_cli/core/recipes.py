@@ -47,6 +47,11 @@ class PretrainSection(Section):
 
 class SftSection(Section):
     packing: bool = Field(False, description="Pack several examples into each max_length row (attention kept within each example).")
+    padding_free: bool = Field(
+        True,
+        description="Without packing: the batch's examples share rows as long as its longest one, each seeing only itself (the loss of a "
+        "row each, within float rounding); off by itself where the attention takes no custom mask or a sliding window is shorter than data.max_length.",
+    )
     show_samples: int = Field(3, ge=0, description="Responses to eval prompts printed at the end.")
 
 
@@ -174,8 +179,8 @@ class DpoSection(Section):
     precompute_ref: bool = Field(False, description="Compute every reference log-prob once before training; saved in the run dir.")
     share_prompt: bool = Field(
         True,
-        description="Chosen and rejected in one row, the prompt computed once (the same log-probs as a row each, within float "
-        "rounding); off by itself where the attention takes no custom mask (flash-attention) or a sliding window is shorter than data.max_length.",
+        description="Chosen and rejected in one row, the prompt computed once, and pairs sharing rows as long as the longest pair (the same "
+        "log-probs as a row each, within float rounding); off by itself where the attention takes no custom mask (flash-attention) or a sliding window is shorter than data.max_length.",
     )
     max_prompt_length: int | None = Field(None, ge=1, description="Cut prompts to this many tokens, from the left.")
     show_samples: int = Field(3, ge=0, description="Eval prompts answered before and after training, printed at the end.")
@@ -204,8 +209,8 @@ class DpoRecipe(TrainingRecipe):
 class RmSection(Section):
     share_prompt: bool = Field(
         True,
-        description="Chosen and rejected in one row, the prompt computed once (the same scores as a row each, within float "
-        "rounding); off by itself where the attention takes no custom mask (flash-attention) or a sliding window is shorter than data.max_length.",
+        description="Chosen and rejected in one row, the prompt computed once, and pairs sharing rows as long as the longest pair (the same "
+        "scores as a row each, within float rounding); off by itself where the attention takes no custom mask (flash-attention) or a sliding window is shorter than data.max_length.",
     )
     margin: bool = Field(False, description="Subtract each pair's `margin` column inside the loss: -log s(r_c - r_r - margin).")
     center_rewards_coef: float | None = Field(

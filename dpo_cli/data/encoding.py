@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from dpo_cli.data.layout import pack, sole_piece
 from dpo_cli.losses import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -284,4 +285,13 @@ def collate_causal(rows: list[dict], pad_id: int) -> dict[str, Any]:
         batch["attention_mask"] = attention_mask
     batch["num_items"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
     batch["num_tokens"] = int(attention_mask.sum())
+    return batch
+
+
+def collate_padding_free(rows: list[dict], pad_id: int) -> dict[str, Any]:
+    """As collate_causal, with the rows packed without padding waste (data.layout): several examples share a
+    row, each seeing only itself, with the loss of a row each."""
+    batch: dict[str, Any] = pack([sole_piece(item, row["input_ids"], row["labels"]) for item, row in enumerate(rows)], pad_id)
+    batch["num_items"] = int((batch["labels"] != IGNORE_INDEX).sum())
+    batch["num_tokens"] = sum(len(row["input_ids"]) for row in rows)
     return batch

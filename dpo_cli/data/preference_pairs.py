@@ -19,6 +19,7 @@ from datasets import Dataset
 
 from dpo_cli.data.loading import DataReport, encode_rows, load_splits, require_columns
 from dpo_cli.data.encoding import divergence, pad, plain_sequence, render_chat
+from dpo_cli.data.layout import CHOSEN, OWN, REJECTED, Piece, pack
 from dpo_cli.losses import IGNORE_INDEX
 from dpo_cli.core.errors import UserError
 from dpo_cli.models.build import build_tokenizer
@@ -149,10 +150,6 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     return batch
 
 
-# Segments of a shared-prompt row (collate_shared_pairs): which tokens a position may attend to.
-SHARED, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
-
-
 def shared_prefix(chosen_ids: list[int], rejected_ids: list[int], chosen_labels: list[int], rejected_labels: list[int]) -> int:
     """How many leading tokens both sequences share and neither trains on: their common prompt, computed once."""
     first_label = lambda labels: next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))  # noqa: E731
@@ -164,30 +161,24 @@ def shared_prefix(chosen_ids: list[int], rejected_ids: list[int], chosen_labels:
 
 
 def collate_shared_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
-    """B pairs -> B right-padded rows of prompt, chosen completion, rejected completion: the prompt passes the
-    model once instead of twice. Position ids restart at the end of the prompt for the rejected completion, and
-    `segments` say what each token may attend to (its own completion and the prompt, never the other one), so
-    each completion gets the log-probs it would get in a row of its own (models.forward reads the layout).
-    Otherwise as collate_pairs: `num_tokens` counts the tokens of both sequences, prompt twice."""
-    ids_rows, label_rows, position_rows, segment_rows = [], [], [], []
-    for row in rows:
+    """B pairs -> rows of prompt, chosen completion, rejected completion, packed without padding waste
+    (data.layout): each prompt passes the model once instead of twice. Position ids restart at the end of the
+    prompt for the rejected completion, and segments let each completion see its prompt and itself only, so
+    each gets the log-probs (or score) of a row of its own (models.forward reads the layout). Otherwise as
+    collate_pairs: `num_tokens` counts the tokens of both sequences, prompt twice."""
+    pieces = []
+    for item, row in enumerate(rows):
         chosen, rejected = row["chosen_input_ids"], row["rejected_input_ids"]
         chosen_labels, rejected_labels = row["chosen_labels"], row["rejected_labels"]
         length = shared_prefix(chosen, rejected, chosen_labels, rejected_labels)
-        own_chosen, own_rejected = len(chosen) - length, len(rejected) - length
-        ids_rows.append(chosen + rejected[length:])
-        # A completion's first token has no predecessor of its own when nothing is shared: never a target.
-        rejected_targets = rejected_labels[length:] if length else [IGNORE_INDEX] + rejected_labels[1:]
-        label_rows.append(chosen_labels + rejected_targets)
-        position_rows.append(list(range(len(chosen))) + list(range(length, len(rejected))))
-        segment_rows.append([SHARED] * length + [CHOSEN] * own_chosen + [REJECTED] * own_rejected)
-    input_ids, attention_mask = pad(ids_rows, pad_id)  # (B, T)
-    batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "labels": pad(label_rows, IGNORE_INDEX)[0],  # (B, T) each token's own label, as in a row of its own
-        "position_ids": pad(position_rows, 0)[0],  # (B, T)
-        "segments": pad(segment_rows, PADDING)[0],  # (B, T)
-    }
+        own_rejected = rejected_labels[length:] if length else [IGNORE_INDEX] + rejected_labels[1:]  # no predecessor: no target
+        pieces.append(Piece(
+            ids=chosen + rejected[length:],
+            labels=[IGNORE_INDEX] + chosen_labels[1:] + own_rejected,
+            positions=list(range(len(chosen))) + list(range(length, len(rejected))),
+            segments=[3 * item + OWN] * length + [3 * item + CHOSEN] * (len(chosen) - length) + [3 * item + REJECTED] * (len(rejected) - length),
+        ))  # fmt: skip
+    batch: dict[str, Any] = pack(pieces, pad_id)
     if "margin" in rows[0]:
         batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)
     if "ref_chosen_logps" in rows[0]:

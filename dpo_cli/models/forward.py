@@ -10,14 +10,12 @@ Models whose head does more than a linear map (logit soft-capping, scaling) take
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dpo_cli.data.preference_pairs import CHOSEN, PADDING, REJECTED, SHARED, collate_pairs, collate_shared_pairs
+from dpo_cli.data.layout import CHOSEN, PADDING, REJECTED
 from dpo_cli.losses import IGNORE_INDEX, mean_nll, token_logps
 from dpo_cli.models.build import base_model
 
@@ -55,48 +53,66 @@ def custom_mask_problem(model: torch.nn.Module, max_length: int) -> str | None:
     return None
 
 
-def pair_collator(tokenizer: Any, section: str, share_prompt: bool, models: list[torch.nn.Module], max_length: int) -> tuple[Callable, list[str]]:
-    """The collate function of a pair stage: shared-prompt rows where `SECTION.share_prompt` is on and every
-    model takes their mask, else a row per sequence (with a note saying why)."""
-    problems = [problem for model in models if (problem := custom_mask_problem(model, max_length))] if share_prompt else []
-    if section == "rm" and share_prompt and not all(hasattr(base_model(model), "score") for model in models):
+def packed_rows_allowed(setting: str, enabled: bool, models: list[torch.nn.Module], max_length: int, scored: bool = False) -> tuple[bool, list[str]]:
+    """Whether a stage packs rows (data.layout): where `setting` is on and every model takes their mask (and,
+    for reward models, has a `score` head to read at each completion's end); else a note says why not."""
+    if not enabled:
+        return False, []
+    problems = [problem for model in models if (problem := custom_mask_problem(model, max_length))]
+    if scored and not all(hasattr(base_model(model), "score") for model in models):
         problems.append("the reward model has no `score` head")
-    notes = [f"{section}.share_prompt: off, {problems[0]}; one row per sequence"] if problems else []
-    collate = collate_shared_pairs if share_prompt and not problems else collate_pairs
-    return partial(collate, pad_id=tokenizer.pad_token_id), notes
+    return (False, [f"{setting}: off, {problems[0]}; one row per sequence"]) if problems else (True, [])
 
 
-def shared_prompt_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) segments of shared-prompt rows -> the (B, 1, T, T) attention mask: causal, and a completion sees
-    the prompt and itself only. A padding position sees itself, so no softmax row is empty (an empty one is
-    NaN in SDPA, and NaN times a zero gradient is still NaN)."""
+def segment_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(R, T) segments of packed rows (data.layout) -> the (R, 1, T, T) attention mask: causal, within a segment,
+    and a completion (3k+1, 3k+2) also sees its prompt (3k). A padding position sees itself, so no softmax row is
+    empty (an empty one is NaN in SDPA, and NaN times a zero gradient is still NaN)."""
     length = segments.size(1)
     index = torch.arange(length, device=segments.device)
     causal = index[None, :] <= index[:, None]  # (T, T) key <= query
-    real = segments != PADDING  # (B, T)
-    visible = (segments[:, None, :] == SHARED) | (segments[:, None, :] == segments[:, :, None])  # (B, Tq, Tk)
+    real = segments != PADDING  # (R, T)
+    query, key = segments[:, :, None], segments[:, None, :]  # (R, T, 1), (R, 1, T)
+    visible = (key == query) | (key == query - query % 3)  # (R, Tq, Tk) itself, or its item's own tokens
     allowed = causal & visible & real[:, None, :] & real[:, :, None]
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device) & ~real[:, :, None]
-    allowed = allowed[:, None]  # (B, 1, T, T)
+    allowed = allowed[:, None]  # (R, 1, T, T)
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def shared_prompt_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The targets of shared-prompt rows (B, T): (rows, sources, targets, sequences), each (N,). A target's
-    log-prob comes from the hidden state at `sources`: the position before it, except for the first token of
-    the rejected completion, whose predecessor is the prompt's last token. `sequences` numbers chosen
-    completions 0..B-1 and rejected ones B..2B-1, as collate_pairs orders its rows."""
-    is_target = labels != IGNORE_INDEX  # (B, T)
-    is_target[:, 0] = False
-    rows, cols = is_target.nonzero(as_tuple=True)  # (N,), (N,)
-    rejected = segments[rows, cols] == REJECTED  # (N,)
-    previous = segments[rows, (cols - 1).clamp(min=0)]  # (N,)
-    shared = (segments == SHARED).sum(dim=1)  # (B,)
-    first_rejected = rejected & (previous != REJECTED)
-    sources = torch.where(first_rejected, shared[rows] - 1, cols - 1)
-    return rows, sources, labels[rows, cols], rows + labels.size(0) * rejected.long()
+def _last_positions(segments: torch.Tensor) -> torch.Tensor:
+    """The flat index (row * T + column) of every segment's last token, indexed by segment id."""
+    flat = segments.flatten()  # (R*T,)
+    real = (flat != PADDING).nonzero(as_tuple=True)[0]
+    last = torch.full((int(flat.max()) + 1,), -1, dtype=torch.long, device=segments.device)
+    return last.scatter_reduce(0, flat[real], real, reduce="amax")
+
+
+def segment_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The targets of packed rows (R, T): (sources, targets, sequences) of shape (N,) and the number of sequences.
+    A target's log-prob comes from the hidden state at flat index `sources` (row * T + column): the token
+    before it, except for the first token of a rejected completion, whose predecessor is its prompt's last
+    token. Sequences are numbered as collate_pairs orders its rows: items 0..B-1 (an sft example, or a chosen
+    completion), then the rejected completions B..2B-1."""
+    flat_labels, flat_segments = labels.flatten(), segments.flatten()  # (R*T,)
+    is_target = flat_labels != IGNORE_INDEX
+    is_target[:: labels.size(1)] = False  # a row's first token has no predecessor
+    positions = is_target.nonzero(as_tuple=True)[0]  # (N,)
+    segment = flat_segments[positions]
+    item, part = segment // 3, segment % 3
+    first_rejected = (part == REJECTED) & (flat_segments[positions - 1] != segment)
+    sources = torch.where(first_rejected, _last_positions(segments)[segment - part], positions - 1)
+    items = int(flat_segments.max()) // 3 + 1
+    pairs = bool((flat_segments % 3 == REJECTED).any())
+    return sources, flat_labels[positions], item + items * (part == REJECTED).long(), items * (2 if pairs else 1)
+
+
+def model_segment_mask(base: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
+    """segment_mask in the form the model's attention takes (boolean for SDPA, additive in its dtype for eager)."""
+    dtype = base.get_input_embeddings().weight.dtype
+    return segment_mask(segments, base.config._attn_implementation, dtype if dtype.is_floating_point else torch.float32)
 
 
 class CompletionLogProbs(torch.nn.Module):
@@ -130,17 +146,16 @@ class CompletionLogProbs(torch.nn.Module):
         base = base_model(self.model)
         if segments is None:
             target_labels = labels[:, 1:]  # (S, T-1): position t predicts token t+1
-            rows, sources = (target_labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,)
-            targets, sequences, count = target_labels[rows, sources], rows, input_ids.size(0)
+            rows, columns = (target_labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,)
+            sources = rows * input_ids.size(1) + columns  # flat index of the predicting position
+            targets, sequences, count = target_labels[rows, columns], rows, input_ids.size(0)
         else:
-            rows, sources, targets, sequences = shared_prompt_targets(labels, segments)
-            count = 2 * input_ids.size(0)
-            dtype = base.get_input_embeddings().weight.dtype
-            attention_mask = shared_prompt_mask(segments, base.config._attn_implementation, dtype if dtype.is_floating_point else torch.float32)
+            sources, targets, sequences, count = segment_targets(labels, segments)
+            attention_mask = model_segment_mask(base, segments)
         if _plain_linear_head(base):
             decoder = base.get_decoder()
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-            selected = hidden[rows, sources]  # (N, H)
+            selected = hidden.flatten(0, 1)[sources]  # (N, H)
             head = base.get_output_embeddings()
             vocabulary = head.weight.shape[0]
             if selected.size(0) * vocabulary * 4 <= self.logits_budget_bytes:
@@ -157,7 +172,7 @@ class CompletionLogProbs(torch.nn.Module):
             logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits  # (S, T, V)
-            logps = token_logps(logits[rows, sources], targets)
+            logps = token_logps(logits.flatten(0, 1)[sources], targets)
         sums = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)  # (S,)
         return sums, torch.bincount(sequences, minlength=count)
 
@@ -183,10 +198,11 @@ class RewardScores(torch.nn.Module):
         positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
         base = base_model(self.model)
         if segments is not None:
-            rows = torch.arange(input_ids.size(0), device=input_ids.device).repeat(2)  # (2B,)
-            last = torch.cat([((segments == side) * positions).argmax(dim=1) for side in (CHOSEN, REJECTED)])  # (2B,)
-            dtype = base.get_input_embeddings().weight.dtype
-            attention_mask = shared_prompt_mask(segments, base.config._attn_implementation, dtype if dtype.is_floating_point else torch.float32)
+            last_positions = _last_positions(segments)  # by segment id: 3k, 3k+1, 3k+2 for pair k
+            pairs = last_positions.size(0) // 3
+            flat_last = torch.cat([last_positions[CHOSEN::3][:pairs], last_positions[REJECTED::3][:pairs]])  # (2B,)
+            rows, last = flat_last // input_ids.size(1), flat_last % input_ids.size(1)
+            attention_mask = model_segment_mask(base, segments)
         else:
             rows = torch.arange(input_ids.size(0), device=input_ids.device)
             last = (attention_mask * positions).argmax(dim=1)  # (S,) index of the last real token
@@ -216,6 +232,6 @@ def pair_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 def lm_step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Next-token loss on the batch's labels (pretrain and sft). `model` is a CompletionLogProbs: only
     labelled positions go through the output head."""
-    sequence_logps, target_counts = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"))
+    sequence_logps, target_counts = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"), batch.get("segments"))
     loss, _ = mean_nll(sequence_logps, target_counts)
     return loss, {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,13 @@ from dpo_cli.core import distributed, ui
 from dpo_cli.data.loading import DataReport
 from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.eval.evaluation import periodic_evaluator
-from dpo_cli.models.forward import CompletionLogProbs, pair_collator, pair_logps
+from dpo_cli.models.forward import CompletionLogProbs, packed_rows_allowed, pair_logps
 from dpo_cli.models.generate import generate
 from dpo_cli.train.loop import BatchStream, StepFn, batch_streams, train
 from dpo_cli.losses import dpo_loss, mean_token_logps
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
-from dpo_cli.data.preference_pairs import load_preference_sets
+from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
 from dpo_cli.core.recipes import DpoRecipe, DpoSection
 from dpo_cli.models.roles import Reference, build_reference
 from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
@@ -112,7 +113,8 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     policy = CompletionLogProbs(bundle.model)
     reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
     models = [bundle.model] + ([reference.separate.model] if reference.separate is not None else [])
-    collate, layout_notes = pair_collator(tokenizer, "dpo", recipe.dpo.share_prompt, models, recipe.data.max_length)
+    shared, layout_notes = packed_rows_allowed("dpo.share_prompt", recipe.dpo.share_prompt, models, recipe.data.max_length)
+    collate = partial(collate_shared_pairs if shared else collate_pairs, pad_id=tokenizer.pad_token_id)
     ui.notes(data.notes + bundle.notes + [reference_note] + layout_notes)
 
     source = eval_rows if eval_rows is not None else train_rows

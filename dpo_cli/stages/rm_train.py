@@ -4,19 +4,20 @@ SFT model, trained so that chosen responses score above rejected ones."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
 
 from dpo_cli.core import ui
 from dpo_cli.data.loading import DataReport
-from dpo_cli.models.forward import RewardScores, pair_collator, pair_scores
+from dpo_cli.models.forward import RewardScores, packed_rows_allowed, pair_scores
 from dpo_cli.eval.judges import Judge, RewardModelJudge, build_judge
 from dpo_cli.train.loop import StepFn, batch_streams, train
 from dpo_cli.losses import reward_loss
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import build_model
-from dpo_cli.data.preference_pairs import load_preference_sets
+from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
 from dpo_cli.data.prefs import spearman
 from dpo_cli.core.recipes import RmRecipe, RmSection
 from dpo_cli.core.rundir import RunDir
@@ -54,7 +55,8 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
 
     # Model: the body of a base or SFT model with a fresh scalar head; full, LoRA (head trained in full) or 4-bit.
     bundle = build_model(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path, head="reward")
-    collate, layout_notes = pair_collator(tokenizer, "rm", recipe.rm.share_prompt, [bundle.model], recipe.data.max_length)
+    shared, layout_notes = packed_rows_allowed("rm.share_prompt", recipe.rm.share_prompt, [bundle.model], recipe.data.max_length, scored=True)
+    collate = partial(collate_shared_pairs if shared else collate_pairs, pad_id=tokenizer.pad_token_id)
     ui.notes(data.notes + bundle.notes + layout_notes)
     judge = build_judge(recipe.rm.chosen_judge())  # user code is named (and a bad name refused) before training
 

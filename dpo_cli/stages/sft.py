@@ -11,8 +11,8 @@ from datasets import Dataset
 
 from dpo_cli.core import ui
 from dpo_cli.data.loading import DataReport, encode_rows, load_splits, require_columns
-from dpo_cli.data.encoding import collate_causal, pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
-from dpo_cli.models.forward import CompletionLogProbs, lm_step
+from dpo_cli.data.encoding import collate_causal, collate_padding_free, pack_examples, prompt_ids_for_generation, sft_encoder, sft_format
+from dpo_cli.models.forward import CompletionLogProbs, lm_step, packed_rows_allowed
 from dpo_cli.models.generate import write_samples
 from dpo_cli.train.loop import batch_streams, train
 from dpo_cli.models.io import save_final_model
@@ -68,10 +68,11 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
 
     # Model: pretrained weights (or a previous run), full / LoRA / 4-bit + LoRA.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
-    ui.notes(notes + bundle.notes)
+    padding_free, layout_notes = packed_rows_allowed("sft.padding_free", recipe.sft.padding_free and not recipe.sft.packing, [bundle.model], recipe.data.max_length)
+    ui.notes(notes + bundle.notes + layout_notes)
 
     # Train: the next-token loss on the completions.
-    collate = partial(collate_causal, pad_id=tokenizer.pad_token_id)
+    collate = partial(collate_padding_free if padding_free else collate_causal, pad_id=tokenizer.pad_token_id)
     train_stream, eval_stream = batch_streams(train_set, eval_set, collate, recipe.train, recipe.seed, runtime)
     result = train(
         stage="sft", model=CompletionLogProbs(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=lm_step,

@@ -111,7 +111,7 @@ def test_shared_prompt_rows_hold_the_prompt_once_with_positions_restarting_for_t
     batch = collate_shared_pairs(rows, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 3, 5, 6], [7, 9, 8, 10, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 1, 2, 0, 0, 0]]
-    assert batch["segments"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 2, -1, -1, -1]]
+    assert batch["segments"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [3, 4, 5, 5, -1, -1, -1]]  # 3k: pair k's prompt, 3k+1, 3k+2
     assert batch["labels"].tolist() == [[-100, -100, 3, 4, 3, 5, 6], [-100, 9, -100, 10, -100, -100, -100]]
     assert batch["num_items"] == 2 and batch["num_tokens"] == 4 + 5 + 2 + 3  # as two rows each would count
 
@@ -120,3 +120,11 @@ def test_shared_prefix_is_the_common_untrained_beginning():
     assert shared_prefix([1, 2, 3], [1, 2, 4], [-100, -100, 3], [-100, -100, 4]) == 2
     assert shared_prefix([1, 2, 3], [1, 2, 3, 4], [-100, 2, 3], [-100, -100, 3, 4]) == 1
     assert shared_prefix([5, 2], [1, 2], [-100, 2], [-100, 2]) == 0
+
+
+def test_short_pairs_share_a_row_as_long_as_the_longest():
+    pair = lambda first, n: {"chosen_input_ids": [first] + [1] * n, "chosen_labels": [-100] + [1] * n, "rejected_input_ids": [first, 2], "rejected_labels": [-100, 2]}  # noqa: E731
+    batch = collate_shared_pairs([pair(5, 1), pair(6, 7), pair(7, 1)], pad_id=0)  # 3, 9 and 3 tokens, prompt once
+    assert batch["input_ids"].tolist() == [[6, 1, 1, 1, 1, 1, 1, 1, 2], [5, 1, 2, 7, 1, 2, 0, 0, 0]]
+    assert batch["segments"][1].tolist() == [0, 1, 2, 6, 7, 8, -1, -1, -1]
+    assert batch["position_ids"][1].tolist() == [0, 1, 1, 0, 1, 1, 0, 0, 0]

@@ -132,17 +132,37 @@ def test_shared_prompt_reward_scores_equal_a_row_each(tiny_reward_model_dir, tin
 
 
 def test_models_that_cannot_take_the_mask_fall_back_to_a_row_each(tiny_model_dir, zoo):
-    from transformers import AutoTokenizer
+    from dpo_cli.models.forward import custom_mask_problem, packed_rows_allowed
 
-    from dpo_cli.data.preference_pairs import collate_pairs
-    from dpo_cli.models.forward import custom_mask_problem, pair_collator
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert custom_mask_problem(model, 256) is None
+    assert custom_mask_problem(model, 256) is None and packed_rows_allowed("dpo.share_prompt", True, [model], 256) == (True, [])
+    assert packed_rows_allowed("dpo.share_prompt", False, [model], 256) == (False, [])
     model.config._attn_implementation = "flash_attention_2"
     assert "takes no custom mask" in custom_mask_problem(model, 256)
-    collate, notes = pair_collator(tokenizer, "dpo", True, [model], 256)
-    assert collate.func is collate_pairs and notes == ["dpo.share_prompt: off, its attention (flash_attention_2) takes no custom mask; one row per sequence"]
+    note = "dpo.share_prompt: off, its attention (flash_attention_2) takes no custom mask; one row per sequence"
+    assert packed_rows_allowed("dpo.share_prompt", True, [model], 256) == (False, [note])
     mistral = AutoModelForCausalLM.from_pretrained(zoo("mistral"))  # sliding window of 512 tokens
     assert custom_mask_problem(mistral, 512) is None and "sliding window (512 tokens)" in custom_mask_problem(mistral, 1024)
+    assert not packed_rows_allowed("rm.share_prompt", True, [mistral], 512, scored=True)[0]  # a causal LM has no score head
+
+
+def test_padding_free_rows_give_the_loss_and_gradients_of_a_row_each(tiny_model_dir, tiny_tokenizer):
+    from dpo_cli.data.encoding import collate_causal, collate_padding_free, sft_encoder
+    from dpo_cli.models.forward import lm_step
+    from helpers import chat_sft_rows
+
+    tiny_tokenizer.chat_template = None
+    encode = sft_encoder(tiny_tokenizer, "prompt_completion", 256)
+    rows = [encode({"prompt": r["messages"][-2]["content"], "completion": " " + r["messages"][-1]["content"] * (3 if i == 0 else 1)}) for i, r in enumerate(chat_sft_rows(6))]
+    padded, packed = collate_causal(rows, tiny_tokenizer.pad_token_id), collate_padding_free(rows, tiny_tokenizer.pad_token_id)
+    assert packed["input_ids"].size(0) < padded["input_ids"].size(0) and packed["num_items"] == padded["num_items"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss, _ = lm_step(CompletionLogProbs(model), batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
+    for mine, theirs in zip(results[1][1], results[0][1]):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)

@@ -128,3 +128,15 @@ def test_dropped_rows_are_not_sampled(tmp_path, cli, sft_recipe, sft_rows):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["dropped"] == {"train/malformed": 1}
     assert read_jsonl(tmp_path / "run" / "samples.jsonl")[0]["prompt"] == sft_rows[0]["prompt"]
+
+
+def test_padding_free_rows_train_like_a_row_per_example(tmp_path, cli, sft_recipe):
+    """sft.padding_free (the default) packs a batch's examples into rows as long as its longest; the run is the
+    one of a row per example, up to float rounding."""
+    from helpers import assert_equivalent
+
+    for name, padding_free in (("packed", True), ("rows", False)):
+        recipe = sft_recipe(f"{name}.yaml", sft={"padding_free": padding_free, "show_samples": 0})
+        code, _, err = cli("sft", recipe, "--run-dir", tmp_path / name)
+        assert code == 0, err
+    assert_equivalent(tmp_path / "packed", tmp_path / "rows", ("loss", "grad_norm"))
