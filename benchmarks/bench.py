@@ -46,18 +46,22 @@ COMPARISONS = [
 ]
 
 
-def matmul_peak(seconds: float = 3.0) -> float:
-    """The machine's fp32 matmul throughput (FLOP/s), best of a few shapes, this process's threads."""
+def matmul_peak(precision: str, seconds: float = 3.0) -> float:
+    """The machine's matmul throughput (FLOP/s) in the benchmark's precision, best of a few shapes."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     best = 0.0
-    for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 256, 1024), (4096, 1024, 256)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+    for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (4096, 256, 1024), (4096, 1024, 256)):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         a @ b
         count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds / 4:
+        while time.perf_counter() - started < seconds / 5:
             a @ b
             count += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = max(best, 2 * m * k * n * count / (time.perf_counter() - started))
     return best
 
@@ -76,8 +80,8 @@ def ours(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
     return {"seconds": seconds, "tokens": summary["tokens"], "peak_memory_bytes": summary["peak_memory_bytes"], "first_loss": first["loss"]}
 
 
-def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Workload, workdir: Path, name: str) -> dict:
-    config = {"stage": trainer, "setting": setting, "model": str(model), "data": str(data), "output_dir": str(workdir / name)}
+def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Workload, workdir: Path, name: str, precision: str) -> dict:
+    config = {"stage": trainer, "setting": setting, "model": str(model), "data": str(data), "output_dir": str(workdir / name), "bf16": precision == "bf16"}
     config.update(batch_size=workload.batch_size, steps=workload.steps, max_length=workload.max_length, seed=SEED)
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -90,16 +94,16 @@ def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Worklo
 
 def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
     base, rm_init = workdir / "base", workdir / "rm-init"
-    build_base_model(base)
+    build_base_model(base, args.shape)
     build_reward_init(base, rm_init)
     flops_per_token = model_flops_per_token(base)
-    peak = matmul_peak()
+    peak = matmul_peak(args.precision)
     rows = []
     for workload in (WORKLOADS[name] for name in args.workloads.split(",")):
         files = write_data(workdir, base, workload)
         ordered = {key: in_training_order(path, workload.batch_size, SEED) for key, path in files.items()}
         for label, stage, trainer, setting, sections in COMPARISONS:
-            if args.only not in label:
+            if not any(part in label for part in args.only.split(",")):
                 continue
             model = rm_init if stage == "rm-train" else base
             data = files["sft" if stage == "sft" else "pairs"]
@@ -107,14 +111,15 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
                 "stage": stage, "seed": SEED, "model": {"name_or_path": str(model)},
                 "data": {"train": str(data), "eval": None, "max_length": workload.max_length},
                 "train": {"max_steps": workload.steps, "batch_size": workload.batch_size, "learning_rate": 1e-4, "lr_scheduler": "linear",
-                          "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": None, "log_every": 1},
+                          "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": None, "log_every": 1,
+                          "mixed_precision": "bf16" if args.precision == "bf16" else "no"},
                 **sections,
             }  # fmt: skip
             print(f"{workload.name} · {label}: {args.repeats} paired runs", flush=True)
             pairs = []
             for r in range(args.repeats):
                 run_ours = lambda: ours(stage, recipe, workdir, f"{workload.name}-{stage}-{setting}-{r}")  # noqa: E731
-                run_theirs = lambda: theirs(trainer, setting, model, ordered["sft" if stage == "sft" else "pairs"], workload, workdir, f"trl-{workload.name}-{trainer}-{setting}-{r}")  # noqa: E731
+                run_theirs = lambda: theirs(trainer, setting, model, ordered["sft" if stage == "sft" else "pairs"], workload, workdir, f"trl-{workload.name}-{trainer}-{setting}-{r}", args.precision)  # noqa: E731
                 a, b = (run_ours(), run_theirs()) if r % 2 == 0 else tuple(reversed((run_theirs(), run_ours())))
                 pairs.append((a, b))
             rows.append(summarise(workload, label, stage, pairs, flops_per_token, peak))
@@ -160,7 +165,9 @@ def main() -> None:
     parser.add_argument("--suite", choices=["trl", "modes"], default="trl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default="short,long")
-    parser.add_argument("--only", default="", help="Only the comparisons (or modes) whose name contains this text.")
+    parser.add_argument("--only", default="", help="Only the comparisons (or modes) whose name contains this text (several: a,b).")
+    parser.add_argument("--shape", choices=["tiny", "qwen2.5-0.5b"], default="tiny", help="The model's shape (random weights).")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast (both tools).")
     parser.add_argument("--out", type=Path, default=None, help="Default: benchmarks/results/<host>-<date>.json")
     args = parser.parse_args()
     import torch
@@ -180,12 +187,12 @@ def main() -> None:
         versions["trl"] = metadata.version("trl")
     except metadata.PackageNotFoundError:
         pass
-    report.update(suite=args.suite, repeats=args.repeats, host=socket.gethostname(), device=device, date=datetime.date.today().isoformat(), versions=versions)
+    report.update(suite=args.suite, shape=args.shape, precision=args.precision, repeats=args.repeats, host=socket.gethostname(), device=device, date=datetime.date.today().isoformat(), versions=versions)
     out = args.out or Path(__file__).parent / "results" / f"{socket.gethostname()}-{report['date']}-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if args.suite == "trl":
-        print(f"\n{device}; matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s (fp32); TRL {report['versions'].get('trl', '?')}\n")
+        print(f"\n{device}; {args.shape} model, {args.precision}; matmul peak {report['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; TRL {report['versions'].get('trl', '?')}\n")
         print(markdown(report))
     print(f"\nwritten to {out}")
 

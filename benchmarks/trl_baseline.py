@@ -26,7 +26,7 @@ def main() -> None:
     common = dict(
         output_dir=config["output_dir"], per_device_train_batch_size=config["batch_size"], max_steps=config["steps"],
         learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=config["bf16"],
         max_length=config["max_length"], dataloader_num_workers=0, seed=config["seed"],
     )  # fmt: skip
     if stage != "dpo" or fastest:

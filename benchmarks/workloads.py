@@ -13,7 +13,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-MODEL = {"hidden": 256, "layers": 4, "heads": 8, "vocab": 2048}
+# Model shapes (random weights, built from config): the CPU benchmark's, and Qwen2.5-0.5B's for a GPU.
+SHAPES = {
+    "tiny": {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 8, "kv_heads": 8, "vocab": 2048, "tied": False},
+    "qwen2.5-0.5b": {"hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "vocab": 151936, "tied": True},
+}
+TOKENIZER_VOCAB = 2048  # the BPE trained on demo reviews; a larger model vocabulary leaves the rest unused
 # A chat template of plain-text markers (the tokenizer has no special tokens for turns); EOS ends a turn.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}{%- endfor %}"
@@ -38,27 +43,31 @@ class Workload:
 
 WORKLOADS = {
     "short": Workload("short", 256, 8, 20, False, (0, 0, 0), (0, 0, 0)),
-    "long": Workload("long", 512, 8, 8, True, (160.0, 24, 300), (60.0, 8, 200)),
+    "long": Workload("long", 512, 8, 10, True, (160.0, 24, 300), (60.0, 8, 200)),
+    "gpu": Workload("gpu", 1024, 8, 10, True, (400.0, 48, 600), (150.0, 16, 400)),
 }
 
 
-def build_base_model(folder: Path) -> None:
-    """A 4-layer Llama with a BPE tokenizer trained on demo reviews: the fixed model every run starts from."""
+def build_base_model(folder: Path, shape: str = "tiny") -> None:
+    """A Llama (or, for the 0.5B shape, a Qwen2) with a BPE tokenizer trained on demo reviews: the fixed model
+    every run starts from."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from dpo_cli.data.tokenization import train_bpe_tokenizer
     from dpo_cli.demo import demo_rows
 
-    tokenizer = train_bpe_tokenizer([r["text"] for r in demo_rows("demo:reviews?n=2000")], MODEL["vocab"], 1024)
+    tokenizer = train_bpe_tokenizer([r["text"] for r in demo_rows("demo:reviews?n=2000")], TOKENIZER_VOCAB, 2048)
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=MODEL["hidden"], intermediate_size=4 * MODEL["hidden"], num_hidden_layers=MODEL["layers"],
-        num_attention_heads=MODEL["heads"], max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    s = SHAPES[shape]
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if shape == "tiny" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(
+        vocab_size=max(len(tokenizer), s["vocab"]), hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], tie_word_embeddings=s["tied"], max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
