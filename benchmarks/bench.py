@@ -1,6 +1,7 @@
 """`make bench`: dpo-cli and Hugging Face TRL side by side on the same workloads, and dpo-cli's own modes.
 
     python benchmarks/bench.py [--repeats 3] [--workloads short,long] [--only dpo]    (the side-by-side table)
+    python benchmarks/bench.py --suite ablations                                      (each technique on / off)
     python benchmarks/bench.py --suite modes                                          (full, LoRA, 4-bit, PPO)
 
 Side by side: sft, rm and dpo (TRL's default and its fastest setting) on each workload (workloads.py): the same
@@ -126,6 +127,37 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
     return {"matmul_peak_flops": peak, "model_flops_per_token_forward": flops_per_token, "rows": rows}
 
 
+# (name, stage, the option's section and key): each measured on and off, alternating, on every workload
+ABLATIONS = [("dpo.share_prompt", "dpo", "dpo", "share_prompt"), ("rm.share_prompt", "rm-train", "rm", "share_prompt"), ("sft.padding_free", "sft", "sft", "padding_free")]
+
+
+def ablations(args: argparse.Namespace, workdir: Path) -> dict:
+    """What each technique buys: dpo-cli with the option on against the same run with it off."""
+    base, rm_init = workdir / "base", workdir / "rm-init"
+    build_base_model(base, args.shape)
+    build_reward_init(base, rm_init)
+    rows = []
+    for workload in (WORKLOADS[name] for name in args.workloads.split(",")):
+        files = write_data(workdir, base, workload)
+        for label, stage, section, key in ABLATIONS:
+            if not any(part in label for part in args.only.split(",")):
+                continue
+            recipe = {
+                "stage": stage, "seed": SEED, "model": {"name_or_path": str(rm_init if stage == "rm-train" else base)},
+                "data": {"train": str(files["sft" if stage == "sft" else "pairs"]), "eval": None, "max_length": workload.max_length},
+                "train": {"max_steps": workload.steps, "batch_size": workload.batch_size, "learning_rate": 1e-4, "save_every": None, "log_every": 1,
+                          "mixed_precision": "bf16" if args.precision == "bf16" else "no"},
+            }  # fmt: skip
+            print(f"{workload.name} · {label}: {args.repeats} paired runs", flush=True)
+            quiet = {"show_samples": 0} if section in ("sft", "dpo") else {}
+            on = lambda r: ours(stage, {**recipe, section: {key: True, **quiet}}, workdir, f"{workload.name}-{section}-on-{r}")  # noqa: E731
+            off = lambda r: ours(stage, {**recipe, section: {key: False, **quiet}}, workdir, f"{workload.name}-{section}-off-{r}")  # noqa: E731
+            pairs = [(on(r), off(r)) if r % 2 == 0 else tuple(reversed((off(r), on(r)))) for r in range(args.repeats)]
+            speedups = [b["seconds"] / a["seconds"] for a, b in pairs]
+            rows.append({"workload": workload.name, "option": label, "speedup": statistics.median(speedups), "runs": [round(x, 3) for x in speedups]})
+    return {"ablations": rows}
+
+
 def summarise(workload: Workload, label: str, stage: str, pairs: list[tuple[dict, dict]], flops_per_token: float, peak: float) -> dict:
     rows, tokens = workload.rows, pairs[0][0]["tokens"]
     passes = 3 + (1 if stage == "dpo" else 0)  # training: forward and backward; dpo: a reference forward too
@@ -162,7 +194,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["trl", "modes"], default="trl")
+    parser.add_argument("--suite", choices=["trl", "ablations", "modes"], default="trl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default="short,long")
     parser.add_argument("--only", default="", help="Only the comparisons (or modes) whose name contains this text (several: a,b).")
@@ -179,6 +211,8 @@ def main() -> None:
             from modes import own_modes
 
             report = own_modes(args, Path(tmp))
+        elif args.suite == "ablations":
+            report = ablations(args, Path(tmp))
         else:
             report = side_by_side(args, Path(tmp))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -194,6 +228,10 @@ def main() -> None:
     if args.suite == "trl":
         print(f"\n{device}; {args.shape} model, {args.precision}; matmul peak {report['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; TRL {report['versions'].get('trl', '?')}\n")
         print(markdown(report))
+    if args.suite == "ablations":
+        print("\n| workload | option | speed-up, on / off (median of paired runs) | runs |\n|---|---|---|---|")
+        for row in report["ablations"]:
+            print(f"| {row['workload']} | `{row['option']}` | **{row['speedup']:.2f}x** | {', '.join(f'{x:.2f}' for x in row['runs'])} |")
     print(f"\nwritten to {out}")
 
 

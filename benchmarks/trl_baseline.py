@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 
+import datasets
 import torch
 from datasets import load_dataset
 from torch.utils.data import SequentialSampler
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 def main() -> None:
     config = json.loads(open(sys.argv[1]).read())
+    datasets.disable_caching()  # TRL would otherwise find the reference log-probs of an earlier run in the cache
     stage, fastest = config["stage"], config["setting"] == "fastest"
     tokenizer = AutoTokenizer.from_pretrained(config["model"])
     data = load_dataset("json", data_files=config["data"], split="train")

@@ -25,6 +25,9 @@ RESUME_SAFE_KEYS = (
     "train.tensorboard",
     "train.nonfinite",  # switch a stopped run to skipping, and resume it
     "train.max_skipped_steps",
+    "sft.padding_free",  # the row layout: the same losses, within float rounding
+    "dpo.share_prompt",
+    "rm.share_prompt",
     "generation.batch_size",
     "label.annotator",  # several people label into one run
     "label.batch_size",

@@ -291,7 +291,7 @@ def collate_causal(rows: list[dict], pad_id: int) -> dict[str, Any]:
 def collate_padding_free(rows: list[dict], pad_id: int) -> dict[str, Any]:
     """As collate_causal, with the rows packed without padding waste (data.layout): several examples share a
     row, each seeing only itself, with the loss of a row each."""
-    batch: dict[str, Any] = pack([sole_piece(item, row["input_ids"], row["labels"]) for item, row in enumerate(rows)], pad_id)
+    batch: dict[str, Any] = pack([sole_piece(item, row["input_ids"], row["labels"]) for item, row in enumerate(rows)], pad_id, sequences=len(rows))
     batch["num_items"] = int((batch["labels"] != IGNORE_INDEX).sum())
     batch["num_tokens"] = sum(len(row["input_ids"]) for row in rows)
     return batch

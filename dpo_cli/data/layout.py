@@ -17,7 +17,12 @@ import torch
 from dpo_cli.losses import IGNORE_INDEX
 
 PADDING = -1
-OWN, CHOSEN, REJECTED = 0, 1, 2  # segment = 3 * item + part
+OWN, CHOSEN, REJECTED = 0, 1, 2  # the parts of an item
+PARTS = 3
+
+
+def segment_id(item: int, part: int) -> int:
+    return PARTS * item + part
 
 
 @dataclass
@@ -36,7 +41,8 @@ def first_fit(lengths: list[int]) -> list[list[int]]:
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         slot = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
         if slot is None:
-            rows.append([]), room.append(capacity)
+            rows.append([])
+            room.append(capacity)
             slot = len(rows) - 1
         rows[slot].append(index)
         room[slot] -= lengths[index]
@@ -45,11 +51,12 @@ def first_fit(lengths: list[int]) -> list[list[int]]:
 
 def sole_piece(item: int, ids: list[int], labels: list[int]) -> Piece:
     """A sequence on its own (an sft example); its first token has no predecessor, so it is no target."""
-    return Piece(ids, [IGNORE_INDEX] + labels[1:], list(range(len(ids))), [3 * item + OWN] * len(ids))
+    return Piece(ids, [IGNORE_INDEX] + labels[1:], list(range(len(ids))), [segment_id(item, OWN)] * len(ids))
 
 
-def pack(pieces: list[Piece], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pieces -> (R, T) input_ids, labels, position_ids and segments, padded on the right."""
+def pack(pieces: list[Piece], pad_id: int, sequences: int) -> dict[str, torch.Tensor]:
+    """Pieces -> (R, T) input_ids, labels, position_ids and segments, padded on the right, and `num_sequences`:
+    how many sums the model returns (an sft example each; a pair's chosen and rejected completions)."""
     rows = first_fit([len(piece.ids) for piece in pieces])
     length = max(len(piece.ids) for piece in pieces)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (R, T)
@@ -66,4 +73,4 @@ def pack(pieces: list[Piece], pad_id: int) -> dict[str, torch.Tensor]:
             position_ids[r, span] = torch.tensor(piece.positions)
             segments[r, span] = torch.tensor(piece.segments)
             start += len(piece.ids)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments, "num_sequences": sequences}

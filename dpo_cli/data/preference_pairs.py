@@ -19,7 +19,7 @@ from datasets import Dataset
 
 from dpo_cli.data.loading import DataReport, encode_rows, load_splits, require_columns
 from dpo_cli.data.encoding import divergence, pad, plain_sequence, render_chat
-from dpo_cli.data.layout import CHOSEN, OWN, REJECTED, Piece, pack
+from dpo_cli.data.layout import CHOSEN, OWN, REJECTED, Piece, pack, segment_id
 from dpo_cli.losses import IGNORE_INDEX
 from dpo_cli.core.errors import UserError
 from dpo_cli.models.build import build_tokenizer
@@ -150,10 +150,13 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
 def shared_prefix(chosen_ids: list[int], rejected_ids: list[int], chosen_labels: list[int], rejected_labels: list[int]) -> int:
     """How many leading tokens both sequences share and neither trains on: their common prompt, computed once."""
-    first_label = lambda labels: next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))  # noqa: E731
-    limit = min(first_label(chosen_labels), first_label(rejected_labels))
+    limit = min(_first_label(chosen_labels), _first_label(rejected_labels))
     length = 0
     while length < limit and chosen_ids[length] == rejected_ids[length]:
         length += 1
@@ -176,9 +179,10 @@ def collate_shared_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
             ids=chosen + rejected[length:],
             labels=[IGNORE_INDEX] + chosen_labels[1:] + own_rejected,
             positions=list(range(len(chosen))) + list(range(length, len(rejected))),
-            segments=[3 * item + OWN] * length + [3 * item + CHOSEN] * (len(chosen) - length) + [3 * item + REJECTED] * (len(rejected) - length),
+            segments=[segment_id(item, OWN)] * length + [segment_id(item, CHOSEN)] * (len(chosen) - length)
+            + [segment_id(item, REJECTED)] * (len(rejected) - length),
         ))  # fmt: skip
-    batch: dict[str, Any] = pack(pieces, pad_id)
+    batch: dict[str, Any] = pack(pieces, pad_id, sequences=2 * len(rows))
     if "margin" in rows[0]:
         batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)
     if "ref_chosen_logps" in rows[0]:

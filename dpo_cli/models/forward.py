@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dpo_cli.data.layout import CHOSEN, PADDING, REJECTED
+from dpo_cli.data.layout import CHOSEN, PADDING, PARTS, REJECTED
 from dpo_cli.losses import IGNORE_INDEX, mean_nll, token_logps
 from dpo_cli.models.build import base_model
 
@@ -47,6 +47,11 @@ def custom_mask_problem(model: torch.nn.Module, max_length: int) -> str | None:
     if implementation not in ("sdpa", "eager"):
         return f"its attention ({implementation}) takes no custom mask"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    other_layers = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+    if other_layers:  # linear-attention and state-space layers take no mask: completions would see each other
+        return f"it has {', '.join(other_layers)} layers, which take no attention mask"
+    if getattr(text, "alibi", False) or getattr(text, "model_type", "") in ("bloom", "mpt"):
+        return "its ALiBi positions ignore position ids"
     window = getattr(text, "sliding_window", None)
     if window and getattr(text, "use_sliding_window", True) and window < max_length:
         return f"its sliding window ({window} tokens) is shorter than data.max_length ({max_length})"
@@ -73,7 +78,7 @@ def segment_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype
     causal = index[None, :] <= index[:, None]  # (T, T) key <= query
     real = segments != PADDING  # (R, T)
     query, key = segments[:, :, None], segments[:, None, :]  # (R, T, 1), (R, 1, T)
-    visible = (key == query) | (key == query - query % 3)  # (R, Tq, Tk) itself, or its item's own tokens
+    visible = (key == query) | (key == query - query % PARTS)  # (R, Tq, Tk) itself, or its item's own tokens
     allowed = causal & visible & real[:, None, :] & real[:, :, None]
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device) & ~real[:, :, None]
     allowed = allowed[:, None]  # (R, 1, T, T)
@@ -83,7 +88,8 @@ def segment_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype
 
 
 def _last_positions(segments: torch.Tensor) -> torch.Tensor:
-    """The flat index (row * T + column) of every segment's last token, indexed by segment id."""
+    """(R, T) segments -> (max segment + 1,) the flat index (row * T + column) of each segment's last token
+    (-1 for an id no token has)."""
     flat = segments.flatten()  # (R*T,)
     real = (flat != PADDING).nonzero(as_tuple=True)[0]
     last = torch.full((int(flat.max()) + 1,), -1, dtype=torch.long, device=segments.device)
@@ -91,7 +97,7 @@ def _last_positions(segments: torch.Tensor) -> torch.Tensor:
 
 
 def segment_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The targets of packed rows (R, T): (sources, targets, sequences) of shape (N,) and the number of sequences.
+    """The targets of packed rows (R, T): sources, targets and sequences, each (N,), and the number of sequences.
     A target's log-prob comes from the hidden state at flat index `sources` (row * T + column): the token
     before it, except for the first token of a rejected completion, whose predecessor is its prompt's last
     token. Sequences are numbered as collate_pairs orders its rows: items 0..B-1 (an sft example, or a chosen
@@ -100,12 +106,13 @@ def segment_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch
     is_target = flat_labels != IGNORE_INDEX
     is_target[:: labels.size(1)] = False  # a row's first token has no predecessor
     positions = is_target.nonzero(as_tuple=True)[0]  # (N,)
-    segment = flat_segments[positions]
-    item, part = segment // 3, segment % 3
+    segment = flat_segments[positions]  # (N,)
+    item, part = segment // PARTS, segment % PARTS
     first_rejected = (part == REJECTED) & (flat_segments[positions - 1] != segment)
-    sources = torch.where(first_rejected, _last_positions(segments)[segment - part], positions - 1)
-    items = int(flat_segments.max()) // 3 + 1
-    pairs = bool((flat_segments % 3 == REJECTED).any())
+    sources = torch.where(first_rejected, _last_positions(segments)[segment - part], positions - 1)  # (N,)
+    real = flat_segments[flat_segments != PADDING]
+    items = int(real.max()) // PARTS + 1
+    pairs = bool((real % PARTS == REJECTED).any())
     return sources, flat_labels[positions], item + items * (part == REJECTED).long(), items * (2 if pairs else 1)
 
 
@@ -199,8 +206,10 @@ class RewardScores(torch.nn.Module):
         base = base_model(self.model)
         if segments is not None:
             last_positions = _last_positions(segments)  # by segment id: 3k, 3k+1, 3k+2 for pair k
-            pairs = last_positions.size(0) // 3
-            flat_last = torch.cat([last_positions[CHOSEN::3][:pairs], last_positions[REJECTED::3][:pairs]])  # (2B,)
+            pairs = last_positions.size(0) // PARTS
+            flat_last = torch.cat([last_positions[CHOSEN::PARTS][:pairs], last_positions[REJECTED::PARTS][:pairs]])  # (2B,)
+            if bool((flat_last < 0).any()):
+                raise ValueError("a pair without a chosen or rejected completion token reached the reward model")
             rows, last = flat_last // input_ids.size(1), flat_last % input_ids.size(1)
             attention_mask = model_segment_mask(base, segments)
         else:

@@ -239,7 +239,7 @@ def train(
             session.check_weights(params, state.step + 1, lr)
             step_tokens, step_items, step_sequences = (
                 int(v) for v in reduce_sum([
-                    sum(b["num_tokens"] for b in window), sum(b["num_items"] for b in window), sum(int(b["input_ids"].size(0)) for b in window)
+                    sum(b["num_tokens"] for b in window), sum(b["num_items"] for b in window), sum(int(b.get("num_sequences", b["input_ids"].size(0))) for b in window)
                 ])
             )  # fmt: skip
             state.step += 1

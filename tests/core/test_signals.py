@@ -9,11 +9,19 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
 from dpo_cli.core.signals import hold_warning_signal, take_held_signal
 from helpers import REPO, assert_same_run
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for the signal (the SigCgt mask of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask & (1 << (signum - 1)))
 
 
 @pytest.fixture()
@@ -52,7 +60,10 @@ def test_the_entry_point_holds_the_warning_before_its_heavy_imports(tmp_path, sf
         [sys.executable, "-m", "dpo_cli", "sft", str(recipe), "--run-dir", str(tmp_path / "run")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(0.5)  # the interpreter is up; torch and transformers are still importing
+    deadline = time.time() + 30
+    while not catches(process.pid, signal.SIGUSR1):  # the entry point's first line has run; torch is importing
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.005)
     process.send_signal(signal.SIGUSR1)
     _, err = process.communicate(timeout=600)
     assert process.returncode == 128 + signal.SIGUSR1, err[-3000:]

@@ -166,3 +166,34 @@ def test_padding_free_rows_give_the_loss_and_gradients_of_a_row_each(tiny_model_
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
     for mine, theirs in zip(results[1][1], results[0][1]):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_of_several_pairs_and_pairs_without_a_shared_prompt(tiny_model_dir):
+    from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs
+    from dpo_cli.models.forward import pair_logps
+
+    pair = lambda chosen, rejected, prompt: {  # noqa: E731
+        "chosen_input_ids": chosen, "rejected_input_ids": rejected,
+        "chosen_labels": [-100] * prompt + chosen[prompt:], "rejected_labels": [-100] * prompt + rejected[prompt:],
+    }  # fmt: skip
+    rows = [pair(list(range(10, 40)), list(range(10, 20)) + [7, 8], 10), pair([5, 6, 7], [8, 9], 0), pair([3, 4, 6], [3, 4, 9, 9], 2)]
+    shared = collate_shared_pairs(rows, pad_id=0)
+    assert shared["input_ids"].size(0) == 2 and set(shared["segments"][1].tolist()) >= {4, 5, 6, 7, 8}  # two pairs in one row (pair 1 shares no prompt: no 3)
+    model = CompletionLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval())
+    ours, our_counts = pair_logps(model, shared)
+    straight, counts = pair_logps(model, collate_pairs(rows, pad_id=0))
+    assert our_counts.tolist() == counts.tolist() == [20, 2, 1, 2, 1, 2]
+    assert torch.allclose(ours, straight, atol=1e-10)
+
+
+def test_padding_free_sft_rows_give_a_sum_per_example(tiny_model_dir):
+    from dpo_cli.data.encoding import collate_causal, collate_padding_free
+
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * 2 + list(range(7, 5 + n))} for n in (12, 4, 5, 3)]
+    model = CompletionLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval())
+    packed, padded = collate_padding_free(rows, 0), collate_causal(rows, 0)
+    assert packed["input_ids"].size(0) == 2 and packed["num_sequences"] == 4
+    ours, our_counts = model(packed["input_ids"], None, packed["labels"], packed["position_ids"], packed["segments"])
+    theirs, counts = model(padded["input_ids"], padded["attention_mask"], padded["labels"])
+    assert ours.shape == (4,) and our_counts.tolist() == counts.tolist() == [10, 2, 3, 1]
+    assert torch.allclose(ours, theirs, atol=1e-10)
