@@ -39,7 +39,7 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
 
 
 def custom_mask_problem(model: torch.nn.Module, max_length: int) -> str | None:
-    """Why the model cannot take a shared-prompt row's attention mask (None: it can). A custom 4D mask is
+    """Why the model cannot take the attention mask of packed rows (None: it can). A custom 4D mask is
     passed to the attention as it is: eager and SDPA take one, flash-attention kernels do not, and a sliding
     window shorter than a sequence would be lost (the mask then says everything)."""
     config = base_model(model).config
