@@ -197,3 +197,19 @@ def test_padding_free_sft_rows_give_a_sum_per_example(tiny_model_dir):
     theirs, counts = model(padded["input_ids"], padded["attention_mask"], padded["labels"])
     assert ours.shape == (4,) and our_counts.tolist() == counts.tolist() == [10, 2, 3, 1]
     assert torch.allclose(ours, theirs, atol=1e-10)
+
+
+def test_models_with_a_head_extra_take_packed_rows_through_the_full_logits(tiny_model_dir):
+    """A head that does more than a linear map (logit scaling, soft-capping) sends the wrapper down the plain
+    forward; packed rows give the same log-probs there too."""
+    from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs
+    from dpo_cli.models.forward import _plain_linear_head, pair_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    model.config.logit_scale = 0.5  # Llama ignores it; the wrapper takes the full-logits path
+    assert not _plain_linear_head(model)
+    pair = lambda n: {"chosen_input_ids": [1, 2, 3] + [7] * n, "chosen_labels": [-100] * 3 + [7] * n, "rejected_input_ids": [1, 2, 3, 9], "rejected_labels": [-100] * 3 + [9]}  # noqa: E731
+    rows = [pair(6), pair(1), pair(2)]
+    ours, _ = pair_logps(CompletionLogProbs(model), collate_shared_pairs(rows, 0))
+    theirs, _ = pair_logps(CompletionLogProbs(model), collate_pairs(rows, 0))
+    assert torch.allclose(ours, theirs, atol=1e-10)
