@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean-demo lint slurm-deps
+.PHONY: demo test test-all bench bench-env clean-demo lint slurm-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,17 @@ slurm-deps:
 		|| echo "slurm-deps: could not install slurmctld/slurmd/munge; the real-Slurm tests will skip"; \
 	else echo "slurm-deps: not root on Debian; the real-Slurm tests will skip (apt-get install slurmctld slurmd slurm-client munge)"; fi
 
-bench: $(STAMP)
+# TRL 1.12, the last release with a PPOTrainer, in an environment of its own (the bench's PPO baseline).
+TRL_PPO_VENV := .venv-trl112
+$(TRL_PPO_VENV)/.installed: $(STAMP)
+	$(PYTHON) -m venv $(TRL_PPO_VENV)
+	$(TRL_PPO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(TRL_PPO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check trl==1.12.0 "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
+	touch $@
+
+bench-env: $(STAMP) $(TRL_PPO_VENV)/.installed
+
+bench: bench-env
 	$(BIN)/python benchmarks/bench.py
 
 clean-demo:

@@ -1,10 +1,11 @@
 """`make bench`: dpo-cli and Hugging Face TRL side by side on the same workloads, and dpo-cli's own modes.
 
-    python benchmarks/bench.py [--repeats 3] [--workloads short,long] [--only dpo]    (the side-by-side table)
+    python benchmarks/bench.py [--repeats 3] [--workloads short,long] [--only dpo,ppo]    (the side-by-side tables)
     python benchmarks/bench.py --suite ablations                                      (each technique on / off)
     python benchmarks/bench.py --suite modes                                          (full, LoRA, 4-bit, PPO)
 
-Side by side: sft, rm and dpo (TRL's default and its fastest setting) on each workload (workloads.py): the same
+Side by side: sft, rm and dpo (TRL's default and its fastest setting), and ppo against TRL 1.12's PPOTrainer in its
+own environment (ppo_compare.py; `make bench-env` builds it), on each workload (workloads.py): the same
 model, rows, batches (TRL reads them in dpo-cli's training order), sequence limit, optimizer (AdamW, lr 1e-4,
 linear decay, clip 1.0), fp32, seed. The two tools alternate run by run, each run its own process. Time is the
 training loop plus any precomputed reference pass (start-up, model loading and tokenisation left out, for both).
@@ -32,6 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ppo_compare import PPO_WORKLOADS, ppo_rows  # noqa: E402
 from workloads import WORKLOADS, Workload, build_base_model, build_reward_init, in_training_order, model_flops_per_token, write_data  # noqa: E402
 
 SEED = 7
@@ -99,9 +101,10 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
     build_reward_init(base, rm_init)
     flops_per_token = model_flops_per_token(base)
     peak = matmul_peak(args.precision)
-    rows = []
+    rows, pairs_for_ppo = [], {}
     for workload in (WORKLOADS[name] for name in args.workloads.split(",")):
         files = write_data(workdir, base, workload)
+        pairs_for_ppo[workload.name] = files["pairs"]
         ordered = {key: in_training_order(path, workload.batch_size, SEED) for key, path in files.items()}
         for label, stage, trainer, setting, sections in COMPARISONS:
             if not any(part in label for part in args.only.split(",")):
@@ -124,7 +127,10 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
                 a, b = (run_ours(), run_theirs()) if r % 2 == 0 else tuple(reversed((run_theirs(), run_ours())))
                 pairs.append((a, b))
             rows.append(summarise(workload, label, stage, pairs, flops_per_token, peak))
-    return {"matmul_peak_flops": peak, "model_flops_per_token_forward": flops_per_token, "rows": rows}
+    ppo = []
+    if any(part in "ppo vs TRL 1.12" for part in args.only.split(",")):
+        ppo = ppo_rows(base, rm_init, {name: path for name, path in pairs_for_ppo.items() if name in PPO_WORKLOADS}, workdir, args.repeats, args.precision, SEED)
+    return {"matmul_peak_flops": peak, "model_flops_per_token_forward": flops_per_token, "rows": rows, "ppo_rows": ppo}
 
 
 # (name, stage, the option's section and key): each measured on and off, alternating, on every workload
@@ -228,6 +234,10 @@ def main() -> None:
     if args.suite == "trl":
         print(f"\n{device}; {args.shape} model, {args.precision}; matmul peak {report['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; TRL {report['versions'].get('trl', '?')}\n")
         print(markdown(report))
+        if report["ppo_rows"]:
+            from ppo_compare import markdown as ppo_markdown
+
+            print("\n" + ppo_markdown(report["ppo_rows"]))
     if args.suite == "ablations":
         print("\n| workload | option | speed-up, on / off (median of paired runs) | runs |\n|---|---|---|---|")
         for row in report["ablations"]:

@@ -28,6 +28,7 @@ RESUME_SAFE_KEYS = (
     "sft.padding_free",  # the row layout: the same losses, within float rounding
     "dpo.share_prompt",
     "rm.share_prompt",
+    "ppo.padding_free",
     "generation.batch_size",
     "label.annotator",  # several people label into one run
     "label.batch_size",

@@ -267,6 +267,12 @@ class PpoSection(Section):
     early_stop_kl: float | None = Field(None, gt=0, description="End an iteration's update epochs once approx_kl passes this.")
     kl_stop: float | None = Field(None, gt=0, description="Stop the run (after a checkpoint) when the mean sequence KL to the reference passes this.")
     reward_batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
+    padding_free: bool = Field(
+        True,
+        description="The policy, reference and critic passes read packed rows: each episode's prompt and response without padding (the "
+        "same log-probs and values within float rounding); off by itself with several processes, where the attention takes no custom "
+        "mask, or where a sliding window is shorter than data.max_length + generation.max_new_tokens.",
+    )
     sample_every: int = Field(10, ge=1, description="Write a few sample responses to RUN/samples.jsonl every N iterations.")
     show_samples: int = Field(3, ge=0, description="Samples written each time.")
 

@@ -54,18 +54,24 @@ def generate(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
-    """Sample one response per tokenised prompt: left-padded batches, deterministic for a fixed seed.
-    `on_batch(n)` is told after each batch how many prompts it finished (for a progress bar)."""
+    """Sample one response per tokenised prompt: left-padded batches, deterministic for a fixed seed; results in
+    the prompts' order. Prompts of more than one batch are batched by length (the shortest together), so a
+    short prompt is not padded to a long one's length. `on_batch(n)` is told after each batch how many
+    prompts it finished (for a progress bar)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
     stop_ids = stop_token_ids(tokenizer, model)
-    results: list[Generation] = []
+    order = list(range(len(prompts)))
+    if len(prompts) > cfg.batch_size:
+        order.sort(key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):  # sampling must not shift the training RNG streams
         torch.manual_seed(seed)
         for start in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[start : start + cfg.batch_size]
+            members = order[start : start + cfg.batch_size]
+            chunk = [prompts[i] for i in members]
             input_ids, attention_mask = pad(chunk, pad_id, left=True)  # (B, P): generation continues on the right
             longest = input_ids.size(1)
             sampling = cfg.temperature > 0
@@ -81,7 +87,7 @@ def generate(
                 eos_token_id=stop_ids,
                 use_cache=True,
             )
-            for i, ids in enumerate(chunk):
+            for i, (index, ids) in enumerate(zip(members, chunk)):
                 new = output[i, longest:].tolist()
                 stop = next((j for j, token in enumerate(new) if token in stop_ids), None)
                 finished = stop is not None
@@ -91,7 +97,7 @@ def generate(
                     while new and new[-1] == pad_id:
                         new.pop()
                 text = tokenizer.decode(new, skip_special_tokens=True)
-                results.append(Generation(prompt_ids=list(ids), response_ids=new, text=text, finished=finished))
+                results[index] = Generation(prompt_ids=list(ids), response_ids=new, text=text, finished=finished)
             if on_batch is not None:
                 on_batch(len(chunk))
     model.train(was_training)

@@ -18,7 +18,7 @@ import torch
 from dpo_cli.models.forward import CompletionLogProbs, pair_logps
 from dpo_cli.models.build import ModelBundle, base_model, build_causal_lm, build_model
 from dpo_cli.core.recipes import DpoRecipe, ModelSection, PpoRecipe
-from dpo_cli.models.rollout import Rollout, disable_dropout, position_ids, response_logps
+from dpo_cli.models.rollout import Rollout, disable_dropout, on_response_grid, response_hidden, response_logps
 from dpo_cli.core.rundir import RunDir
 from dpo_cli.core.runtime import Runtime
 
@@ -114,6 +114,10 @@ class ActorCritic(torch.nn.Module):
                 disable_dropout(model)
         self._trainable = [p for p in self.parameters() if p.requires_grad]
 
+    def models(self) -> list[torch.nn.Module]:
+        """Every model that reads the rollouts: policy, and (separate models) critic and reference."""
+        return [model for model in (self.policy, self.critic, *self._reference) if model is not None]
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The policy's and the critic's trainable weights (fixed at construction: switching adapters must not change them)."""
         return self._trainable
@@ -157,15 +161,11 @@ class ActorCritic(torch.nn.Module):
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Critic values at the positions that predict each response token. -> (B, T)."""
-        context = rollout.context_length
-        inputs = dict(input_ids=rollout.query_response, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask))
         if self.shared:
             with self.adapter("value"):
-                hidden = base_model(self.policy).get_decoder()(**inputs, use_cache=False).last_hidden_state
-            return self.value_head(hidden[:, context - 1 : -1])
+                return on_response_grid(rollout, self.value_head(response_hidden(self.policy, rollout)))
         critic = base_model(self.critic)
-        hidden = critic.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        return critic.score(hidden[:, context - 1 : -1]).squeeze(-1).float()
+        return on_response_grid(rollout, critic.score(response_hidden(critic, rollout)).squeeze(-1).float())
 
 
 def build_actor_critic(recipe: PpoRecipe, bundle: ModelBundle, runtime: Runtime, run: RunDir, reward_vocab: dict) -> tuple[ActorCritic, list[str]]:

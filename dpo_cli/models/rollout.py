@@ -6,11 +6,13 @@ Shapes: B rollouts; a rollout is P prompt tokens (left-padded) followed by T res
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from dpo_cli.models.forward import _plain_linear_head
+from dpo_cli.data.layout import OWN, PADDING, PARTS, Piece, pack, segment_id
+from dpo_cli.models.forward import _plain_linear_head, model_segment_mask
 from dpo_cli.losses import tempered_token_logps
 from dpo_cli.models.build import base_model
 
@@ -34,6 +36,12 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B, T) KL-penalised per-token rewards
     advantages: torch.Tensor | None = None  # (B, T) whitened GAE advantages
     returns: torch.Tensor | None = None  # (B, T)
+    padding_free: bool = False  # model passes on packed rows (PackedEpisodes), each episode without padding
+
+    @functools.cached_property
+    def packed(self) -> PackedEpisodes | None:
+        """This batch's episodes in packed rows, for the model passes (None: the padded layout above)."""
+        return pack_episodes(self) if self.padding_free else None
 
     def rows(self, index: torch.Tensor) -> Rollout:
         """The rollouts at `index` (a mini-batch); tensors sliced, lists picked."""
@@ -69,6 +77,61 @@ def make_rollout(prompts: list, prompt_ids: list[list[int]], generations: list, 
     )
 
 
+@dataclass
+class PackedEpisodes:
+    """Episodes without padding: each one's prompt and response tokens as one piece of a packed row
+    (data.layout), seeing only itself, positions counted from its first token - the hidden states its
+    padded row gives. N response tokens are read off and written back to their (B, T) places."""
+
+    input_ids: torch.Tensor  # (R, L)
+    position_ids: torch.Tensor  # (R, L)
+    segments: torch.Tensor  # (R, L) 3b for episode b, -1 for padding
+    sources: torch.Tensor  # (N,) flat index (row * L + column) of the position that predicts each response token
+    targets: torch.Tensor  # (N,) the response tokens
+    episodes: torch.Tensor  # (N,) each one's episode b
+    steps: torch.Tensor  # (N,) and its response position t
+    shape: tuple[int, int]  # (B, T)
+
+    def on_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) per response token -> (B, T), zero where the padded layout has padding."""
+        grid = values.new_zeros(self.shape)
+        grid[self.episodes, self.steps] = values
+        return grid
+
+
+def pack_episodes(rollout: Rollout) -> PackedEpisodes | None:
+    """The rollout's episodes packed (first fit, rows as long as its longest episode); None when an episode has
+    no prompt token, whose first response token no position predicts."""
+    context, device = rollout.context_length, rollout.query_response.device
+    real = rollout.attention_mask.bool().cpu()  # (B, P + T)
+    tokens = rollout.query_response.cpu()
+    prompt_lengths = real[:, :context].sum(dim=1).tolist()
+    if min(prompt_lengths) == 0:
+        return None
+    pieces = []
+    for b, row in enumerate(tokens):
+        ids = row[real[b]].tolist()
+        pieces.append(Piece(ids, ids, list(range(len(ids))), [segment_id(b, OWN)] * len(ids)))
+    rows = pack(pieces, pad_id=int(tokens[0, 0]), sequences=len(pieces))
+    flat_segments = rows["segments"].flatten()
+    filled = (flat_segments != PADDING).nonzero(as_tuple=True)[0]
+    starts = torch.full((len(pieces),), flat_segments.numel(), dtype=torch.long)
+    starts = starts.scatter_reduce(0, flat_segments[filled] // PARTS, filled, reduce="amin")  # (B,) each piece's first flat index
+    sources, episodes, steps = [], [], []
+    for b, piece in enumerate(pieces):
+        response = len(piece.ids) - prompt_lengths[b]
+        steps.append(torch.arange(response))
+        sources.append(starts[b] + prompt_lengths[b] - 1 + steps[-1])
+        episodes.append(torch.full((response,), b, dtype=torch.long))
+    steps_, episodes_ = torch.cat(steps), torch.cat(episodes)
+    targets = tokens[episodes_, context + steps_]
+    return PackedEpisodes(
+        input_ids=rows["input_ids"].to(device), position_ids=rows["position_ids"].to(device), segments=rows["segments"].to(device),
+        sources=torch.cat(sources).to(device), targets=targets.to(device), episodes=episodes_.to(device), steps=steps_.to(device),
+        shape=tuple(rollout.response_mask.shape),
+    )  # fmt: skip
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each sequence's first real token (left padding), as generation counted them."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -81,16 +144,42 @@ def disable_dropout(module: torch.nn.Module) -> None:
             child.p = 0.0
 
 
+def _model_inputs(base: torch.nn.Module, rollout: Rollout) -> dict[str, torch.Tensor]:
+    packed = rollout.packed
+    if packed is None:
+        return dict(input_ids=rollout.query_response, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask))
+    return dict(input_ids=packed.input_ids, attention_mask=model_segment_mask(base, packed.segments), position_ids=packed.position_ids)
+
+
+def _at_response(rollout: Rollout, states: torch.Tensor) -> torch.Tensor:
+    """Per-position states (B, P + T, ...) or packed (R, L, ...) -> those of the positions that predict each
+    response token: (B, T, ...) padded, (N, ...) packed."""
+    if rollout.packed is None:
+        return states[:, rollout.context_length - 1 : -1]
+    return states.flatten(0, 1)[rollout.packed.sources]
+
+
+def on_response_grid(rollout: Rollout, values: torch.Tensor) -> torch.Tensor:
+    """_at_response's per-token results back as (B, T)."""
+    return values if rollout.packed is None else rollout.packed.on_grid(values)
+
+
+def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """The decoder's last hidden states at the positions that predict each response token (_at_response's shape)."""
+    base = base_model(model)
+    return _at_response(rollout, base.get_decoder()(**_model_inputs(base, rollout), use_cache=False).last_hidden_state)
+
+
 def response_logps(
     model: torch.nn.Module, rollout: Rollout, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the response under `model` (logits divided by the sampling temperature, as
     they were sampled), and optionally the entropy of each next-token distribution. -> (B, T), (B, T)."""
-    base, context = base_model(model), rollout.context_length
-    inputs = dict(input_ids=rollout.query_response, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask))
+    base = base_model(model)
     if _plain_linear_head(base):
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, context - 1 : -1]  # (B, T, H)
-        logits = base.get_output_embeddings()(hidden)  # (B, T, V), the response positions only
+        logits = base.get_output_embeddings()(response_hidden(model, rollout))  # the response positions only
     else:
-        logits = model(**inputs, use_cache=False).logits[:, context - 1 : -1]
-    return tempered_token_logps(logits, rollout.query_response[:, context:], temperature, with_entropy)
+        logits = _at_response(rollout, model(**_model_inputs(base, rollout), use_cache=False).logits)
+    targets = rollout.query_response[:, rollout.context_length :] if rollout.packed is None else rollout.packed.targets
+    logps, entropy = tempered_token_logps(logits, targets, temperature, with_entropy)
+    return on_response_grid(rollout, logps), None if entropy is None else on_response_grid(rollout, entropy)

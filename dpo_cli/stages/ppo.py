@@ -18,6 +18,7 @@ from dpo_cli.data.loading import DataReport, load_prompts
 from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.core.errors import UserError
 from dpo_cli.eval.evaluation import periodic_evaluator
+from dpo_cli.models.forward import packed_rows_allowed
 from dpo_cli.models.generate import generate
 from dpo_cli.eval.judges import RewardModelJudge, reward_model_judge
 from dpo_cli.train.loop import discard_step, nonfinite_step, total_steps_for
@@ -66,13 +67,18 @@ class PpoState:
 # ----------------------------------------------------------------------------- phases
 
 
-def rollout_phase(actor_critic: ActorCritic, tokenizer: Any, prompts: list[Any], recipe: PpoRecipe, runtime: Runtime, iteration: int) -> Rollout:
-    """Sample one response per prompt from the policy (KV cache), as left-padded prompt + right-padded response."""
+def rollout_phase(
+    actor_critic: ActorCritic, tokenizer: Any, prompts: list[Any], recipe: PpoRecipe, runtime: Runtime, iteration: int, padding_free: bool
+) -> Rollout:
+    """Sample one response per prompt from the policy (KV cache), as left-padded prompt + right-padded response
+    (the model passes read it packed where `padding_free`)."""
     prompt_ids = [prompt_ids_for_generation(tokenizer, p)[-recipe.data.max_length :] for p in prompts]
     seed = recipe.seed * 1_000_003 + iteration  # a fresh sample each iteration, the same after a resume
     with actor_critic.adapter("default"):
         generations = generate(actor_critic.policy, tokenizer, prompt_ids, recipe.generation, seed, runtime.device)
-    return make_rollout(prompts, prompt_ids, generations, tokenizer.pad_token_id, runtime.device)
+    rollout = make_rollout(prompts, prompt_ids, generations, tokenizer.pad_token_id, runtime.device)
+    rollout.padding_free = padding_free
+    return rollout
 
 
 def score_phase(rollout: Rollout, reward: RewardModelJudge, recipe: PpoRecipe) -> torch.Tensor:
@@ -261,7 +267,10 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
         notes.append("the reward model has its own tokenizer: each response is re-tokenised from text for it")
     actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward.tokenizer.get_vocab())
-    ui.notes(notes + bundle.notes + role_notes)
+    padding_free, layout_notes = packed_rows_allowed(
+        "ppo.padding_free", recipe.ppo.padding_free and runtime.world_size == 1, actor_critic.models(), recipe.data.max_length + recipe.generation.max_new_tokens
+    )  # several processes run policy and critic as one DDP forward, on the padded layout
+    ui.notes(notes + bundle.notes + role_notes + layout_notes)
 
     # The optimizer and the session around the iterations. Several processes: DDP averages the gradients
     # (policy and critic in one forward, see update_phase); one: the optimizer alone goes through
@@ -296,7 +305,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         while session.unfinished:
             iteration = state.iteration
             began = time.perf_counter()
-            rollout = rollout_phase(actor_critic, tokenizer, batches[iteration], recipe, runtime, iteration)
+            rollout = rollout_phase(actor_critic, tokenizer, batches[iteration], recipe, runtime, iteration, padding_free)
             rollout.scores = score_phase(rollout, reward, recipe)
             generated = time.perf_counter()
             state.iteration += 1

@@ -116,7 +116,7 @@ def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_a_row_each(famil
     assert our_counts.tolist() == straight_counts.tolist()
     assert torch.allclose(ours, straight, rtol=1e-5, atol=1e-4), (ours, straight)
     for mine, theirs in zip(our_grads, straight_grads):
-        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5 * max(1.0, float(theirs.abs().max())))  # float32 rounding scales with the largest
 
 
 def test_shared_prompt_reward_scores_equal_a_row_each(tiny_reward_model_dir, tiny_model_dir):

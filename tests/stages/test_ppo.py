@@ -241,3 +241,35 @@ def test_one_combined_backward_equals_two(tmp_path, ppo_recipe, tiny_model_dir, 
     assert metrics_one["policy_loss"] == pytest.approx(metrics_two["policy_loss"], rel=1e-5)
     for name in two:
         assert torch.allclose(one[name], two[name], atol=1e-6), name
+
+
+def test_padding_free_iterations_equal_padded_ones(ppo_recipe, tiny_model_dir, tiny_tokenizer):
+    """ppo.padding_free packs each mini-batch's episodes: the same experience, losses and updates."""
+    from dpo_cli.core.recipe_loader import load_recipe
+    from dpo_cli.core.runtime import setup_runtime
+    from dpo_cli.stages.ppo import advantage_phase, experience_phase, update_phase
+
+    recipe = load_recipe(ppo_recipe(), "ppo", [], False)
+    runtime = setup_runtime(recipe.train, recipe.seed)
+    trained = []
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
+        rollout = toy_rollout(tiny_tokenizer)
+        rollout.padding_free = padding_free
+        rollout.scores = torch.tensor([1.0, -0.5, 0.25])
+        experience_phase(actor_critic, rollout, recipe, 0)
+        advantage_phase(rollout, recipe, 0.05)
+        optimizer = torch.optim.SGD(actor_critic._trainable, lr=0.1)  # Adam would blow rounding of near-zero gradients up to whole steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0)
+        trained.append(({n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics, rollout))
+    (padded, metrics_padded, rollout_padded), (packed, metrics_packed, rollout_packed) = trained
+    assert rollout_packed.packed is not None and rollout_padded.packed is None
+    mask = rollout_padded.response_mask
+    for name in ("logps", "ref_logps", "values", "advantages"):
+        assert torch.allclose(getattr(rollout_packed, name) * mask, getattr(rollout_padded, name) * mask, atol=1e-5), name
+    assert metrics_packed["ratio/first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics_packed["policy_loss"] == pytest.approx(metrics_padded["policy_loss"], rel=1e-4, abs=1e-6)
+    for name in padded:
+        assert torch.allclose(packed[name], padded[name], atol=1e-5), name
