@@ -17,6 +17,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test its own $DPO_CLI_CACHE: nothing is written to ~/.cache, and no test sees another's entries."""
+    monkeypatch.setenv("DPO_CLI_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 320-token byte-level BPE trained on demo reviews (what `pretrain` would train)."""

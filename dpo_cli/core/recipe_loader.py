@@ -29,6 +29,7 @@ RESUME_SAFE_KEYS = (
     "dpo.share_prompt",
     "rm.share_prompt",
     "ppo.padding_free",
+    "dpo.ref_cache",  # cached reference log-probs are those the pass would give
     "generation.batch_size",
     "label.annotator",  # several people label into one run
     "label.batch_size",

@@ -177,6 +177,11 @@ class DpoSection(Section):
         None, description="A separate reference model; default: the initial policy (under LoRA: the same model, adapter disabled)."
     )
     precompute_ref: bool = Field(False, description="Compute every reference log-prob once before training; saved in the run dir.")
+    ref_cache: bool = Field(
+        True,
+        description="With precompute_ref: take the reference log-probs from the cache ($DPO_CLI_CACHE, default ~/.cache/dpo-cli) when an earlier "
+        "run computed them on the same reference weights, pairs, quantization, precision and device type, and leave computed ones there.",
+    )
     share_prompt: bool = Field(
         True,
         description="Chosen and rejected in one row, the prompt computed once, and pairs sharing rows as long as the longest pair (the same "

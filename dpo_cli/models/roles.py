@@ -44,6 +44,10 @@ class Reference:
     def release(self) -> None:
         self.separate = None  # precomputed: the separate model's memory goes back
 
+    def weights_model(self) -> torch.nn.Module:
+        """The model whose weights (adapters off) give the reference log-probs."""
+        return self.separate.model if self.separate is not None else self.policy.model
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         module = self.separate if self.separate is not None else self.policy

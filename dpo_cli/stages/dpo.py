@@ -3,16 +3,12 @@ initial policy (under LoRA: the same weights with the adapter switched off, no s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from safetensors.torch import load_file, save
 
 from dpo_cli.core import distributed, ui
 from dpo_cli.data.loading import DataReport
@@ -20,14 +16,15 @@ from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.eval.evaluation import periodic_evaluator
 from dpo_cli.models.forward import CompletionLogProbs, packed_rows_allowed, pair_logps
 from dpo_cli.models.generate import generate
-from dpo_cli.train.loop import BatchStream, StepFn, batch_streams, train
+from dpo_cli.train.loop import StepFn, batch_streams, train
+from dpo_cli.train.reference_logps import attach_reference_logps
 from dpo_cli.losses import dpo_loss, mean_token_logps
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
 from dpo_cli.core.recipes import DpoRecipe, DpoSection
 from dpo_cli.models.roles import Reference, build_reference
-from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_jsonl
+from dpo_cli.core.rundir import RunDir, atomic_write_jsonl
 from dpo_cli.core.runtime import Runtime, setup_runtime
 from dpo_cli.train.summary import Compute, Trained, write_summary
 
@@ -46,57 +43,26 @@ def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
     return step
 
 
-def token_fingerprint(ds: Dataset) -> str:
-    """What the reference log-probs were computed on: every pair's token ids, hashed."""
-    digest = hashlib.sha256()
-    for column in ("chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels"):
-        digest.update(json.dumps(list(ds[column])).encode())
-    return digest.hexdigest()[:32]
-
-
-def saved_fingerprint(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("tokens")
-
-
-def attach_reference_logps(
-    ds: Dataset, name: str, reference: Reference, collate: Any, batch_size: int, run: RunDir, runtime: Runtime
-) -> Dataset:
-    """Reference log-probs of every pair, computed once and saved (RUN/reference_logps-NAME.safetensors)."""
-    path = run.path / f"reference_logps-{name}.safetensors"
-    fingerprint = token_fingerprint(ds)
-    if distributed.main_has(path) and distributed.broadcast(saved_fingerprint(path)) == fingerprint:
-        saved = load_file(str(path))["logps"]
-    else:  # none saved, or saved for other token sequences (the data or its tokenisation changed)
-        # each process scores its contiguous share; gathered in rank order that is the dataset's order
-        share = ds.select(distributed.shard(len(ds)))
-        stream = BatchStream(share, batch_size, 0, collate, shuffle=False) if len(share) else None
-        pieces = []
-        with ui.TaskProgress(f"reference log-probs ({name})", stream.per_epoch if stream else 0, runtime.is_main) as progress:
-            for index in range(stream.per_epoch if stream else 0):
-                batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in stream[index].items()}
-                with runtime.accelerator.autocast():
-                    sums, _ = reference(batch)
-                pairs = sums.size(0) // 2
-                pieces.append(torch.stack([sums[:pairs], sums[pairs:]], dim=1).float().cpu())  # (B, 2)
-                progress.advance(1)
-        saved = torch.tensor(distributed.gather(torch.cat(pieces).tolist() if pieces else []), dtype=torch.float32).reshape(-1, 2)
-        if runtime.is_main:
-            atomic_write_bytes(path, save({"logps": saved}, metadata={"tokens": fingerprint}))
-        distributed.barrier()
-    if saved.shape != (len(ds), 2):
-        raise RuntimeError(f"{path} holds {saved.shape[0]} pairs, the data {len(ds)}; remove it to recompute")
-    ds = ds.add_column("ref_chosen_logps", saved[:, 0].tolist())
-    return ds.add_column("ref_rejected_logps", saved[:, 1].tolist())
-
-
 def sample(bundle: ModelBundle, prompts: list[Any], recipe: DpoRecipe, runtime: Runtime) -> list[str]:
     if not prompts:
         return []
     ids = [prompt_ids_for_generation(bundle.tokenizer, p) for p in prompts]
     return [g.text.strip() for g in generate(bundle.model, bundle.tokenizer, ids, recipe.generation, recipe.seed, runtime.device)]
+
+
+def reference_cache_settings(recipe: DpoRecipe, reference: Reference, runtime: Runtime) -> dict[str, Any] | None:
+    """What besides the pairs' tokens and the reference's weights its log-probs depend on (the cache key's
+    other inputs), or None where dpo.ref_cache is off or the weights are sharded (FSDP, DeepSpeed)."""
+    if not recipe.dpo.ref_cache:
+        return None
+    if runtime.sharded:
+        ui.note(f"dpo.ref_cache: off under {recipe.distributed.strategy} (each process holds a shard of the reference's weights)")
+        return None
+    quantization = recipe.model.quantization if reference.separate is None else None  # a separate reference loads unquantized
+    return {
+        "precision": runtime.mixed_precision, "device": runtime.device.type,
+        "quantization": quantization.model_dump(mode="json") if quantization is not None else None,
+    }  # fmt: skip
 
 
 def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
@@ -131,9 +97,10 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device)
     reference_started = time.perf_counter()
     if recipe.dpo.precompute_ref:
-        train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime)
+        cache_how = reference_cache_settings(recipe, reference, runtime)
+        train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime, cache_how)
         if eval_set is not None:
-            eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime)
+            eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime, cache_how)
         if evaluator is None:  # the policy evaluation's KL still needs the reference
             reference.release()
     reference_seconds = time.perf_counter() - reference_started  # the precomputed pass (0 when loaded or off)

@@ -265,7 +265,7 @@ def test_saved_reference_logps_are_recomputed_when_the_token_sequences_change(tm
     (changed data or tokenisation, or one an older version wrote) is scored again on resume, never reused."""
     from safetensors.torch import load_file, save_file
 
-    from dpo_cli.stages.dpo import saved_fingerprint
+    from dpo_cli.train.reference_logps import saved_fingerprint
 
     recipe = dpo_recipe(dpo={"precompute_ref": True, "show_samples": 0})
     with monkeypatch.context() as patch:
@@ -289,3 +289,47 @@ def test_shared_prompt_rows_train_like_a_row_per_sequence(tmp_path, cli, dpo_rec
         code, _, err = cli("dpo", dpo_recipe(f"{name}.yaml", dpo={"share_prompt": share, "show_samples": 0}), "--run-dir", tmp_path / name)
         assert code == 0, err
     assert_equivalent(tmp_path / "shared", tmp_path / "rows", ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"))
+
+
+def test_a_second_run_on_the_same_reference_and_pairs_takes_its_reference_logps_from_the_cache(tmp_path, cli, dpo_recipe, tiny_model_dir, monkeypatch):
+    """A sweep (here another beta) on the same reference and pairs skips the reference pass; another
+    reference, or dpo.ref_cache off, computes it."""
+    import os
+    from pathlib import Path
+
+    calls = {"n": 0}
+    real_call = Reference.__call__
+
+    def counted(self, batch):
+        calls["n"] += 1
+        return real_call(self, batch)
+
+    monkeypatch.setattr(Reference, "__call__", counted)
+    cache = Path(os.environ["DPO_CLI_CACHE"]) / "reference-logps"
+    first = dpo_recipe("a.yaml", dpo={"precompute_ref": True, "show_samples": 0, "beta": 0.1})
+    code, _, err = cli("dpo", first, "--run-dir", tmp_path / "a")
+    assert code == 0, err
+    assert calls["n"] > 0 and len(list(cache.glob("*.safetensors"))) == 2  # train and eval
+    calls["n"] = 0
+    sweep = dpo_recipe("b.yaml", dpo={"precompute_ref": True, "show_samples": 0, "beta": 0.3})
+    code, _, err = cli("dpo", sweep, "--run-dir", tmp_path / "b")
+    assert code == 0, err
+    assert calls["n"] == 0 and "taken from the cache" in err
+    for name in ("train", "eval"):
+        assert (tmp_path / "b" / f"reference_logps-{name}.safetensors").read_bytes() == (tmp_path / "a" / f"reference_logps-{name}.safetensors").read_bytes()
+
+    changed = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        changed.lm_head.weight[0, 0] += 0.5  # one weight of another model
+    changed.save_pretrained(tmp_path / "changed")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "changed" / file).write_bytes((tiny_model_dir / file).read_bytes())
+    other = dpo_recipe("c.yaml", model={"name_or_path": str(tmp_path / "changed")}, dpo={"precompute_ref": True, "show_samples": 0})
+    code, _, err = cli("dpo", other, "--run-dir", tmp_path / "c")
+    assert code == 0, err
+    assert calls["n"] > 0 and "taken from the cache" not in err and len(list(cache.glob("*.safetensors"))) == 4
+    calls["n"] = 0
+    off = dpo_recipe("d.yaml", dpo={"precompute_ref": True, "show_samples": 0, "ref_cache": False})
+    code, _, err = cli("dpo", off, "--run-dir", tmp_path / "d")
+    assert code == 0, err
+    assert calls["n"] > 0 and "taken from the cache" not in err
