@@ -204,6 +204,11 @@ class TrainSection(Section):
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is not set).")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
     eval_batch_size: int | None = Field(None, ge=1, description="Default: batch_size.")
+    group_by_length: bool = Field(
+        False,
+        description="Batch rows of similar length: each epoch's shuffled order is cut into groups of 50 global batches, each sorted by length "
+        "and its batches shuffled again (less padding, and shorter rows where they are packed; the data order changes).",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"

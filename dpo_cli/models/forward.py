@@ -66,7 +66,7 @@ def packed_rows_allowed(setting: str, enabled: bool, models: list[torch.nn.Modul
     problems = [problem for model in models if (problem := custom_mask_problem(model, max_length))]
     if scored and not all(hasattr(base_model(model), "score") for model in models):
         problems.append("the reward model has no `score` head")
-    return (False, [f"{setting}: off, {problems[0]}; one row per sequence"]) if problems else (True, [])
+    return (False, [f"{setting}: off, {problems[0]}; one row per sequence (train.group_by_length: true batches similar lengths)"]) if problems else (True, [])
 
 
 def segment_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:

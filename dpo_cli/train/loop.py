@@ -40,9 +40,18 @@ class BatchStream:
     epoch is left out so that every process has rows."""
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, collate: Collate, shuffle: bool = True, rank: int = 0, world_size: int = 1
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        collate: Collate,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: list[int] | None = None,
     ):
         self.dataset = dataset
+        self.lengths = lengths  # given: each epoch's order is grouped by length (group_by_length)
         self.batch_size = batch_size
         self.seed = seed
         self.collate = collate
@@ -62,6 +71,8 @@ class BatchStream:
             if self.shuffle:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 order = torch.randperm(len(self.dataset), generator=generator).tolist()
+                if self.lengths is not None:
+                    order = group_by_length(order, self.lengths, self.batch_size * self.world_size, generator)
             else:
                 order = list(range(len(self.dataset)))
             self._order = (epoch, order)
@@ -160,11 +171,38 @@ def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runti
     return result
 
 
+MEGABATCH = 50  # global batches sorted together by group_by_length
+
+
+def group_by_length(order: list[int], lengths: list[int], global_batch: int, generator: torch.Generator) -> list[int]:
+    """A shuffled order regrouped so that each global batch holds rows of similar length: groups of MEGABATCH
+    global batches, each sorted longest first, then its batches in a random order (no trend within a group);
+    a group's last, incomplete batch stays last, as an epoch's last batch is the one left short."""
+    grouped = []
+    for start in range(0, len(order), global_batch * MEGABATCH):
+        members = sorted(order[start : start + global_batch * MEGABATCH], key=lambda i: -lengths[i])
+        batches = [members[b : b + global_batch] for b in range(0, len(members), global_batch)]
+        full = len(batches) if len(batches[-1]) == global_batch else len(batches) - 1
+        for b in torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches))):
+            grouped.extend(batches[b])
+    return grouped
+
+
+def row_lengths(dataset: Dataset) -> list[int]:
+    """Tokens of each row: an example's, or a pair's chosen and rejected sequences together."""
+    columns = [c for c in ("input_ids", "chosen_input_ids", "rejected_input_ids") if c in dataset.column_names]
+    totals = [0] * len(dataset)
+    for column in columns:
+        totals = [total + len(ids) for total, ids in zip(totals, dataset[column])]
+    return totals
+
+
 def batch_streams(
     train_set: Dataset, eval_set: Dataset | None, collate: Collate, cfg: TrainSection, seed: int, runtime: Runtime
 ) -> tuple[BatchStream, BatchStream | None]:
     """The training stream (this process's share of each global batch) and the eval stream of a stage."""
-    train_stream = BatchStream(train_set, cfg.batch_size, seed, collate, rank=runtime.rank, world_size=runtime.world_size)
+    lengths = row_lengths(train_set) if cfg.group_by_length else None
+    train_stream = BatchStream(train_set, cfg.batch_size, seed, collate, rank=runtime.rank, world_size=runtime.world_size, lengths=lengths)
     eval_stream = BatchStream(eval_set, cfg.eval_batch_size or cfg.batch_size, seed, collate, shuffle=False) if eval_set is not None else None
     return train_stream, eval_stream
 

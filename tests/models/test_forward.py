@@ -139,7 +139,7 @@ def test_models_that_cannot_take_the_mask_fall_back_to_a_row_each(tiny_model_dir
     assert packed_rows_allowed("dpo.share_prompt", False, [model], 256) == (False, [])
     model.config._attn_implementation = "flash_attention_2"
     assert "takes no custom mask" in custom_mask_problem(model, 256)
-    note = "dpo.share_prompt: off, its attention (flash_attention_2) takes no custom mask; one row per sequence"
+    note = "dpo.share_prompt: off, its attention (flash_attention_2) takes no custom mask; one row per sequence (train.group_by_length: true batches similar lengths)"
     assert packed_rows_allowed("dpo.share_prompt", True, [model], 256) == (False, [note])
     mistral = AutoModelForCausalLM.from_pretrained(zoo("mistral"))  # sliding window of 512 tokens
     assert custom_mask_problem(mistral, 512) is None and "sliding window (512 tokens)" in custom_mask_problem(mistral, 1024)

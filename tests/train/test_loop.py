@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from dpo_cli.data.encoding import collate_causal, encode_prompt_completion
 from dpo_cli.models.forward import CompletionLogProbs
-from dpo_cli.train.loop import BatchStream, train
+from dpo_cli.train.loop import BatchStream, row_lengths, train
 from dpo_cli.models.build import build_causal_lm
 from dpo_cli.core.recipes import ModelSection, TrainSection
 from dpo_cli.core.rundir import RunDir, read_metrics
@@ -95,3 +95,25 @@ def test_under_fp16_loss_scaling_an_inf_gradient_is_the_scalers_to_skip_and_a_na
     discard_step(optimizer, scaler)
     assert weight.grad is None and scaler.get_scale() == 2.0**15
     assert torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_grouped_by_length_every_row_comes_once_an_epoch_in_batches_of_similar_length():
+    generator = torch.Generator().manual_seed(0)
+    lengths = (torch.randn(1003, generator=generator).exp() * 40).long().clamp(min=1).tolist()  # heavy-tailed, as chat data
+    dataset = Dataset.from_dict({"input_ids": [[7] * n for n in lengths]})
+    sizes = lambda rows: [len(r["input_ids"]) for r in rows]  # noqa: E731 - a batch, as its rows' lengths
+    grouped = BatchStream(dataset, 8, seed=3, collate=sizes, lengths=row_lengths(dataset))
+    plain = BatchStream(dataset, 8, seed=3, collate=sizes)
+    padding = lambda batches: sum(max(b) * len(b) - sum(b) for b in batches)  # noqa: E731
+    for epoch in range(2):
+        batches = [grouped[epoch * grouped.per_epoch + k] for k in range(grouped.per_epoch)]
+        assert sorted(n for b in batches for n in b) == sorted(lengths)  # each row once
+        assert len(batches[-1]) == 1003 % 8  # the short batch stays last
+        assert padding(batches) < 0.25 * padding([plain[epoch * plain.per_epoch + k] for k in range(plain.per_epoch)])
+    first = [grouped[k] for k in range(10)]
+    assert [max(b) for b in first] != sorted((max(b) for b in first), reverse=True)  # no longest-first trend
+    assert BatchStream(dataset, 8, seed=3, collate=sizes, lengths=row_lengths(dataset))[37] == grouped[37]  # the same after a resume
+    ranks = [BatchStream(dataset, 4, seed=3, collate=sizes, rank=r, world_size=2, lengths=row_lengths(dataset)) for r in (0, 1)]
+    assert all(ranks[0][k] + ranks[1][k] == grouped[k] for k in range(ranks[0].per_epoch))  # processes split the same global batches
+    pairs = Dataset.from_dict({"chosen_input_ids": [[1, 2], [1]], "rejected_input_ids": [[3], [4, 5, 6]]})
+    assert row_lengths(pairs) == [3, 4]
