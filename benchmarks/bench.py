@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ppo_compare import PPO_WORKLOADS, ppo_rows  # noqa: E402
+from ppo_compare import PPO_WORKLOADS, ppo_recipe, ppo_rows, write_prompts  # noqa: E402
 from workloads import WORKLOADS, Workload, build_base_model, build_reward_init, in_training_order, model_flops_per_token, write_data  # noqa: E402
 
 SEED = 7
@@ -79,9 +79,8 @@ def ours(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
         raise SystemExit(f"dpo-cli {stage} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((run / "summary.json").read_text())
     first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' not in line)
-    first["loss"] = first.get(FIRST_STEP_KEY[stage], first["loss"])
-    seconds = summary["train_time_s"] + summary.get("reference_logps_seconds", 0.0)
-    return {"seconds": seconds, "tokens": summary["tokens"], "peak_memory_bytes": summary["peak_memory_bytes"], "first_loss": first["loss"]}
+    seconds = summary["train_time_s"] + summary.get("reference_logps_seconds", 0.0)  # ppo: sampling, scoring and training
+    return {"seconds": seconds, "tokens": summary["tokens"], "peak_memory_bytes": summary["peak_memory_bytes"], "first_loss": first.get(FIRST_STEP_KEY.get(stage, "loss"))}
 
 
 def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Workload, workdir: Path, name: str, precision: str) -> dict:
@@ -134,8 +133,23 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
     return {"matmul_peak_flops": peak, "model_flops_per_token_forward": flops_per_token, "rows": rows, "ppo_rows": ppo}
 
 
-# (name, stage, the option's section and key): each measured on and off, alternating, on every workload
-ABLATIONS = [("dpo.share_prompt", "dpo", "dpo", "share_prompt"), ("rm.share_prompt", "rm-train", "rm", "share_prompt"), ("sft.padding_free", "sft", "sft", "padding_free")]
+# (name, stage, the option's section and key, other settings of both runs): each measured on and off, alternating, on every workload
+ABLATIONS = [
+    ("dpo.share_prompt", "dpo", "dpo", "share_prompt", {}),
+    ("rm.share_prompt", "rm-train", "rm", "share_prompt", {}),
+    ("sft.padding_free", "sft", "sft", "padding_free", {}),
+    ("train.group_by_length (dpo, a row per sequence)", "dpo", "train", "group_by_length", {"dpo": {"share_prompt": False}}),
+    ("ppo.padding_free", "ppo", "ppo", "padding_free", {}),
+]
+
+
+def merged(recipe: dict, *overrides: dict) -> dict:
+    """The recipe with each override's sections updated key by key."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in recipe.items()}
+    for override in overrides:
+        for section, values in override.items():
+            out[section] = {**out.get(section, {}), **values}
+    return out
 
 
 def ablations(args: argparse.Namespace, workdir: Path) -> dict:
@@ -146,7 +160,7 @@ def ablations(args: argparse.Namespace, workdir: Path) -> dict:
     rows = []
     for workload in (WORKLOADS[name] for name in args.workloads.split(",")):
         files = write_data(workdir, base, workload)
-        for label, stage, section, key in ABLATIONS:
+        for label, stage, section, key, settings in ABLATIONS:
             if not any(part in label for part in args.only.split(",")):
                 continue
             recipe = {
@@ -155,10 +169,14 @@ def ablations(args: argparse.Namespace, workdir: Path) -> dict:
                 "train": {"max_steps": workload.steps, "batch_size": workload.batch_size, "learning_rate": 1e-4, "save_every": None, "log_every": 1,
                           "mixed_precision": "bf16" if args.precision == "bf16" else "no"},
             }  # fmt: skip
+            if stage == "ppo":
+                prompts, _ = write_prompts(workdir, base, files["pairs"], PPO_WORKLOADS[workload.name])
+                recipe = ppo_recipe(base, rm_init, prompts, PPO_WORKLOADS[workload.name], args.precision, SEED)
+            if stage in ("sft", "dpo"):
+                settings = merged({stage: {"show_samples": 0}}, settings)
             print(f"{workload.name} · {label}: {args.repeats} paired runs", flush=True)
-            quiet = {"show_samples": 0} if section in ("sft", "dpo") else {}
-            on = lambda r: ours(stage, {**recipe, section: {key: True, **quiet}}, workdir, f"{workload.name}-{section}-on-{r}")  # noqa: E731
-            off = lambda r: ours(stage, {**recipe, section: {key: False, **quiet}}, workdir, f"{workload.name}-{section}-off-{r}")  # noqa: E731
+            on = lambda r: ours(stage, merged(recipe, settings, {section: {key: True}}), workdir, f"{workload.name}-{section}-{key}-on-{r}")  # noqa: E731
+            off = lambda r: ours(stage, merged(recipe, settings, {section: {key: False}}), workdir, f"{workload.name}-{section}-{key}-off-{r}")  # noqa: E731
             pairs = [(on(r), off(r)) if r % 2 == 0 else tuple(reversed((off(r), on(r)))) for r in range(args.repeats)]
             speedups = [b["seconds"] / a["seconds"] for a, b in pairs]
             rows.append({"workload": workload.name, "option": label, "speedup": statistics.median(speedups), "runs": [round(x, 3) for x in speedups]})

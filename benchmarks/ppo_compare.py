@@ -49,6 +49,20 @@ def write_prompts(folder: Path, base: Path, pairs: Path, workload: PpoWorkload) 
     return text, ids
 
 
+def ppo_recipe(base: Path, rm_init: Path, prompts: Path, workload: PpoWorkload, precision: str, seed: int) -> dict:
+    """dpo-cli's ppo recipe of the workload, with the settings TRL's run gets (separate models, as TRL runs them)."""
+    return {
+        "stage": "ppo", "seed": seed, "model": {"name_or_path": str(base)}, "data": {"train": str(prompts), "max_length": 1024},
+        "train": {"max_steps": workload.iterations, "batch_size": workload.batch_size, "learning_rate": 1e-5, "lr_scheduler": "linear",
+                  "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": None, "log_every": 1,
+                  "mixed_precision": "bf16" if precision == "bf16" else "no"},
+        "generation": {"max_new_tokens": workload.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "batch_size": workload.batch_size},
+        "ppo": {"reward_model": str(rm_init), "mini_batch_size": workload.mini_batch_size, "ppo_epochs": workload.ppo_epochs, "kl_coef": 0.05,
+                "vf_coef": 0.1, "cliprange": 0.2, "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95, "show_samples": 0,
+                "reward_batch_size": workload.batch_size},
+    }  # fmt: skip
+
+
 def ours(recipe: dict, workdir: Path, name: str) -> dict:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -80,16 +94,7 @@ def ppo_rows(base: Path, rm_init: Path, pairs_by_workload: dict[str, Path], work
     for name, pairs in pairs_by_workload.items():
         workload = PPO_WORKLOADS[name]
         text, ids = write_prompts(workdir, base, pairs, workload)
-        recipe = {
-            "stage": "ppo", "seed": seed, "model": {"name_or_path": str(base)}, "data": {"train": str(text), "max_length": 1024},
-            "train": {"max_steps": workload.iterations, "batch_size": workload.batch_size, "learning_rate": 1e-5, "lr_scheduler": "linear",
-                      "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": None, "log_every": 1,
-                      "mixed_precision": "bf16" if precision == "bf16" else "no"},
-            "generation": {"max_new_tokens": workload.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "batch_size": workload.batch_size},
-            "ppo": {"reward_model": str(rm_init), "mini_batch_size": workload.mini_batch_size, "ppo_epochs": workload.ppo_epochs, "kl_coef": 0.05,
-                    "vf_coef": 0.1, "cliprange": 0.2, "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95, "show_samples": 0,
-                    "reward_batch_size": workload.batch_size},
-        }  # fmt: skip
+        recipe = ppo_recipe(base, rm_init, text, workload, precision, seed)
         config = {
             "policy": str(base), "reward_model": str(rm_init), "prompts": str(ids), "iterations": workload.iterations, "batch_size": workload.batch_size,
             "mini_batch_size": workload.mini_batch_size, "ppo_epochs": workload.ppo_epochs, "max_new_tokens": workload.max_new_tokens,
