@@ -37,11 +37,14 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T) whitened GAE advantages
     returns: torch.Tensor | None = None  # (B, T)
     padding_free: bool = False  # model passes on packed rows (PackedEpisodes), each episode without padding
+    layout_decided: bool = False  # a mini-batch: packs where its batch did, whatever it saves itself
 
     @functools.cached_property
     def packed(self) -> PackedEpisodes | None:
         """This batch's episodes in packed rows, for the model passes (None: the padded layout above)."""
-        return pack_episodes(self) if self.padding_free else None
+        if not self.padding_free:
+            return None
+        return pack_episodes(self, 0.0 if self.layout_decided else MIN_SAVING)
 
     def rows(self, index: torch.Tensor) -> Rollout:
         """The rollouts at `index` (a mini-batch); tensors sliced, lists picked."""
@@ -54,6 +57,8 @@ class Rollout:
                 picked[name] = [value[i] for i in index.tolist()]
             else:
                 picked[name] = value
+        # one layout for every pass of an iteration: pi_old, the reference and each update read the same rows
+        picked.update(padding_free=self.packed is not None, layout_decided=True)
         return Rollout(**picked)
 
 
@@ -99,9 +104,13 @@ class PackedEpisodes:
         return grid
 
 
-def pack_episodes(rollout: Rollout) -> PackedEpisodes | None:
-    """The rollout's episodes packed (first fit, rows as long as its longest episode); None when an episode has
-    no prompt token, whose first response token no position predicts."""
+MIN_SAVING = 0.1  # packed rows must save this share of the padded tokens to be worth their mask
+
+
+def pack_episodes(rollout: Rollout, min_saving: float = 0.0) -> PackedEpisodes | None:
+    """The rollout's episodes packed (first fit, rows as long as its longest episode); None (the padded layout)
+    when that saves under `min_saving` of the tokens, or an episode has no prompt token, whose first response
+    token no position predicts."""
     context, device = rollout.context_length, rollout.query_response.device
     real = rollout.attention_mask.bool().cpu()  # (B, P + T)
     tokens = rollout.query_response.cpu()
@@ -113,6 +122,8 @@ def pack_episodes(rollout: Rollout) -> PackedEpisodes | None:
         ids = row[real[b]].tolist()
         pieces.append(Piece(ids, ids, list(range(len(ids))), [segment_id(b, OWN)] * len(ids)))
     rows = pack(pieces, pad_id=int(tokens[0, 0]), sequences=len(pieces))
+    if rows["input_ids"].numel() > (1 - min_saving) * tokens.numel():
+        return None
     flat_segments = rows["segments"].flatten()
     filled = (flat_segments != PADDING).nonzero(as_tuple=True)[0]
     starts = torch.full((len(pieces),), flat_segments.numel(), dtype=torch.long)

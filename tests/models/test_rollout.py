@@ -99,3 +99,12 @@ def test_packed_episodes_give_the_log_probs_values_and_gradients_of_padded_rows(
     for mine, theirs in zip(packed_grads, grads):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5 * max(1.0, float(theirs.abs().max())))  # float32 rounding scales with the largest
     assert grads
+
+
+def test_a_batch_packing_saves_little_on_keeps_the_padded_rows_in_every_pass():
+    full = episodes(300, 0, padding_free=True)
+    full.attention_mask[:] = 1  # every prompt and response full: packing would save nothing
+    full.response_mask[:] = 1.0
+    assert full.packed is None and full.rows(torch.tensor([0, 1])).packed is None
+    rollout = episodes(300, 0, padding_free=True)  # packing saves 15%: every mini-batch packs, whatever it saves itself
+    assert rollout.packed is not None and rollout.rows(torch.tensor([0])).packed is not None

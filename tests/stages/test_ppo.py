@@ -243,9 +243,12 @@ def test_one_combined_backward_equals_two(tmp_path, ppo_recipe, tiny_model_dir, 
         assert torch.allclose(one[name], two[name], atol=1e-6), name
 
 
-def test_padding_free_iterations_equal_padded_ones(ppo_recipe, tiny_model_dir, tiny_tokenizer):
+def test_padding_free_iterations_equal_padded_ones(ppo_recipe, tiny_model_dir, tiny_tokenizer, monkeypatch):
     """ppo.padding_free packs each mini-batch's episodes: the same experience, losses and updates."""
+    import dpo_cli.models.rollout
     from dpo_cli.core.recipe_loader import load_recipe
+
+    monkeypatch.setattr(dpo_cli.models.rollout, "MIN_SAVING", 0.0)  # pack the toy rollout, whatever it saves
     from dpo_cli.core.runtime import setup_runtime
     from dpo_cli.stages.ppo import advantage_phase, experience_phase, update_phase
 
