@@ -50,6 +50,12 @@ COMPARISONS = [
 ]
 
 
+# How both tools train in each --mode: full weights, LoRA on every linear layer but the head, or that LoRA on a
+# 4-bit NF4 base (double quantization, matmuls in the benchmark's precision). Dropout 0: the first steps compare.
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+MODES = {"full": {}, "lora": {"lora": LORA}, "qlora": {"lora": LORA, "quantization": {"quant_type": "nf4", "double_quant": True}}}
+
+
 def matmul_peak(precision: str, seconds: float = 3.0) -> float:
     """The machine's matmul throughput (FLOP/s) in the benchmark's precision, best of a few shapes."""
     import torch
@@ -83,8 +89,9 @@ def ours(stage: str, recipe: dict, workdir: Path, name: str) -> dict:
     return {"seconds": seconds, "tokens": summary["tokens"], "peak_memory_bytes": summary["peak_memory_bytes"], "first_loss": first.get(FIRST_STEP_KEY.get(stage, "loss"))}
 
 
-def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Workload, workdir: Path, name: str, precision: str) -> dict:
+def theirs(trainer: str, setting: str, model: Path, data: Path, workload: Workload, workdir: Path, name: str, precision: str, mode: str) -> dict:
     config = {"stage": trainer, "setting": setting, "model": str(model), "data": str(data), "output_dir": str(workdir / name), "bf16": precision == "bf16"}
+    config.update(mode=mode, lora=LORA)
     config.update(batch_size=workload.batch_size, steps=workload.steps, max_length=workload.max_length, seed=SEED)
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -100,7 +107,7 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
     build_base_model(base, args.shape)
     build_reward_init(base, rm_init)
     flops_per_token = model_flops_per_token(base)
-    peak = matmul_peak(args.precision)
+    peaks = [matmul_peak(args.precision)]  # measured again after each row: the best the machine did in this run
     rows, pairs_for_ppo = [], {}
     for workload in (WORKLOADS[name] for name in args.workloads.split(",")):
         files = write_data(workdir, base, workload)
@@ -109,10 +116,12 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
         for label, stage, trainer, setting, sections in COMPARISONS:
             if not any(part in label for part in args.only.split(",")):
                 continue
+            if args.mode != "full" and stage == "rm-train":
+                continue  # LoRA and 4-bit rows: sft and dpo
             model = rm_init if stage == "rm-train" else base
             data = files["sft" if stage == "sft" else "pairs"]
             recipe = {
-                "stage": stage, "seed": SEED, "model": {"name_or_path": str(model)},
+                "stage": stage, "seed": SEED, "model": {"name_or_path": str(model), **MODES[args.mode]},
                 "data": {"train": str(data), "eval": None, "max_length": workload.max_length},
                 "train": {"max_steps": workload.steps, "batch_size": workload.batch_size, "learning_rate": 1e-4, "lr_scheduler": "linear",
                           "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_every": None, "log_every": 1,
@@ -123,14 +132,18 @@ def side_by_side(args: argparse.Namespace, workdir: Path) -> dict:
             pairs = []
             for r in range(args.repeats):
                 run_ours = lambda: ours(stage, recipe, workdir, f"{workload.name}-{stage}-{setting}-{r}")  # noqa: E731
-                run_theirs = lambda: theirs(trainer, setting, model, ordered["sft" if stage == "sft" else "pairs"], workload, workdir, f"trl-{workload.name}-{trainer}-{setting}-{r}", args.precision)  # noqa: E731
+                run_theirs = lambda: theirs(trainer, setting, model, ordered["sft" if stage == "sft" else "pairs"], workload, workdir, f"trl-{workload.name}-{trainer}-{setting}-{r}", args.precision, args.mode)  # noqa: E731
                 a, b = (run_ours(), run_theirs()) if r % 2 == 0 else tuple(reversed((run_theirs(), run_ours())))
                 pairs.append((a, b))
-            rows.append(summarise(workload, label, stage, pairs, flops_per_token, peak))
+            peaks.append(matmul_peak(args.precision))
+            rows.append(summarise(workload, label, stage, pairs, flops_per_token, max(peaks), args.mode))
     ppo = []
-    if any(part in "ppo vs TRL 1.12" for part in args.only.split(",")):
+    if args.mode == "full" and any(part in "ppo vs TRL 1.12" for part in args.only.split(",")):
         ppo = ppo_rows(base, rm_init, {name: path for name, path in pairs_for_ppo.items() if name in PPO_WORKLOADS}, workdir, args.repeats, args.precision, SEED)
-    return {"matmul_peak_flops": peak, "model_flops_per_token_forward": flops_per_token, "rows": rows, "ppo_rows": ppo}
+    for row in rows:  # every row's MFU against the run's best peak
+        row["ours_mfu"], row["trl_mfu"] = (row[key] * row["matmul_peak_flops"] / max(peaks) for key in ("ours_mfu", "trl_mfu"))
+        row["matmul_peak_flops"] = max(peaks)
+    return {"matmul_peak_flops": max(peaks), "matmul_peaks_flops": peaks, "model_flops_per_token_forward": flops_per_token, "rows": rows, "ppo_rows": ppo}
 
 
 # (name, stage, the option's section and key, other settings of both runs): each measured on and off, alternating, on every workload
@@ -183,9 +196,10 @@ def ablations(args: argparse.Namespace, workdir: Path) -> dict:
     return {"ablations": rows}
 
 
-def summarise(workload: Workload, label: str, stage: str, pairs: list[tuple[dict, dict]], flops_per_token: float, peak: float) -> dict:
+def summarise(workload: Workload, label: str, stage: str, pairs: list[tuple[dict, dict]], flops_per_token: float, peak: float, mode: str) -> dict:
     rows, tokens = workload.rows, pairs[0][0]["tokens"]
-    passes = 3 + (1 if stage == "dpo" else 0)  # training: forward and backward; dpo: a reference forward too
+    # training: forward and backward (no weight gradients of a frozen base under LoRA); dpo: a reference forward too
+    passes = (3 if mode == "full" else 2) + (1 if stage == "dpo" else 0)
     rate = lambda run: rows / run["seconds"]  # noqa: E731
     mfu = lambda run: tokens * passes * flops_per_token / run["seconds"] / peak  # noqa: E731
     a, b = pairs[0]
@@ -197,7 +211,7 @@ def summarise(workload: Workload, label: str, stage: str, pairs: list[tuple[dict
         "ours_tokens_per_s": statistics.median(tokens / x["seconds"] for x, _ in pairs), "trl_tokens_per_s": statistics.median(tokens / y["seconds"] for _, y in pairs),
         "ours_peak_memory_bytes": statistics.median(x["peak_memory_bytes"] for x, _ in pairs), "trl_peak_memory_bytes": statistics.median(y["peak_memory_bytes"] for _, y in pairs),
         "ours_mfu": statistics.median(mfu(x) for x, _ in pairs), "trl_mfu": statistics.median(mfu(y) for _, y in pairs),
-        "first_loss": [a["first_loss"], b["first_loss"]], "first_losses_agree": agree,
+        "first_loss": [a["first_loss"], b["first_loss"]], "first_losses_agree": agree, "matmul_peak_flops": peak,
     }  # fmt: skip
 
 
@@ -225,6 +239,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="Only the comparisons (or modes) whose name contains this text (several: a,b).")
     parser.add_argument("--shape", choices=["tiny", "qwen2.5-0.5b"], default="tiny", help="The model's shape (random weights).")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast (both tools).")
+    parser.add_argument("--mode", choices=list(MODES), default="full", help="Full weights, LoRA, or LoRA on a 4-bit base (both tools; sft and dpo).")
     parser.add_argument("--out", type=Path, default=None, help="Default: benchmarks/results/<host>-<date>.json")
     args = parser.parse_args()
     import torch
@@ -246,12 +261,12 @@ def main() -> None:
         versions["trl"] = metadata.version("trl")
     except metadata.PackageNotFoundError:
         pass
-    report.update(suite=args.suite, shape=args.shape, precision=args.precision, repeats=args.repeats, host=socket.gethostname(), device=device, date=datetime.date.today().isoformat(), versions=versions)
-    out = args.out or Path(__file__).parent / "results" / f"{socket.gethostname()}-{report['date']}-{args.suite}.json"
+    report.update(suite=args.suite, mode=args.mode, shape=args.shape, precision=args.precision, repeats=args.repeats, host=socket.gethostname(), device=device, date=datetime.date.today().isoformat(), versions=versions)
+    out = args.out or Path(__file__).parent / "results" / f"{socket.gethostname()}-{report['date']}-{args.suite}{'' if args.mode == 'full' else '-' + args.mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if args.suite == "trl":
-        print(f"\n{device}; {args.shape} model, {args.precision}; matmul peak {report['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; TRL {report['versions'].get('trl', '?')}\n")
+        print(f"\n{device}; {args.shape} model, {args.mode} weights, {args.precision}; matmul peak {report['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s; TRL {report['versions'].get('trl', '?')}\n")
         print(markdown(report))
         if report["ppo_rows"]:
             from ppo_compare import markdown as ppo_markdown

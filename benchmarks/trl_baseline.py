@@ -34,6 +34,18 @@ def main() -> None:
     if stage != "dpo" or fastest:
         common["gradient_checkpointing"] = False  # TRL's default is on; its fastest setting turns it off
     precompute = {"seconds": 0.0}
+    load, adapters = {}, {}
+    if config["mode"] != "full":  # bench.py's MODES, as peft and bitsandbytes spell them
+        from peft import LoraConfig
+
+        lora = config["lora"]
+        task = "SEQ_CLS" if stage == "rm" else "CAUSAL_LM"
+        adapters["peft_config"] = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"], task_type=task)
+    if config["mode"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if config["bf16"] else torch.float32
+        load["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -48,18 +60,18 @@ def main() -> None:
 
         DPOTrainer._precompute_ref_logps = timed
         args = DPOConfig(beta=0.1, precompute_ref_log_probs=fastest, **common)
-        model = AutoModelForCausalLM.from_pretrained(config["model"])
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(config["model"], **load)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, **adapters)
     elif stage == "rm":
         from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=1)
-        trainer = RewardTrainer(model=model, args=RewardConfig(center_rewards_coefficient=None, **common), train_dataset=data, processing_class=tokenizer)
+        model = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=1, **load)
+        trainer = RewardTrainer(model=model, args=RewardConfig(center_rewards_coefficient=None, **common), train_dataset=data, processing_class=tokenizer, **adapters)
     else:
         from trl import SFTConfig, SFTTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(config["model"])
-        trainer = SFTTrainer(model=model, args=SFTConfig(packing=False, **common), train_dataset=data, processing_class=tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(config["model"], **load)
+        trainer = SFTTrainer(model=model, args=SFTConfig(packing=False, **common), train_dataset=data, processing_class=tokenizer, **adapters)
     trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)
     output = trainer.train()
     key = "logps/chosen" if stage == "dpo" else "loss"  # bench.py's FIRST_STEP_KEY
