@@ -275,7 +275,7 @@ class PpoSection(Section):
     padding_free: bool = Field(
         True,
         description="The policy, reference and critic passes read packed rows: each episode's prompt and response without padding (the "
-        "same log-probs and values within float rounding), where that saves at least 10% of the tokens; off by itself with several processes, where the attention takes no custom "
+        "same log-probs and values within float rounding), where that saves at least 10% of an iteration's tokens; off by itself with several processes, where the attention takes no custom "
         "mask, or where a sliding window is shorter than data.max_length + generation.max_new_tokens.",
     )
     sample_every: int = Field(10, ge=1, description="Write a few sample responses to RUN/samples.jsonl every N iterations.")
@@ -303,6 +303,8 @@ class PpoRecipe(TrainingRecipe):
             raise ValueError("with model.lora the critic is a second adapter on the policy's base: drop ppo.value_model")
         if self.data.eval is not None:
             raise ValueError("data.eval: ppo samples prompts from data.train only")
+        if self.train.group_by_length:
+            raise ValueError("train.group_by_length: ppo samples its prompts afresh each iteration; the option is for sft, rm-train and dpo")
         return self
 
 

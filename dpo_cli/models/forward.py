@@ -58,15 +58,21 @@ def custom_mask_problem(model: torch.nn.Module, max_length: int) -> str | None:
     return None
 
 
-def packed_rows_allowed(setting: str, enabled: bool, models: list[torch.nn.Module], max_length: int, scored: bool = False) -> tuple[bool, list[str]]:
+GROUPING_HINT = " (train.group_by_length: true batches similar lengths)"
+
+
+def packed_rows_allowed(
+    setting: str, enabled: bool, models: list[torch.nn.Module], max_length: int, scored: bool = False, hint: str = GROUPING_HINT
+) -> tuple[bool, list[str]]:
     """Whether a stage packs rows (data.layout): where `setting` is on and every model takes their mask (and,
-    for reward models, has a `score` head to read at each completion's end); else a note says why not."""
+    for reward models, has a `score` head to read at each completion's end); else a note says why not, and
+    `hint` what else helps."""
     if not enabled:
         return False, []
     problems = [problem for model in models if (problem := custom_mask_problem(model, max_length))]
     if scored and not all(hasattr(base_model(model), "score") for model in models):
         problems.append("the reward model has no `score` head")
-    return (False, [f"{setting}: off, {problems[0]}; one row per sequence (train.group_by_length: true batches similar lengths)"]) if problems else (True, [])
+    return (False, [f"{setting}: off, {problems[0]}; one row per sequence{hint}"]) if problems else (True, [])
 
 
 def segment_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -87,13 +93,13 @@ def segment_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _last_positions(segments: torch.Tensor) -> torch.Tensor:
-    """(R, T) segments -> (max segment + 1,) the flat index (row * T + column) of each segment's last token
-    (-1 for an id no token has)."""
+def segment_positions(segments: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """(R, T) segments -> (max segment + 1,) the flat index (row * T + column) of each segment's last token, or
+    its first (-1 for an id no token has)."""
     flat = segments.flatten()  # (R*T,)
     real = (flat != PADDING).nonzero(as_tuple=True)[0]
-    last = torch.full((int(flat.max()) + 1,), -1, dtype=torch.long, device=segments.device)
-    return last.scatter_reduce(0, flat[real], real, reduce="amax")
+    edges = torch.full((int(flat.max()) + 1,), -1, dtype=torch.long, device=segments.device)
+    return edges.scatter_reduce(0, flat[real], real, reduce="amin" if first else "amax", include_self=not first)
 
 
 def segment_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -109,7 +115,7 @@ def segment_targets(labels: torch.Tensor, segments: torch.Tensor) -> tuple[torch
     segment = flat_segments[positions]  # (N,)
     item, part = segment // PARTS, segment % PARTS
     first_rejected = (part == REJECTED) & (flat_segments[positions - 1] != segment)
-    sources = torch.where(first_rejected, _last_positions(segments)[segment - part], positions - 1)  # (N,)
+    sources = torch.where(first_rejected, segment_positions(segments)[segment - part], positions - 1)  # (N,)
     real = flat_segments[flat_segments != PADDING]
     items = int(real.max()) // PARTS + 1
     pairs = bool((real % PARTS == REJECTED).any())
@@ -205,7 +211,7 @@ class RewardScores(torch.nn.Module):
         positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
         base = base_model(self.model)
         if segments is not None:
-            last_positions = _last_positions(segments)  # by segment id: 3k, 3k+1, 3k+2 for pair k
+            last_positions = segment_positions(segments)  # by segment id: 3k, 3k+1, 3k+2 for pair k
             pairs = last_positions.size(0) // PARTS
             flat_last = torch.cat([last_positions[CHOSEN::PARTS][:pairs], last_positions[REJECTED::PARTS][:pairs]])  # (2B,)
             if bool((flat_last < 0).any()):

@@ -55,8 +55,8 @@ def generate(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """Sample one response per tokenised prompt: left-padded batches, deterministic for a fixed seed; results in
-    the prompts' order. Prompts of more than one batch are batched by length (the shortest together), so a
-    short prompt is not padded to a long one's length. `on_batch(n)` is told after each batch how many
+    the prompts' order. Prompts of more than one batch are batched by length (the longest first, so a batch
+    that does not fit in memory fails at once), so a short prompt is not padded to a long one's length. `on_batch(n)` is told after each batch how many
     prompts it finished (for a progress bar)."""
     was_training = model.training
     model.eval()
@@ -64,7 +64,7 @@ def generate(
     stop_ids = stop_token_ids(tokenizer, model)
     order = list(range(len(prompts)))
     if len(prompts) > cfg.batch_size:
-        order.sort(key=lambda i: len(prompts[i]))
+        order.sort(key=lambda i: -len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):  # sampling must not shift the training RNG streams

@@ -7,12 +7,12 @@ Shapes: B rollouts; a rollout is P prompt tokens (left-padded) followed by T res
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from dpo_cli.data.layout import OWN, PADDING, PARTS, Piece, pack, segment_id
-from dpo_cli.models.forward import _plain_linear_head, model_segment_mask
+from dpo_cli.data.layout import OWN, PARTS, Piece, pack, segment_id
+from dpo_cli.models.forward import _plain_linear_head, model_segment_mask, segment_positions
 from dpo_cli.losses import tempered_token_logps
 from dpo_cli.models.build import base_model
 
@@ -96,6 +96,13 @@ class PackedEpisodes:
     episodes: torch.Tensor  # (N,) each one's episode b
     steps: torch.Tensor  # (N,) and its response position t
     shape: tuple[int, int]  # (B, T)
+    masks: dict = field(default_factory=dict)  # the attention mask by (implementation, dtype): one for the policy, reference and critic
+
+    def attention_mask(self, base: torch.nn.Module) -> torch.Tensor:
+        key = (base.config._attn_implementation, base.get_input_embeddings().weight.dtype)
+        if key not in self.masks:
+            self.masks[key] = model_segment_mask(base, self.segments)
+        return self.masks[key]
 
     def on_grid(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) per response token -> (B, T), zero where the padded layout has padding."""
@@ -124,10 +131,7 @@ def pack_episodes(rollout: Rollout, min_saving: float = 0.0) -> PackedEpisodes |
     rows = pack(pieces, pad_id=int(tokens[0, 0]), sequences=len(pieces))
     if rows["input_ids"].numel() > (1 - min_saving) * tokens.numel():
         return None
-    flat_segments = rows["segments"].flatten()
-    filled = (flat_segments != PADDING).nonzero(as_tuple=True)[0]
-    starts = torch.full((len(pieces),), flat_segments.numel(), dtype=torch.long)
-    starts = starts.scatter_reduce(0, flat_segments[filled] // PARTS, filled, reduce="amin")  # (B,) each piece's first flat index
+    starts = segment_positions(rows["segments"], first=True)[::PARTS]  # (B,) each episode's first flat index
     sources, episodes, steps = [], [], []
     for b, piece in enumerate(pieces):
         response = len(piece.ids) - prompt_lengths[b]
@@ -159,7 +163,7 @@ def _model_inputs(base: torch.nn.Module, rollout: Rollout) -> dict[str, torch.Te
     packed = rollout.packed
     if packed is None:
         return dict(input_ids=rollout.query_response, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask))
-    return dict(input_ids=packed.input_ids, attention_mask=model_segment_mask(base, packed.segments), position_ids=packed.position_ids)
+    return dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask(base), position_ids=packed.position_ids)
 
 
 def _at_response(rollout: Rollout, states: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dpo_cli.eval.evaluation import periodic_evaluator
 from dpo_cli.models.forward import CompletionLogProbs, packed_rows_allowed, pair_logps
 from dpo_cli.models.generate import generate
 from dpo_cli.train.loop import StepFn, batch_streams, train
-from dpo_cli.train.reference_logps import attach_reference_logps
+from dpo_cli.train.reference_logps import ReferenceCache, attach_reference_logps
 from dpo_cli.losses import dpo_loss, mean_token_logps
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
@@ -50,19 +50,20 @@ def sample(bundle: ModelBundle, prompts: list[Any], recipe: DpoRecipe, runtime: 
     return [g.text.strip() for g in generate(bundle.model, bundle.tokenizer, ids, recipe.generation, recipe.seed, runtime.device)]
 
 
-def reference_cache_settings(recipe: DpoRecipe, reference: Reference, runtime: Runtime) -> dict[str, Any] | None:
-    """What besides the pairs' tokens and the reference's weights its log-probs depend on (the cache key's
-    other inputs), or None where dpo.ref_cache is off or the weights are sharded (FSDP, DeepSpeed)."""
+def reference_cache(recipe: DpoRecipe, reference: Reference, runtime: Runtime) -> ReferenceCache | None:
+    """The cache of the reference's log-probs, with what besides the pairs' tokens and the reference's weights
+    they depend on; None where dpo.ref_cache is off or the weights are sharded (FSDP, DeepSpeed)."""
     if not recipe.dpo.ref_cache:
         return None
     if runtime.sharded:
         ui.note(f"dpo.ref_cache: off under {recipe.distributed.strategy} (each process holds a shard of the reference's weights)")
         return None
     quantization = recipe.model.quantization if reference.separate is None else None  # a separate reference loads unquantized
-    return {
+    how = {
         "precision": runtime.mixed_precision, "device": runtime.device.type,
         "quantization": quantization.model_dump(mode="json") if quantization is not None else None,
     }  # fmt: skip
+    return ReferenceCache(reference, how)
 
 
 def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
@@ -97,10 +98,10 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     evaluator = periodic_evaluator(recipe.policy_eval, recipe.seed, runtime.device)
     reference_started = time.perf_counter()
     if recipe.dpo.precompute_ref:
-        cache_how = reference_cache_settings(recipe, reference, runtime)
-        train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime, cache_how)
+        cache = reference_cache(recipe, reference, runtime)
+        train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime, cache)
         if eval_set is not None:
-            eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime, cache_how)
+            eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime, cache)
         if evaluator is None:  # the policy evaluation's KL still needs the reference
             reference.release()
     reference_seconds = time.perf_counter() - reference_started  # the precomputed pass (0 when loaded or off)

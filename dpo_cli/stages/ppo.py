@@ -268,7 +268,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         notes.append("the reward model has its own tokenizer: each response is re-tokenised from text for it")
     actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward.tokenizer.get_vocab())
     padding_free, layout_notes = packed_rows_allowed(
-        "ppo.padding_free", recipe.ppo.padding_free and runtime.world_size == 1, actor_critic.models(), recipe.data.max_length + recipe.generation.max_new_tokens
+        "ppo.padding_free", recipe.ppo.padding_free and runtime.world_size == 1, actor_critic.models(), recipe.data.max_length + recipe.generation.max_new_tokens, hint=""
     )  # several processes run policy and critic as one DDP forward, on the padded layout
     ui.notes(notes + bundle.notes + role_notes + layout_notes)
 

@@ -176,24 +176,29 @@ MEGABATCH = 50  # global batches sorted together by group_by_length
 
 def group_by_length(order: list[int], lengths: list[int], global_batch: int, generator: torch.Generator) -> list[int]:
     """A shuffled order regrouped so that each global batch holds rows of similar length: groups of MEGABATCH
-    global batches, each sorted longest first, then its batches in a random order (no trend within a group);
-    a group's last, incomplete batch stays last, as an epoch's last batch is the one left short."""
+    global batches, each sorted longest first, then its batches in a random order (no trend within a group)
+    and each batch's rows shuffled (no process always gets the longest rows); a group's last, incomplete
+    batch stays last, as an epoch's last batch is the one left short."""
     grouped = []
     for start in range(0, len(order), global_batch * MEGABATCH):
         members = sorted(order[start : start + global_batch * MEGABATCH], key=lambda i: -lengths[i])
         batches = [members[b : b + global_batch] for b in range(0, len(members), global_batch)]
         full = len(batches) if len(batches[-1]) == global_batch else len(batches) - 1
         for b in torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches))):
-            grouped.extend(batches[b])
+            grouped.extend(batches[b][i] for i in torch.randperm(len(batches[b]), generator=generator).tolist())
     return grouped
 
 
 def row_lengths(dataset: Dataset) -> list[int]:
-    """Tokens of each row: an example's, or a pair's chosen and rejected sequences together."""
+    """Tokens of each row: an example's, or a pair's chosen and rejected sequences together (read as Arrow
+    list lengths, a batch at a time: the token ids never become Python lists)."""
+    import pyarrow.compute as pc
+
     columns = [c for c in ("input_ids", "chosen_input_ids", "rejected_input_ids") if c in dataset.column_names]
-    totals = [0] * len(dataset)
-    for column in columns:
-        totals = [total + len(ids) for total, ids in zip(totals, dataset[column])]
+    totals: list[int] = []
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+        lengths = [pc.list_value_length(batch.column(c)).to_pylist() for c in columns]
+        totals.extend(sum(row) for row in zip(*lengths))
     return totals
 
 

@@ -4,8 +4,10 @@ learning rate; a sweep; a seed study) skips the pass.
 
 The run dir's file carries a fingerprint of the token sequences it was computed on. The cache
 ($DPO_CLI_CACHE, default ~/.cache/dpo-cli, reference-logps/KEY.safetensors) is keyed by everything its
-numbers depend on: those token sequences, the reference's weights (hashed tensor by tensor, adapters left
-out), the quantization, precision and device type. A file there can be deleted at any time.
+numbers depend on beyond float rounding: those token sequences, the reference's weights (hashed tensor by
+tensor, adapters left out) and config, the transformers version, the quantization, precision and device
+type. (The attention kernel and the row layout change only the rounding, and are left out.) A file there
+can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +41,13 @@ def cache_root() -> Path:
 
 
 def token_fingerprint(ds: Dataset) -> str:
-    """What the reference log-probs were computed on: every pair's token ids, hashed."""
+    """What the reference log-probs were computed on: every pair's token ids, hashed (a batch of rows at a
+    time: a dataset of long pairs never sits in memory as Python lists)."""
+    columns = ["chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels"]
     digest = hashlib.sha256()
-    for column in ("chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels"):
-        digest.update(json.dumps(list(ds[column])).encode())
+    for batch in ds.select_columns(columns).iter(batch_size=1024):
+        for column in columns:
+            digest.update(json.dumps(batch[column]).encode())
     return digest.hexdigest()[:32]
 
 
@@ -67,10 +73,38 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def config_fingerprint(model: torch.nn.Module) -> str:
+    """The config the weights run under (rope scaling, norms' epsilon, soft-capping...), and the transformers
+    version whose code runs them; where the checkpoint was loaded from left out."""
+    import transformers
+
+    from dpo_cli.models.build import base_model
+
+    config = {k: v for k, v in base_model(model).config.to_dict().items() if k not in ("_name_or_path", "_attn_implementation_autoset")}
+    text = json.dumps({"config": config, "transformers": transformers.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def cache_key(tokens: str, weights: str, how: dict[str, Any]) -> str:
     """The cache file's name: every input of the numbers it holds."""
     identity = {"format": CACHE_FORMAT, "tokens": tokens, "weights": weights, **how}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:40]
+
+
+@dataclass
+class ReferenceCache:
+    """Where a reference's log-probs are cached: `how` holds the settings besides tokens and weights that the
+    numbers depend on; the weights are hashed once, when first needed (on the main process only)."""
+
+    reference: Reference
+    how: dict[str, Any]
+    _weights: str | None = field(default=None, repr=False)
+
+    def path(self, tokens: str) -> Path:
+        if self._weights is None:
+            model = self.reference.weights_model()
+            self._weights = f"{weights_fingerprint(model)}:{config_fingerprint(model)}"
+        return cache_root() / "reference-logps" / f"{cache_key(tokens, self._weights, self.how)}.safetensors"
 
 
 def saved_fingerprint(path: Path) -> str | None:
@@ -95,19 +129,22 @@ def attach_reference_logps(
     batch_size: int,
     run: RunDir,
     runtime: Runtime,
-    cache_how: dict[str, Any] | None,
+    cache: ReferenceCache | None,
 ) -> Dataset:
     """Reference log-probs of every pair, computed once and saved (RUN/reference_logps-NAME.safetensors). With
-    `cache_how` (the settings besides tokens and weights that the numbers depend on), a file an earlier run
-    left in the cache is taken instead of the pass, and a computed one is left there for later runs."""
+    a `cache`, a file an earlier run left there is taken instead of the pass, and a computed one is left there
+    for later runs."""
     path = run.path / f"reference_logps-{name}.safetensors"
     fingerprint = token_fingerprint(ds)
     cached = None
-    if cache_how is not None and runtime.is_main and not _holds(path, fingerprint):
-        cached = cache_root() / "reference-logps" / f"{cache_key(fingerprint, weights_fingerprint(reference.weights_model()), cache_how)}.safetensors"
-        if _holds(cached, fingerprint):
-            atomic_write_bytes(path, cached.read_bytes())
-            ui.note(f"reference log-probs ({name}) taken from the cache: {cached} (same reference weights, pairs, precision and device type)")
+    if cache is not None and runtime.is_main and not _holds(path, fingerprint):
+        cached = cache.path(fingerprint)
+        try:
+            if _holds(cached, fingerprint):
+                atomic_write_bytes(path, cached.read_bytes())
+                ui.note(f"reference log-probs ({name}) taken from the cache: {cached} (same reference weights and config, pairs, precision and device type)")
+        except OSError:  # deleted or unreadable meanwhile: a miss (the pass below writes the run's own file)
+            pass
     distributed.barrier()
     if distributed.main_has(path) and distributed.broadcast(saved_fingerprint(path)) == fingerprint:
         saved = load_file(str(path))["logps"]

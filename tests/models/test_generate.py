@@ -20,7 +20,7 @@ def test_prompts_of_several_batches_are_batched_by_length_and_come_back_in_order
     widths, original = [], model.generate
     model.generate = lambda **kwargs: widths.append(kwargs["input_ids"].shape[1]) or original(**kwargs)
     batched = generate(model, tiny_tokenizer, prompts, cfg, seed=0, device=CPU)
-    assert widths == [3, 12]  # the two short prompts together, then the two long ones: 10 padding tokens fewer
+    assert widths == [12, 3]  # the two long prompts together, then the two short ones: 18 padding tokens fewer
     assert [g.prompt_ids for g in batched] == prompts
     alone = [generate(model, tiny_tokenizer, [p], cfg, seed=0, device=CPU)[0] for p in prompts]
     assert [g.response_ids for g in batched] == [g.response_ids for g in alone]

@@ -17,10 +17,10 @@ CPU = torch.device("cpu")
 
 
 def episodes(vocab: int, pad_id: int, padding_free: bool) -> Rollout:
-    """Four episodes: prompts of 5, 2, 7 and 3 tokens (left-padded to 7), responses of 6, 3, none and 6 tokens
+    """Four episodes: prompts of 7, 2, 7 and 3 tokens (left-padded to 7), responses of 6, 3, none and 6 tokens
     (right-padded to 6; the third has one masked placeholder, as make_rollout writes it)."""
     generator = torch.Generator().manual_seed(0)
-    prompts, responses = [5, 2, 7, 3], [6, 3, 0, 6]
+    prompts, responses = [7, 2, 7, 3], [6, 3, 0, 6]
     query_response = torch.randint(5, vocab, (4, 13), generator=generator)
     attention_mask = torch.ones_like(query_response)
     for b, (p, r) in enumerate(zip(prompts, responses)):
@@ -35,7 +35,7 @@ def test_episodes_pack_with_restarting_positions_and_their_prompt_ends_as_source
     rollout = episodes(300, 0, padding_free=True)
     packed = rollout.packed
     assert packed.input_ids.numel() < rollout.query_response.numel()
-    assert packed.input_ids.size(1) == 11  # the longest episode: 5 + 6
+    assert packed.input_ids.size(1) == 13  # the longest episode: 7 + 6
     assert packed.targets.numel() == int(rollout.response_mask.sum()) == 15
     for b in range(4):
         own = packed.segments == 3 * b
@@ -84,6 +84,7 @@ def test_packed_episodes_give_the_log_probs_values_and_gradients_of_padded_rows(
     results = []
     for padding_free in (False, True):
         rollout = episodes(min(vocab, 1000), tokenizer.pad_token_id, padding_free)
+        assert (rollout.packed is not None) == padding_free
         mask = rollout.response_mask
         actor_critic.zero_grad()
         logps, entropy = response_logps(policy, rollout, 0.7, with_entropy=True)
@@ -106,5 +107,5 @@ def test_a_batch_packing_saves_little_on_keeps_the_padded_rows_in_every_pass():
     full.attention_mask[:] = 1  # every prompt and response full: packing would save nothing
     full.response_mask[:] = 1.0
     assert full.packed is None and full.rows(torch.tensor([0, 1])).packed is None
-    rollout = episodes(300, 0, padding_free=True)  # packing saves 15%: every mini-batch packs, whatever it saves itself
-    assert rollout.packed is not None and rollout.rows(torch.tensor([0])).packed is not None
+    rollout = episodes(300, 0, padding_free=True)  # packing saves 25%: every mini-batch packs, whatever it saves itself
+    assert rollout.packed is not None and rollout.rows(torch.tensor([0])).packed is not None  # episode 0 alone fills its row

@@ -267,7 +267,7 @@ def test_saved_reference_logps_are_recomputed_when_the_token_sequences_change(tm
 
     from dpo_cli.train.reference_logps import saved_fingerprint
 
-    recipe = dpo_recipe(dpo={"precompute_ref": True, "show_samples": 0})
+    recipe = dpo_recipe(dpo={"precompute_ref": True, "show_samples": 0, "ref_cache": False})  # the pass itself, not the cache
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, dpo_cli.stages.dpo, "dpo_loss", 3)
         assert cli("dpo", recipe, "--run-dir", tmp_path / "run")[0] == 143

@@ -195,6 +195,8 @@ def test_bad_input(tmp_path, cli, ppo_recipe, tiny_model_dir):
     assert code == 1 and "ppo.mini_batch_size (3) must divide train.batch_size (4)" in err
     code, _, err = cli("ppo", ppo_recipe(ppo={"value_model": str(tiny_model_dir)}), "--run-dir", tmp_path / "c")
     assert code == 1 and "drop ppo.value_model" in err
+    code, _, err = cli("ppo", ppo_recipe(train={"group_by_length": True}), "--run-dir", tmp_path / "d")
+    assert code == 1 and "train.group_by_length" in err and "for sft, rm-train and dpo" in err
 
 
 def test_a_reward_model_with_another_tokenizer_is_re_tokenised(tmp_path, cli, ppo_recipe, tiny_model_dir):

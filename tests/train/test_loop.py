@@ -115,5 +115,7 @@ def test_grouped_by_length_every_row_comes_once_an_epoch_in_batches_of_similar_l
     assert BatchStream(dataset, 8, seed=3, collate=sizes, lengths=row_lengths(dataset))[37] == grouped[37]  # the same after a resume
     ranks = [BatchStream(dataset, 4, seed=3, collate=sizes, rank=r, world_size=2, lengths=row_lengths(dataset)) for r in (0, 1)]
     assert all(ranks[0][k] + ranks[1][k] == grouped[k] for k in range(ranks[0].per_epoch))  # processes split the same global batches
-    pairs = Dataset.from_dict({"chosen_input_ids": [[1, 2], [1]], "rejected_input_ids": [[3], [4, 5, 6]]})
-    assert row_lengths(pairs) == [3, 4]
+    longer = sum(sum(ranks[0][k]) > sum(ranks[1][k]) for k in range(ranks[0].per_epoch))
+    assert 0.2 < longer / ranks[0].per_epoch < 0.8  # and neither always gets the longer half
+    pairs = Dataset.from_dict({"chosen_input_ids": [[1, 2], [1], [7]], "rejected_input_ids": [[3], [4, 5, 6], []]})
+    assert row_lengths(pairs) == [3, 4, 1] and row_lengths(pairs.select([2, 0])) == [1, 3]

@@ -7,7 +7,9 @@ from transformers import AutoModelForCausalLM
 
 from dpo_cli.core.sections import ModelSection
 from dpo_cli.models.build import build_causal_lm
-from dpo_cli.train.reference_logps import cache_key, cache_root, weights_fingerprint
+from dpo_cli.models.forward import CompletionLogProbs
+from dpo_cli.models.roles import Reference
+from dpo_cli.train.reference_logps import ReferenceCache, cache_key, cache_root, weights_fingerprint
 
 CPU = torch.device("cpu")
 
@@ -37,3 +39,11 @@ def test_the_key_names_every_input_and_the_cache_lives_where_the_environment_say
     monkeypatch.delenv("DPO_CLI_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "dpo-cli"
+
+
+def test_the_same_weights_under_another_config_are_another_entry(tiny_model_dir):
+    how = {"precision": "no", "device": "cpu", "quantization": None}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = ReferenceCache(Reference(CompletionLogProbs(model), None), how).path("tokens")
+    model.config.rope_theta = 1e6  # other positions, the same tensors
+    assert ReferenceCache(Reference(CompletionLogProbs(model), None), how).path("tokens") != before
