@@ -1,8 +1,10 @@
 """What a training path cost: wall time, device time, peak memory, tokens, and estimated FLOPs.
 
 FLOPs follow Kaplan et al. (2020): a forward pass costs 2N + 2 L T d per token (N non-embedding parameters,
-L layers, d the hidden size, T the mean sequence length: the attention term), a training pass (forward and
-backward) three times that. Stages record in summary.json how many tokens went through training passes and
+L layers, d the hidden size, T the mean sequence length: the attention term). A training pass adds the
+backward: the gradient through the activations (2N, and twice the attention term) and the weight gradients
+of the weights that train (2N_trained): 6N + 6 L T d when every weight trains (Kaplan's three forwards),
+4N + 2N_trained + 6 L T d over a frozen base (LoRA, whose adapters are N_trained). Stages record in summary.json how many tokens went through training passes and
 how many through forward-only passes (a DPO reference, PPO's sampling, reference and reward passes), and the
 shapes of the models that saw them.
 """
@@ -16,27 +18,39 @@ def forward_flops_per_token(params: float, layers: int, hidden: int, context: fl
     return 2.0 * params + 2.0 * layers * context * hidden
 
 
+def train_flops_per_token(params: float, trained: float, layers: int, hidden: float, context: float) -> float:
+    """Forward and backward of one token (the module docstring): 3x the forward when trained == params."""
+    return 4.0 * params + 2.0 * trained + 6.0 * layers * context * hidden
+
+
 def estimate_flops(compute: dict[str, Any]) -> float:
-    """compute: {params, layers, hidden, context, train_tokens, forward_tokens, extra: [{params, layers, hidden, context, tokens}]}."""
-    per_token = forward_flops_per_token(compute["params"], compute["layers"], compute["hidden"], compute["context"])
-    flops = 3.0 * per_token * compute.get("train_tokens", 0) + per_token * compute.get("forward_tokens", 0)
+    """compute: {params, trained, layers, hidden, context, train_tokens, forward_tokens, extra: [{params, layers,
+    hidden, context, tokens}]}; `trained` (the non-embedding weights that train) defaults to params, as
+    summaries written before it was recorded counted."""
+    params, layers, hidden, context = compute["params"], compute["layers"], compute["hidden"], compute["context"]
+    trained = compute.get("trained", params)
+    flops = train_flops_per_token(params, trained, layers, hidden, context) * compute.get("train_tokens", 0)
+    flops += forward_flops_per_token(params, layers, hidden, context) * compute.get("forward_tokens", 0)
     for other in compute.get("extra", []):
         flops += forward_flops_per_token(other["params"], other["layers"], other["hidden"], other["context"]) * other["tokens"]
     return flops
 
 
 def model_shape(model: Any) -> dict[str, float]:
-    """Non-embedding parameters (4-bit weights counted as weights), layers and hidden size of a model."""
+    """Non-embedding parameters (4-bit weights counted as weights), how many of them train (a LoRA run's
+    adapters; all of a full run's), layers and hidden size of a model."""
     from dpo_cli.models.build import base_model, count_parameters
 
     base = base_model(model)
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    _, total = count_parameters(base)
-    embeddings = base.get_input_embeddings().weight.numel()
+    trainable, total = count_parameters(base)
+    embedding_weights = [base.get_input_embeddings().weight]
     output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if output is not None and output.weight is not base.get_input_embeddings().weight:
-        embeddings += output.weight.numel()
-    return {"params": float(total - embeddings), "layers": int(config.num_hidden_layers), "hidden": int(config.hidden_size)}
+    if output is not None and output.weight is not embedding_weights[0]:
+        embedding_weights.append(output.weight)
+    embeddings = sum(weight.numel() for weight in embedding_weights)
+    trained = trainable - sum(weight.numel() for weight in embedding_weights if weight.requires_grad)
+    return {"params": float(total - embeddings), "trained": float(trained), "layers": int(config.num_hidden_layers), "hidden": int(config.hidden_size)}
 
 
 def path_cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from helpers import torchrun, write_recipe
-from dpo_cli.eval.costs import estimate_flops, path_cost
+from dpo_cli.eval.costs import estimate_flops, model_shape, path_cost
 from dpo_cli.eval.evaluation import distinct_n, mean_ci, win_rate
 from dpo_cli.eval.report import ab_outcome
 from dpo_cli.stages.compare import reward_hacking
@@ -41,9 +41,24 @@ def test_flops_hand_computed():
     assert estimate_flops(compute) == pytest.approx(3 * per_token * 1000 + per_token * 500)
     extra = {**compute, "extra": [{"params": 1e5, "layers": 1, "hidden": 32, "context": 10, "tokens": 100}]}
     assert estimate_flops(extra) == pytest.approx(estimate_flops(compute) + (2e5 + 2 * 1 * 10 * 32) * 100)
+    frozen = {**compute, "trained": 1e4}  # LoRA: no weight gradients for the frozen base
+    assert estimate_flops(frozen) == pytest.approx((4e6 + 2e4 + 6 * 2 * 100 * 64) * 1000 + per_token * 500)
     cost = path_cost([{"wall_time_s": 1.0, "train_time_s": 0.5, "peak_memory_bytes": 10, "tokens": 3, "compute": compute, "device": "cpu"},
                       {"wall_time_s": 2.0, "train_time_s": 1.5, "peak_memory_bytes": 20, "tokens": 4, "device": "cpu"}])  # fmt: skip
     assert cost == {"wall_time_s": 3.0, "train_time_s": 2.0, "peak_memory_bytes": 20, "tokens": 7, "flops": estimate_flops(compute), "devices": ["cpu"]}
+
+
+def test_a_lora_runs_frozen_base_is_not_counted_as_trained(tiny_model_dir, tiny_tokenizer):
+    import torch
+
+    from dpo_cli.core.sections import ModelSection
+    from dpo_cli.models.build import build_causal_lm
+
+    full = build_causal_lm(ModelSection(name_or_path=str(tiny_model_dir)), tiny_tokenizer, torch.device("cpu"), seed=0).model
+    lora = build_causal_lm(ModelSection(name_or_path=str(tiny_model_dir), lora={"r": 4}), tiny_tokenizer, torch.device("cpu"), seed=0).model
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert model_shape(full)["trained"] == model_shape(full)["params"]  # every weight trains: Kaplan's 6N
+    assert model_shape(lora)["trained"] == adapters and model_shape(lora)["params"] == model_shape(full)["params"] + adapters
 
 
 def test_reward_hacking_flag():
