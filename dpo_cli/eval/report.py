@@ -190,7 +190,7 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, str])
             for name, cost in result["costs"].items()
         ]  # fmt: skip
         lines += ["", "## Cost", "", _markdown_table(["path", "runs", "wall time (s)", "train time (s)", "est. FLOPs", "peak memory", "tokens", "device"], cost_rows)]
-        lines += ["", "FLOPs: 6N per token trained plus the attention term 6LTd, forward-only passes 2N + 2LTd (N non-embedding parameters)."]
+        lines += ["", "FLOPs: 6N + 6LTd per token trained (4N + 2N_trained + 6LTd over a frozen LoRA base, whose weights get no gradients), forward-only passes 2N + 2LTd (N non-embedding parameters)."]
     if result.get("human"):
         human = result["human"]
         lines += ["", "## Blind human A/B", "", f"{human['a']} vs {human['b']}: {human['a']} preferred in {_fmt(human['win_rate'])} of {human['decided']} decided pairs (ties half)."]
