@@ -217,28 +217,33 @@ def test_a_reward_model_with_another_tokenizer_is_re_tokenised(tmp_path, cli, pp
     assert "re-tokenised" in err and "the critic starts from the policy" in err
 
 
-def test_one_combined_backward_equals_two(tmp_path, ppo_recipe, tiny_model_dir, tiny_tokenizer):
-    """DDP runs policy and critic as one forward and one backward; one GPU frees the policy's graph first.
-    The updates are the same."""
+def one_iteration(ppo_recipe, tiny_model_dir, tiny_tokenizer, optimizer_class, lr: float, combined: bool = False, padding_free: bool = False):
+    """The experience, advantages and update phases of one iteration on the toy rollout, from the same start:
+    -> (the trained weights, the update's metrics, the rollout)."""
     from dpo_cli.core.recipe_loader import load_recipe
     from dpo_cli.core.runtime import setup_runtime
     from dpo_cli.stages.ppo import advantage_phase, experience_phase, update_phase
 
     recipe = load_recipe(ppo_recipe(), "ppo", [], False)
     runtime = setup_runtime(recipe.train, recipe.seed)
-    trained = []
-    for combined in (False, True):
-        torch.manual_seed(0)
-        actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
-        rollout = toy_rollout(tiny_tokenizer)
-        rollout.scores = torch.tensor([1.0, -0.5, 0.25])
-        experience_phase(actor_critic, rollout, recipe, 0)
-        advantage_phase(rollout, recipe, 0.05)
-        optimizer = torch.optim.AdamW(actor_critic._trainable, lr=1e-2)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0, combined=combined)
-        trained.append(({n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics))
-    (two, metrics_two), (one, metrics_one) = trained
+    torch.manual_seed(0)
+    actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
+    rollout = toy_rollout(tiny_tokenizer)
+    rollout.padding_free = padding_free
+    rollout.scores = torch.tensor([1.0, -0.5, 0.25])
+    experience_phase(actor_critic, rollout, recipe, 0)
+    advantage_phase(rollout, recipe, 0.05)
+    optimizer = optimizer_class(actor_critic._trainable, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0, combined=combined)
+    return {n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics, rollout
+
+
+def test_one_combined_backward_equals_two(ppo_recipe, tiny_model_dir, tiny_tokenizer):
+    """DDP runs policy and critic as one forward and one backward; one GPU frees the policy's graph first.
+    The updates are the same."""
+    two, metrics_two, _ = one_iteration(ppo_recipe, tiny_model_dir, tiny_tokenizer, torch.optim.AdamW, 1e-2, combined=False)
+    one, metrics_one, _ = one_iteration(ppo_recipe, tiny_model_dir, tiny_tokenizer, torch.optim.AdamW, 1e-2, combined=True)
     assert metrics_two["updates"] == metrics_one["updates"] == 4
     assert metrics_one["policy_loss"] == pytest.approx(metrics_two["policy_loss"], rel=1e-5)
     for name in two:
@@ -246,30 +251,13 @@ def test_one_combined_backward_equals_two(tmp_path, ppo_recipe, tiny_model_dir, 
 
 
 def test_padding_free_iterations_equal_padded_ones(ppo_recipe, tiny_model_dir, tiny_tokenizer, monkeypatch):
-    """ppo.padding_free packs each mini-batch's episodes: the same experience, losses and updates."""
+    """ppo.padding_free packs each mini-batch's episodes: the same experience, losses and updates (SGD: Adam
+    would blow the rounding of near-zero gradients up to whole steps)."""
     import dpo_cli.models.rollout
-    from dpo_cli.core.recipe_loader import load_recipe
 
     monkeypatch.setattr(dpo_cli.models.rollout, "MIN_SAVING", 0.0)  # pack the toy rollout, whatever it saves
-    from dpo_cli.core.runtime import setup_runtime
-    from dpo_cli.stages.ppo import advantage_phase, experience_phase, update_phase
-
-    recipe = load_recipe(ppo_recipe(), "ppo", [], False)
-    runtime = setup_runtime(recipe.train, recipe.seed)
-    trained = []
-    for padding_free in (False, True):
-        torch.manual_seed(0)
-        actor_critic = shared_actor_critic(tiny_model_dir, tiny_tokenizer)
-        rollout = toy_rollout(tiny_tokenizer)
-        rollout.padding_free = padding_free
-        rollout.scores = torch.tensor([1.0, -0.5, 0.25])
-        experience_phase(actor_critic, rollout, recipe, 0)
-        advantage_phase(rollout, recipe, 0.05)
-        optimizer = torch.optim.SGD(actor_critic._trainable, lr=0.1)  # Adam would blow rounding of near-zero gradients up to whole steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0)
-        trained.append(({n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics, rollout))
-    (padded, metrics_padded, rollout_padded), (packed, metrics_packed, rollout_packed) = trained
+    padded, metrics_padded, rollout_padded = one_iteration(ppo_recipe, tiny_model_dir, tiny_tokenizer, torch.optim.SGD, 0.1, padding_free=False)
+    packed, metrics_packed, rollout_packed = one_iteration(ppo_recipe, tiny_model_dir, tiny_tokenizer, torch.optim.SGD, 0.1, padding_free=True)
     assert rollout_packed.packed is not None and rollout_padded.packed is None
     mask = rollout_padded.response_mask
     for name in ("logps", "ref_logps", "values", "advantages"):
