@@ -10,8 +10,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,19 @@ class PipelineStage(Section):
         default_factory=dict, description="recipe key -> the name of the stage (or stages) whose run dir it takes."
     )
     set: dict[str, Any] = Field(default_factory=dict, description="More overrides for this stage (key: value).")
+    per_seed: bool = Field(
+        False, description="Run once per seed of the pipeline's seeds (run dirs NAME-seedS); stages that read it run per seed too, compare gathers them."
+    )
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="recipe key -> values: one run per combination (run dirs NAME-KEY-VALUE); compare's policies get each as a policy.",
+    )
 
 
 class PipelineFile(Section):
     run_dir: LocalPath = Field(..., description="Each stage runs in RUN_DIR/NAME.")
     seed: int | None = Field(None, description="Overrides every stage's seed.")
+    seeds: list[int] | None = Field(None, description="The training seeds of the stages marked per_seed: true, e.g. [1, 2, 3].")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides for every stage (a stage's own set wins).")
     stages: dict[str, PipelineStage]
 
@@ -60,6 +70,7 @@ class Step:
     action: str = ""  # run | resume | skip | rerun
     reason: str = ""
     recipe_object: RecipeBase | None = None  # the validated recipe the runner gets (steps that run)
+    stage: str = ""  # the stage in the pipeline file this run belongs to (one of its seeds or sweep points)
 
     def load(self, smoke: bool) -> RecipeBase:
         return load_recipe(self.recipe, self.kind, self.overrides, smoke, self.values)
@@ -90,7 +101,33 @@ def load_pipeline(path: Path) -> PipelineFile:
             for source_name in [source] if isinstance(source, str) else source:
                 if source_name not in pipeline.stages:
                     raise UserError(f"{path}: stages.{name}.inputs.{key}: no stage named {source_name!r}")
+        check_repeats(path, pipeline, name)
+    if pipeline.seeds is not None and not any(stage.per_seed for stage in pipeline.stages.values()):
+        raise UserError(f"{path}: seeds: no stage has per_seed: true; mark the training stages to repeat (e.g. stages.dpo.per_seed: true)")
     return pipeline
+
+
+def check_repeats(path: Path, pipeline: PipelineFile, name: str) -> None:
+    """per_seed and sweep where they can mean something."""
+    stage = pipeline.stages[name]
+    kind = stage.stage or name
+    where = f"{path}: stages.{name}"
+    if stage.per_seed and not pipeline.seeds:
+        raise UserError(f"{where}.per_seed: the pipeline has no seeds; add seeds: [1, 2, 3] at the top of the file")
+    if kind == "compare" and (stage.per_seed or stage.sweep):
+        raise UserError(f"{where}: compare gathers the seeds and sweep points of what it reads; it runs once (no per_seed or sweep)")
+    if len(set(pipeline.seeds or [])) != len(pipeline.seeds or []):
+        raise UserError(f"{path}: seeds: {pipeline.seeds} repeats a seed")
+    for key, values in stage.sweep.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}.sweep.{key}: give a list of values, e.g. [0.03, 0.1, 0.3]")
+        if key in stage.inputs or key == "seed":
+            raise UserError(f"{where}.sweep.{key}: {'the seed is swept with seeds: and per_seed' if key == 'seed' else 'this key is wired to another stage (inputs)'}")
+    if kind != "compare":
+        for key, source in stage.inputs.items():
+            for source_name in [source] if isinstance(source, str) else source:
+                if pipeline.stages[source_name].sweep:
+                    raise UserError(f"{where}.inputs.{key}: {source_name} is a sweep (several runs); only compare can read a sweep")
 
 
 def order(pipeline: PipelineFile) -> list[str]:
@@ -139,10 +176,90 @@ def split_overrides(overrides: list[str], kinds: dict[str, str]) -> dict[str, li
     return by_stage
 
 
+@dataclass
+class Run:
+    """One run of a stage: the stage itself, or one of its seeds or sweep points."""
+
+    name: str  # its run dir's name
+    stage: str  # the stage in the pipeline file
+    seed: int | None = None  # per_seed: the training seed
+    point: dict[str, Any] = field(default_factory=dict)  # sweep: key -> value
+    suffix: str = ""  # the sweep point's part of the name ("-beta-0.1")
+
+
+def _text(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+]+", "_", str(value)).strip("_") or "_"
+
+
+def point_suffix(point: dict[str, Any]) -> str:
+    """How a sweep point shows in run and policy names: -LEAF-VALUE per key (the whole key where leaves repeat)."""
+    leaves = [key.split(".")[-1] for key in point]
+    return "".join(f"-{leaf if leaves.count(leaf) == 1 else key.replace('.', '-')}-{_text(value)}" for leaf, (key, value) in zip(leaves, point.items()))
+
+
+def _sources(stage: PipelineStage) -> list[str]:
+    return [s for v in stage.inputs.values() for s in ([v] if isinstance(v, str) else v)]
+
+
+def expand(pipeline: PipelineFile, names: list[str]) -> dict[str, list[Run]]:
+    """Each stage's runs: one per sweep point (all combinations) and, for a per_seed stage or one reading
+    a per_seed stage, per seed (compare runs once and gathers them)."""
+    runs: dict[str, list[Run]] = {}
+    for name in names:
+        stage = pipeline.stages[name]
+        reads_seeds = any(runs[s][0].seed is not None for s in _sources(stage))
+        seeds = pipeline.seeds if (stage.stage or name) != "compare" and (stage.per_seed or reads_seeds) else [None]
+        points = [dict(zip(stage.sweep, combination)) for combination in product(*stage.sweep.values())]
+        runs[name] = [
+            Run(name + point_suffix(point) + (f"-seed{seed}" if seed is not None else ""), name, seed, point, point_suffix(point))
+            for point in points for seed in seeds or [None]
+        ]  # fmt: skip
+    taken: dict[str, str] = {}
+    for name, stage_runs in runs.items():
+        for run in stage_runs:
+            if run.name in taken:
+                raise UserError(f"stages.{name}: its run {run.name} has the name of a run of {taken[run.name]}; rename a stage")
+            taken[run.name] = name
+    return runs
+
+
+def read_runs(run: Run, source: list[Run]) -> list[Run]:
+    """The runs of a source stage that `run` reads: its own seed's, or all of them (compare)."""
+    if len(source) == 1 or run.seed is None:
+        return source
+    return [r for r in source if r.seed == run.seed]
+
+
+def wiring(name: str, kind: str, run: Run, inputs: dict[str, str | list[str]], runs: dict[str, list[Run]], root: Path) -> tuple[list[Value], list[str]]:
+    """The recipe values that wire `run` to its inputs' run dirs, and the names of the runs it reads.
+    compare's policies.NAME from a stage with several runs: a list of its seeds' run dirs, one policy per
+    sweep point (NAME-KEY-VALUE); its list-valued keys (costs): a list of the runs where there are several."""
+    values: list[Value] = []
+    read: list[str] = []
+    for key, source in inputs.items():
+        keys = _keys(key)
+        found = {s: read_runs(run, runs[s]) for s in ([source] if isinstance(source, str) else source)}
+        read += [r.name for rs in found.values() for r in rs]
+        dirs = {s: [str(root / r.name) for r in rs] for s, rs in found.items()}
+        if isinstance(source, list):
+            values.append((keys, [d[0] if len(d) == 1 else d for d in dirs.values()]))
+        elif len(dirs[source]) == 1:
+            values.append((keys, dirs[source][0]))
+        elif kind == "compare" and keys[0] == "policies" and len(keys) == 2:
+            for suffix in dict.fromkeys(r.suffix for r in found[source]):
+                point_dirs = [str(root / r.name) for r in found[source] if r.suffix == suffix]
+                values.append(((keys[0], keys[1] + suffix), point_dirs if found[source][0].seed is not None else point_dirs[0]))
+        else:
+            raise UserError(f"stages.{name}.inputs.{key}: {source} has {len(dirs[source])} runs (seeds or sweep points) and {key} takes one")
+    return values, read
+
+
 def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: bool, extra: list[str] | None = None) -> list[Step]:
     names = order(pipeline)
+    runs = expand(pipeline, names)
+    every_run = {r.name: r for rs in runs.values() for r in rs}
     for flag, value in (("--only", only), ("--from", start)):
-        if value is not None and value not in names:
+        if value is not None and value not in names and value not in every_run:
             raise UserError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
     extra_by_stage = split_overrides(extra or [], {name: pipeline.stages[name].stage or name for name in names})
     for override in extra or []:
@@ -155,24 +272,26 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
     forced = False
     for name in names:
         stage = pipeline.stages[name]
-        run_dir = root / name
-        values: list[Value] = [(("seed",), pipeline.seed)] if pipeline.seed is not None else []
-        values += [(_keys(k), v) for k, v in {**pipeline.set, **stage.set}.items()]
-        for key, source in stage.inputs.items():
-            dirs = [str(root / s) for s in ([source] if isinstance(source, str) else source)]
-            values.append((_keys(key), dirs[0] if isinstance(source, str) else dirs))
-        sources = {s for v in stage.inputs.values() for s in ([v] if isinstance(v, str) else v)}
-        step = Step(name, stage.stage or name, Path(stage.recipe), run_dir, values, extra_by_stage[name], {s: identity(root / s) for s in sorted(sources)})
-        forced = forced or name == start
-        if only is not None and name != only:
-            step.action, step.reason = "skip", "--only"
-        elif forced:
-            step.action, step.reason = "rerun", "--from"
-        else:
-            step.action, step.reason = decide(step, smoke, steps)
-        if step.action != "skip" and step.recipe_object is None:
-            step.recipe_object = step.load(smoke)  # a bad key or --set fails now, not hours later
-        steps.append(step)
+        kind = stage.stage or name
+        for run in runs[name]:
+            values: list[Value] = [(("seed",), pipeline.seed)] if pipeline.seed is not None else []
+            values += [(_keys(k), v) for k, v in {**pipeline.set, **stage.set}.items()]
+            values += [(_keys(k), v) for k, v in run.point.items()]
+            if run.seed is not None:
+                values.append((("seed",), run.seed))
+            wired, read = wiring(name, kind, run, stage.inputs, runs, root)
+            step = Step(run.name, kind, Path(stage.recipe), root / run.name, values + wired, extra_by_stage[name], {s: identity(root / s) for s in sorted(read)})
+            step.stage = name
+            forced = forced or start in (name, run.name)
+            if only is not None and only not in (name, run.name):
+                step.action, step.reason = "skip", "--only"
+            elif forced:
+                step.action, step.reason = "rerun", "--from"
+            else:
+                step.action, step.reason = decide(step, smoke, steps)
+            if step.action != "skip" and step.recipe_object is None:
+                step.recipe_object = step.load(smoke)  # a bad key or --set fails now, not hours later
+            steps.append(step)
     return steps
 
 

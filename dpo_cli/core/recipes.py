@@ -336,14 +336,17 @@ class JudgesSection(Section):
 
 class CompareRecipe(RecipeBase):
     stage: Literal["compare"] | None = "compare"
-    policies: dict[str, PathOrHubId] = Field(..., description="name -> run dir or model, e.g. sft, ppo, dpo.")
+    policies: dict[str, PathOrHubId | list[PathOrHubId]] = Field(
+        ..., description="name -> run dir or model, e.g. sft, ppo, dpo; or a list: the same method trained with several seeds (runs pair up by position)."
+    )
     baseline: str | None = Field(None, description="The policy win rates are measured against (default: the first).")
     reference: str | None = Field(None, description="The policy the KL is measured to (default: the baseline).")
     data: DataSection
     generation: GenerationSection = Field(default_factory=GenerationSection)
     judges: JudgesSection = Field(default_factory=JudgesSection)
-    costs: dict[str, list[PathOrHubId]] = Field(
-        default_factory=dict, description="Training path -> its run dirs, whose costs add up (e.g. rlhf: [rm, ppo])."
+    costs: dict[str, list[PathOrHubId | list[PathOrHubId]]] = Field(
+        default_factory=dict,
+        description="Training path -> its run dirs, whose costs add up (e.g. rlhf: [rm, ppo]); a list inside: one stage run with several seeds, counted once (their mean).",
     )
     show_samples: int = Field(3, ge=0, description="Responses per policy shown in the report.")
 
@@ -356,6 +359,12 @@ class CompareRecipe(RecipeBase):
             value = getattr(self, key)
             if value is not None and value not in names:
                 raise ValueError(f"{key}: {value!r} is not one of the policies ({', '.join(names)})")
+        for name, value in self.policies.items():
+            if isinstance(value, list) and not value:
+                raise ValueError(f"policies.{name}: an empty list; give the run dir (or one per seed)")
+        reference = self.reference or self.baseline or names[0]
+        if isinstance(self.policies[reference], list) and len(self.policies[reference]) > 1:
+            raise ValueError(f"reference: {reference!r} has several runs (seeds) and the KL is measured to one model; set reference: to a policy with one run (e.g. sft)")
         human = self.judges.human
         if human is not None and (human.a not in names or human.b not in names):
             raise ValueError(f"judges.human: a and b must be policies ({', '.join(names)})")

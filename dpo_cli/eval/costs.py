@@ -55,14 +55,33 @@ def model_shape(model: Any) -> dict[str, float]:
 
 def path_cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """The cost of a training path: its stages' costs added up (peak memory: the largest)."""
-    cost: dict[str, Any] = {"wall_time_s": 0.0, "train_time_s": 0.0, "peak_memory_bytes": 0, "tokens": 0, "flops": 0.0, "devices": []}
-    for summary in summaries:
-        cost["wall_time_s"] += summary.get("wall_time_s", 0.0)
-        cost["train_time_s"] += summary.get("train_time_s", 0.0)
-        cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], summary.get("peak_memory_bytes", 0))
-        cost["tokens"] += summary.get("tokens", 0)
-        if summary.get("compute"):
-            cost["flops"] += estimate_flops(summary["compute"])
-        if summary.get("device") and summary["device"] not in cost["devices"]:
-            cost["devices"].append(summary["device"])
-    return cost
+    return add_costs([run_cost(summary) for summary in summaries])
+
+
+def run_cost(summary: dict[str, Any]) -> dict[str, Any]:
+    """One stage run's cost, from its summary.json."""
+    return {
+        "wall_time_s": summary.get("wall_time_s", 0.0),
+        "train_time_s": summary.get("train_time_s", 0.0),
+        "peak_memory_bytes": summary.get("peak_memory_bytes", 0),
+        "tokens": summary.get("tokens", 0),
+        "flops": estimate_flops(summary["compute"]) if summary.get("compute") else 0.0,
+        "devices": [summary["device"]] if summary.get("device") else [],
+    }
+
+
+def add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stages run one after the other: times, tokens and FLOPs add up; peak memory is the largest."""
+    total: dict[str, Any] = {"wall_time_s": 0.0, "train_time_s": 0.0, "peak_memory_bytes": 0, "tokens": 0, "flops": 0.0, "devices": []}
+    for cost in costs:
+        for key in ("wall_time_s", "train_time_s", "tokens", "flops"):
+            total[key] += cost[key]
+        total["peak_memory_bytes"] = max(total["peak_memory_bytes"], cost["peak_memory_bytes"])
+        total["devices"] += [d for d in cost["devices"] if d not in total["devices"]]
+    return total
+
+
+def mean_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same stage run several times (seeds): what one run costs on average."""
+    total = add_costs(costs)
+    return {**total, **{key: total[key] / len(costs) for key in ("wall_time_s", "train_time_s", "tokens", "flops")}}

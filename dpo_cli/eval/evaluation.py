@@ -8,7 +8,6 @@ sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (the unbiased "k1" est
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dpo_cli.core import distributed
 from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.models.generate import Generation, generate
 from dpo_cli.eval.judges import Judge
+from dpo_cli.eval.stats import mean_ci
 from dpo_cli.losses import sequence_kl as kl_estimate
 from dpo_cli.core.recipes import GenerationSection
 from dpo_cli.models.rollout import Rollout, make_rollout, response_logps
@@ -32,23 +32,7 @@ KL_ESTIMATOR = (
 ReferenceLogps = Callable[[Rollout], torch.Tensor]  # rollout -> (B, T) reference log-probs of its response tokens
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def mean_ci(values: list[float], z: float = 1.96) -> dict[str, float | int | None]:
-    """Mean and its 95% confidence interval (normal approximation: mean +- 1.96 s / sqrt(n))."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    mean = statistics.fmean(values)
-    half = z * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
-
-
-def win_rate(scores: list[float | None], baseline: list[float | None]) -> float | None:
-    """Fraction of prompts where the policy's response scores above the baseline's; ties count half."""
-    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline) if a is not None and b is not None]
-    return statistics.fmean(outcomes) if outcomes else None
+# ----------------------------------------------------------------------------- text statistics
 
 
 def distinct_n(texts: list[str], n: int) -> float | None:

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from dpo_cli.core import ui
 from dpo_cli.data.labels import LabelLog
+from dpo_cli.eval.stats import excludes_zero
 from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_metrics
 
 
@@ -25,10 +26,21 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _interval(ci: dict | None) -> str:
-    """mean ± half-width of the 95% interval."""
+    """mean ± half-width of the 95% interval (the mean alone where one value gives no interval)."""
     if not ci or ci.get("mean") is None:
         return "-"
+    if ci.get("low") is None:
+        return f"{ci['mean']:.3f}"
     return f"{ci['mean']:.3f} ± {(ci['high'] - ci['low']) / 2:.3f}"
+
+
+def _bracket(ci: dict | None) -> str:
+    """A difference: mean [low, high]."""
+    if not ci or ci.get("mean") is None:
+        return "-"
+    if ci.get("low") is None:
+        return f"{ci['mean']:+.3f}"
+    return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:
@@ -37,9 +49,10 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 name + (" (baseline)" if name == result["baseline"] else ""),
+                str(summary["seeds"]),
                 _interval(summary["judge"]),
                 _interval(summary["proxy"]),
-                _fmt(summary["win_rate"]),
+                _interval(summary["win_rate"]),
                 _interval(summary["kl"]),
                 _fmt(summary["response_length"], 1),
                 _fmt(summary["finished_rate"], 2),
@@ -50,7 +63,7 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADERS = ["policy", "ground truth", "proxy RM", "win rate", "KL to ref", "length", "ended", "distinct-2", "hacking"]
+HEADERS = ["policy", "seeds", "ground truth", "proxy RM", "win rate", "KL to ref", "length", "ended", "distinct-2", "hacking"]
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -66,6 +79,12 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _error_bar(ci: dict) -> list[list[float]] | None:
+    if ci.get("low") is None:
+        return None
+    return [[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]]
+
+
 def plot_frontier(result: dict[str, Any], out: Path) -> Path:
     """Ground-truth score against KL to the reference, every policy (with 95% intervals) and the
     evaluations logged during training: the reward-KL frontier of the DPO paper."""
@@ -78,18 +97,23 @@ def plot_frontier(result: dict[str, Any], out: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7.5, 5))
     for index, (name, summary) in enumerate(result["policies"].items()):
         color = f"C{index}"
-        points = [c for c in result["checkpoints"].get(name, []) if c.get("kl") is not None and c.get(f"{key}_score") is not None]
-        if points:
-            axis.plot([p["kl"] for p in points], [p[f"{key}_score"] for p in points], "-", color=color, alpha=0.4, marker=".", label=f"{name} during training")
+        for seed, checkpoints in enumerate(result["checkpoints"].get(name, [])):
+            points = [c for c in checkpoints if c.get("kl") is not None and c.get(f"{key}_score") is not None]
+            if points:
+                label = f"{name} during training" if seed == 0 else None
+                axis.plot([p["kl"] for p in points], [p[f"{key}_score"] for p in points], "-", color=color, alpha=0.4, marker=".", label=label)
+        if summary["seeds"] > 1:  # each seed's run, faint, around the mean over seeds
+            runs = [r for r in summary["per_seed"] if r["kl"] and r[key] and r["kl"]["mean"] is not None and r[key]["mean"] is not None]
+            axis.plot([r["kl"]["mean"] for r in runs], [r[key]["mean"] for r in runs], "x", color=color, alpha=0.5)
         score, kl = summary[key], summary["kl"]
         if score and score["mean"] is not None and kl and kl["mean"] is not None:
             axis.errorbar(
-                kl["mean"], score["mean"], xerr=[[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
-                yerr=[[score["mean"] - score["low"]], [score["high"] - score["mean"]]], fmt="o", color=color, capsize=3, label=name,
+                kl["mean"], score["mean"], xerr=_error_bar(kl), yerr=_error_bar(score), fmt="o", color=color, capsize=3,
+                label=name + (f" ({summary['seeds']} seeds)" if summary["seeds"] > 1 else ""),
             )  # fmt: skip
     axis.set_xlabel("KL to the reference (nats per response)")
     axis.set_ylabel(("ground-truth score: " + (result["judges"]["ground_truth"] or "")) if key == "judge" else "proxy reward-model score")
-    axis.set_title("reward vs KL frontier (95% intervals)")
+    axis.set_title("reward vs KL frontier (95% intervals; x: each seed's run)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     atomic_write_bytes(out, _png(figure))
@@ -126,15 +150,16 @@ def plot_costs(result: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
-def plot_curves(runs: dict[str, str], out: Path) -> Path | None:
-    """The main training curve of every run: loss, or mean reward for ppo."""
+def plot_curves(runs: dict[str, list[str]], out: Path) -> Path | None:
+    """The main training curve of every run: loss, or mean reward for ppo; a policy's seeds share a panel."""
     curves = {}
-    for name, path in runs.items():
-        metrics = [m for m in read_metrics(Path(path) / "metrics.jsonl") if m.get("split") is None]
-        key = "reward" if metrics and "reward" in metrics[0] else "loss"
-        points = [(m["step"], m[key]) for m in metrics if key in m]
-        if points:
-            curves[name] = (key, points)
+    for name, paths in runs.items():
+        for path in paths:
+            metrics = [m for m in read_metrics(Path(path) / "metrics.jsonl") if m.get("split") is None]
+            key = "reward" if metrics and "reward" in metrics[0] else "loss"
+            points = [(m["step"], m[key]) for m in metrics if key in m]
+            if points:
+                curves.setdefault(name, (key, []))[1].append(points)
     if not curves:
         return None
     import matplotlib
@@ -145,8 +170,9 @@ def plot_curves(runs: dict[str, str], out: Path) -> Path | None:
     columns = min(3, len(curves))
     rows = (len(curves) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for axis, (name, (key, points)) in zip(axes.flat, curves.items()):
-        axis.plot([p[0] for p in points], [p[1] for p in points])
+    for axis, (name, (key, seeds)) in zip(axes.flat, curves.items()):
+        for points in seeds:
+            axis.plot([p[0] for p in points], [p[1] for p in points], alpha=1.0 if len(seeds) == 1 else 0.6)
         axis.set_title(name, fontsize=10)
         axis.set_xlabel("step (ppo: iteration)")
         axis.set_ylabel(key)
@@ -158,11 +184,14 @@ def plot_curves(runs: dict[str, str], out: Path) -> Path | None:
     return out
 
 
-def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, str]) -> dict[str, Any]:
-    runs = {name: path for name, path in policies.items() if (Path(path) / "metrics.jsonl").is_file()}
-    for path_name, path_runs in result["costs"].items():
-        for path in path_runs:
-            runs.setdefault(f"{path_name}: {Path(path).name}", path)
+def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[str]]) -> dict[str, Any]:
+    """`policies`: each policy's run dirs (one per seed)."""
+    runs = {name: [p for p in paths if (Path(p) / "metrics.jsonl").is_file()] for name, paths in policies.items()}
+    shown = {p for paths in runs.values() for p in paths}
+    for path_name, cost in result["costs"].items():
+        for path in cost["run_dirs"]:
+            if path not in shown:
+                runs.setdefault(f"{path_name}: {Path(path).name}", []).append(path)
     plots = [p for p in (plot_frontier(result, run.path / "frontier.png"), plot_costs(result, run.path / "costs.png"), plot_curves(runs, run.path / "curves.png")) if p]
     result["plots"] = [str(p) for p in plots]
     atomic_write_json(run.path / "report.json", result)
@@ -183,9 +212,24 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, str])
         "ended before the length cap; distinct-2: distinct word bigrams over all bigrams.",
         "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell.",
     ]
+    single = [name for name, summary in result["policies"].items() if summary["seeds"] == 1 and name != result["baseline"]]
+    if single:
+        lines.append(
+            f"- Trained once: {', '.join(single)}. Their intervals cover the sampling of responses only; retraining with another seed "
+            "can move a policy by more. Give the pipeline `seeds: [1, 2, 3]` (and `per_seed: true` on the training stages) for intervals over seeds."
+        )
+    if result.get("differences"):
+        quality = "ground truth" if result["quality"] == "judge" else "proxy RM"
+        difference_rows = [
+            [d["a"], d["b"], _bracket(d.get(result["quality"])), _bracket(d.get("kl")), "yes" if excludes_zero(d.get(result["quality"]) or {}) else "no"]
+            for d in result["differences"]
+        ]
+        lines += ["", "## Differences", "", f"Paired: a - b on the same prompts, runs paired by seed; 95% intervals ({quality}).", ""]
+        lines += [_markdown_table(["a", "b", f"{quality} a - b", "KL a - b", "significant"], difference_rows)]
+        lines += ["", "## Conclusions", ""] + [f"- {d['conclusion']}" for d in result["differences"] if d.get("conclusion")]
     if result["costs"]:
         cost_rows = [
-            [name, ", ".join(Path(r).name for r in cost["runs"]), _fmt(cost["wall_time_s"], 1), _fmt(cost["train_time_s"], 1),
+            [name, ", ".join(cost["runs"]), _fmt(cost["wall_time_s"], 1), _fmt(cost["train_time_s"], 1),
              f"{cost['flops']:.3g}", ui.human_bytes(cost["peak_memory_bytes"]), ui.human_count(cost["tokens"]), "; ".join(cost["devices"])]
             for name, cost in result["costs"].items()
         ]  # fmt: skip

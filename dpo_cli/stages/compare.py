@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from dpo_cli.core import ui
-from dpo_cli.eval.costs import path_cost
+from dpo_cli.eval.comparison import differences, policy_summary, quality_key, reward_hacking
+from dpo_cli.eval.costs import add_costs, mean_cost, path_cost
 from dpo_cli.data.loading import DataReport, load_prompts
 from dpo_cli.core.errors import UserError
-from dpo_cli.eval.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference, win_rate
+from dpo_cli.eval.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference
 from dpo_cli.eval.judges import Judge, build_judge, reward_model_judge
 from dpo_cli.models.io import load_policy
 from dpo_cli.core.recipes import CompareRecipe, TrainSection
@@ -32,6 +33,11 @@ def _is_run(path: str) -> bool:
     return (Path(path) / "recipe.yaml").is_file()
 
 
+def seed_runs(value: str | list[str]) -> list[str]:
+    """A policy as its runs: one, or one per training seed."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def training_checkpoints(path: str) -> list[dict[str, Any]]:
     """The policy evaluations a dpo or ppo run logged while training (for the frontier plot)."""
     if not _is_run(path):
@@ -39,26 +45,28 @@ def training_checkpoints(path: str) -> list[dict[str, Any]]:
     return [m for m in read_metrics(Path(path) / "metrics.jsonl") if m.get("split") == "policy_eval"]
 
 
-def reward_hacking(summaries: dict[str, dict], baseline: str) -> dict[str, bool]:
-    """A policy whose proxy score rose over the baseline's while its ground-truth score fell."""
-    base = summaries[baseline]
-    flags = {}
-    for name, summary in summaries.items():
-        if name == baseline or not summary["judge"] or not summary["proxy"] or not base["judge"] or not base["proxy"]:
-            flags[name] = False
-            continue
-        flags[name] = summary["proxy"]["mean"] > base["proxy"]["mean"] and summary["judge"]["mean"] < base["judge"]["mean"]
-    return flags
+def _stage_summary(path: str) -> dict[str, Any]:
+    return json.loads((Path(path) / "summary.json").read_text())
+
+
+def training_cost(entries: list[str | list[str]]) -> dict[str, Any]:
+    """A training path's cost: its stages' costs added up; a stage run with several seeds (a list) counts
+    as the mean of its runs, the cost of training it once."""
+    parts = [path_cost([_stage_summary(e)]) if isinstance(e, str) else mean_cost([path_cost([_stage_summary(p)]) for p in e]) for e in entries]
+    labels = [Path(e).name if isinstance(e, str) else f"{Path(e[0]).name} (mean of {len(e)} runs)" for e in entries]
+    return {"runs": labels, "run_dirs": [p for e in entries for p in seed_runs(e)], **add_costs(parts)}
 
 
 def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     started = time.time()
     runtime = setup_runtime(TrainSection(), recipe.seed)
-    for name, path in recipe.policies.items():
-        if _is_run(path):
-            require_complete(Path(path), f"policies.{name}")
-    for path_name, runs in recipe.costs.items():
-        for path in runs:
+    runs = {name: seed_runs(value) for name, value in recipe.policies.items()}
+    for name, paths in runs.items():
+        for path in paths:
+            if _is_run(path):
+                require_complete(Path(path), f"policies.{name}")
+    for path_name, entries in recipe.costs.items():
+        for path in (p for e in entries for p in seed_runs(e)):
             if not _is_run(path):
                 raise UserError(f"costs.{path_name}: {path} is not a dpo-cli run dir")
             require_complete(Path(path), f"costs.{path_name}")
@@ -75,38 +83,38 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     if recipe.judges.reward_model:
         proxy = reward_model_judge(recipe.judges.reward_model, runtime.device, "judges.reward_model")
 
-    def policy(name: str) -> tuple[torch.nn.Module, Any]:
-        model, tokenizer = load_policy(recipe.policies[name], runtime.device, run.path / "cache", f"policies.{name}")
+    def policy(name: str, path: str) -> tuple[torch.nn.Module, Any]:
+        model, tokenizer = load_policy(path, runtime.device, run.path / "cache", f"policies.{name}")
         for note in chat_template_notes(tokenizer, None, prompts):  # conversational prompts, a policy without a template
             ui.note(f"policies.{name}: {note}")
         return model, tokenizer
 
-    reference_model, reference_tokenizer = policy(reference_name)
-    evaluations: dict[str, PolicyEval] = {}
-    responses: dict[str, list[str]] = {}
-    with ui.TaskProgress("evaluating policies", len(names), runtime.is_main) as progress:
+    reference_model, reference_tokenizer = policy(reference_name, runs[reference_name][0])
+    # every run of every policy: the same prompts, the same sampling seed (differences pair up per prompt)
+    evaluations: dict[str, list[PolicyEval]] = {name: [] for name in names}
+    with ui.TaskProgress("evaluating policies", sum(len(p) for p in runs.values()), runtime.is_main) as progress:
         for name in names:
-            model, tokenizer = (reference_model, reference_tokenizer) if name == reference_name else policy(name)
-            same_tokens = tokenizer.get_vocab() == reference_tokenizer.get_vocab()
-            if not same_tokens:
-                ui.note(f"policies.{name} has another tokenizer than the reference: its responses are re-tokenised for the reference's KL")
-            reference = model_reference(reference_model) if same_tokens else text_reference(reference_model, reference_tokenizer)
-            # several processes: each evaluates a share of the prompts (evaluate_policy gathers them)
-            evaluations[name] = evaluate_policy(
-                model, tokenizer, prompts, recipe.generation, recipe.seed, runtime.device, recipe.data.max_length, judge, proxy, reference
-            )
-            responses[name] = evaluations[name].texts
-            if model is not reference_model:
-                del model
-                gc.collect()
-            progress.advance(1)
+            for path in runs[name]:
+                is_reference = name == reference_name and path == runs[reference_name][0]
+                model, tokenizer = (reference_model, reference_tokenizer) if is_reference else policy(name, path)
+                same_tokens = tokenizer.get_vocab() == reference_tokenizer.get_vocab()
+                if not same_tokens:
+                    ui.note(f"policies.{name} has another tokenizer than the reference: its responses are re-tokenised for the reference's KL")
+                reference = model_reference(reference_model) if same_tokens else text_reference(reference_model, reference_tokenizer)
+                # several processes: each evaluates a share of the prompts (evaluate_policy gathers them)
+                evaluations[name].append(evaluate_policy(
+                    model, tokenizer, prompts, recipe.generation, recipe.seed, runtime.device, recipe.data.max_length, judge, proxy, reference
+                ))  # fmt: skip
+                if model is not reference_model:
+                    del model
+                    gc.collect()
+                progress.advance(1)
 
     if not runtime.is_main:
         return {}
-    summaries = {name: evaluation.summary() for name, evaluation in evaluations.items()}
-    scores_for_wins = {name: (e.judge_scores or e.proxy_scores) for name, e in evaluations.items()}
+    responses = {name: evaluations[name][0].texts for name in names}  # samples and the human A/B: the first seed's
+    summaries = {name: policy_summary(evaluations[name], evaluations[baseline]) for name in names}
     for name in names:
-        summaries[name]["win_rate"] = win_rate(scores_for_wins[name], scores_for_wins[baseline])
         summaries[name]["samples"] = [
             {"prompt": p if isinstance(p, str) else p[-1]["content"], "response": r} for p, r in list(zip(prompts, responses[name]))[: recipe.show_samples]
         ]
@@ -117,10 +125,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     if recipe.judges.human is not None:
         human = human_win_rate(recipe, run, prompts, responses)
 
-    costs = {}
-    for path_name, runs in recipe.costs.items():
-        stage_summaries = [json.loads((Path(path) / "summary.json").read_text()) for path in runs]
-        costs[path_name] = {"runs": list(runs), **path_cost(stage_summaries)}
+    costs = {path_name: training_cost(entries) for path_name, entries in recipe.costs.items()}
 
     result = {
         "policies": summaries,
@@ -129,14 +134,20 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         "prompts": len(prompts),
         "judges": {"ground_truth": judge.name if judge else None, "proxy": proxy.name if proxy else None},
         "kl_estimator": KL_ESTIMATOR,
+        "quality": quality_key(evaluations[baseline]),
+        "differences": differences(evaluations),
         "win_rate": f"against {baseline}, on the {'ground-truth judge' if judge else 'proxy'} scores of responses to the same prompts; ties count half",
-        "confidence_intervals": "95%, normal approximation: mean +- 1.96 s / sqrt(n)",
+        "confidence_intervals": (
+            "95%. A policy trained once: over its responses to the prompts, mean +- 1.96 s / sqrt(n) (sampling noise only, not the "
+            "noise of retraining). A policy trained with several seeds: over seeds, the mean of each run's mean +- t(n-1) s / sqrt(n). "
+            "Differences pair runs by seed (a single run pairs with every seed of the other) on the same prompts"
+        ),
         "costs": costs,
-        "checkpoints": {name: training_checkpoints(path) for name, path in recipe.policies.items()},
+        "checkpoints": {name: [training_checkpoints(path) for path in paths] for name, paths in runs.items()},
         "human": human,
         "generation": recipe.generation.model_dump(),
     }
-    paths = render_report(run, result, recipe.policies)
+    paths = render_report(run, result, runs)
     summary = write_summary(
         stage="compare", run=run, runtime=runtime, started=started, results={"report": str(paths["md"])},
         highlights={"report": str(paths["md"]), "plots": ", ".join(str(p) for p in paths["plots"])},

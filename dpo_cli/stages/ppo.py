@@ -58,6 +58,7 @@ class PpoState:
     time_generate: float = 0.0
     time_train: float = 0.0
     trained_tokens: int = 0  # tokens through training passes (policy and critic, every epoch)
+    wall_seconds: float = 0.0  # wall time of the earlier attempts, each up to its last checkpoint (set by the session)
 
     @property
     def step(self) -> int:  # the training session counts iterations as its steps
@@ -367,7 +368,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     )  # fmt: skip
     trained_totals = Trained(
         model=bundle.model, steps=state.iteration, tokens=state.tokens, items=state.episodes, sequences=state.episodes, train_seconds=seconds,
-        final_metrics={k: v for k, v in last.items() if k not in ("step", "episodes")}, compute=compute,
+        earlier_wall_seconds=state.wall_seconds, final_metrics={k: v for k, v in last.items() if k not in ("step", "episodes")}, compute=compute,
     )  # fmt: skip
     results = {
         "episodes": state.episodes,

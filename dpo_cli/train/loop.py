@@ -104,7 +104,8 @@ class LoopState:
     tokens: int = 0  # real (non-padding) input tokens seen
     items: int = 0  # target tokens / pairs seen
     sequences: int = 0  # sequences through the model (for the mean sequence length)
-    train_seconds: float = 0.0  # summed over every process that worked on this run
+    train_seconds: float = 0.0  # time in steps, over every attempt (a resumed run adds to its checkpoint's)
+    wall_seconds: float = 0.0  # wall time of the earlier attempts, each up to its last checkpoint (set by the session)
     processes: int = 1  # how many processes took micro_batches steps through the data
     skipped_steps: int = 0  # steps whose loss or gradient norm was not finite (train.nonfinite: skip): never applied
 

@@ -15,6 +15,7 @@ rm-train, dpo) and PPO's outer loop both run on it; each owns only what one of i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,8 @@ class SessionState(Protocol):
 
     @property
     def step(self) -> int: ...
+
+    wall_seconds: float  # the wall time of earlier attempts (a resumed run's summary counts it)
 
 
 class TrainingSession:
@@ -71,6 +74,7 @@ class TrainingSession:
         self._writer: Any = None
         self._stop: StopSignals | None = None
         self._progress: TrainProgress | None = None
+        self._began = time.time()
 
     # ------------------------------------------------------------------ before the first step
 
@@ -152,9 +156,14 @@ class TrainingSession:
             log.sync()
         write_checkpoint(
             self.run, self.state.step, self.cfg.keep_checkpoints, runtime=self.runtime, model=self.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, scaler=self.scaler, loop_state=asdict(self.state), extra=self.on_checkpoint,
+            scheduler=self.scheduler, scaler=self.scaler, loop_state=self._saved_state(), extra=self.on_checkpoint,
         )  # fmt: skip
         return str(where)
+
+    def _saved_state(self) -> dict[str, Any]:
+        """The state as a checkpoint keeps it: wall time up to now, so that a resumed run's wall time counts
+        the attempts before it (its train time does, and must not exceed it)."""
+        return {**asdict(self.state), "wall_seconds": self.state.wall_seconds + time.time() - self._began}
 
     def check_weights(self, params: list[torch.Tensor], step: int, lr: float, what: str = "the weights") -> None:
         """Stop before anything is written as final/ when the update of `step` (at learning rate `lr`) left a

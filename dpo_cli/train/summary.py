@@ -44,6 +44,7 @@ class Trained:
     eval_metrics: dict[str, float] | None = None
     skipped_steps: int = 0
     compute: Compute = field(default_factory=Compute)
+    earlier_wall_seconds: float = 0.0  # a resumed run: the wall time of the attempts before this one
 
     @classmethod
     def from_loop(cls, model: torch.nn.Module, result: LoopResult, compute: Compute | None = None) -> Trained:
@@ -51,7 +52,7 @@ class Trained:
         return cls(
             model=model, steps=state.step, tokens=state.tokens, items=state.items, sequences=state.sequences,
             train_seconds=state.train_seconds, final_metrics=result.last_train_metrics, eval_metrics=result.eval_metrics,
-            skipped_steps=state.skipped_steps, compute=compute or Compute(),
+            skipped_steps=state.skipped_steps, compute=compute or Compute(), earlier_wall_seconds=state.wall_seconds,
         )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,6 +103,7 @@ def write_summary(
     }
     if trained is not None:
         peak, peak_kind = peak_memory(runtime.device)
+        summary["wall_time_s"] = round(summary["wall_time_s"] + trained.earlier_wall_seconds, 3)
         summary.update(trained.as_dict(), peak_memory_bytes=peak, peak_memory_kind=peak_kind, mixed_precision=runtime.mixed_precision)
         summary["final_dir"] = str(run.final_dir)
     if data is not None:

@@ -10,23 +10,8 @@ import pytest
 
 from helpers import torchrun, write_recipe
 from dpo_cli.eval.costs import estimate_flops, model_shape, path_cost
-from dpo_cli.eval.evaluation import distinct_n, mean_ci, win_rate
+from dpo_cli.eval.evaluation import distinct_n
 from dpo_cli.eval.report import ab_outcome
-from dpo_cli.stages.compare import reward_hacking
-
-
-def test_confidence_interval_hand_computed():
-    ci = mean_ci([1.0, 2.0, 3.0, 4.0])
-    half = 1.96 * math.sqrt(5 / 3) / 2  # sample sd of 1..4 is sqrt(5/3)
-    assert ci["mean"] == 2.5 and ci["n"] == 4
-    assert ci["low"] == pytest.approx(2.5 - half) and ci["high"] == pytest.approx(2.5 + half)
-    assert mean_ci([7.0]) == {"mean": 7.0, "low": 7.0, "high": 7.0, "n": 1}
-    assert mean_ci([float("nan"), None])["mean"] is None
-
-
-def test_win_rate_counts_ties_half():
-    assert win_rate([1.0, 2.0, 3.0, None], [1.0, 1.0, 4.0, 2.0]) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
-    assert win_rate([None], [1.0]) is None
 
 
 def test_distinct_n():
@@ -59,14 +44,6 @@ def test_a_lora_runs_frozen_base_is_not_counted_as_trained(tiny_model_dir, tiny_
     adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert model_shape(full)["trained"] == model_shape(full)["params"]  # every weight trains: Kaplan's 6N
     assert model_shape(lora)["trained"] == adapters and model_shape(lora)["params"] == model_shape(full)["params"] + adapters
-
-
-def test_reward_hacking_flag():
-    def s(judge, proxy):
-        return {"judge": {"mean": judge}, "proxy": {"mean": proxy}}
-
-    flags = reward_hacking({"sft": s(0.5, 1.0), "hacked": s(0.3, 2.0), "good": s(0.8, 2.0), "worse": s(0.3, 0.5)}, "sft")
-    assert flags == {"sft": False, "hacked": True, "good": False, "worse": False}
 
 
 def test_human_ab_outcome():
@@ -107,13 +84,41 @@ def test_compare_report(tmp_path, cli, compare_recipe, sft_recipe):
             assert key in policy, key
         assert policy["kl"]["mean"] == 0.0  # the same model as the reference
         assert policy["judge"]["n"] == 6 and len(policy["samples"]) == 2
-    assert report["policies"]["same"]["win_rate"] == 0.5  # the same responses: all ties
+    assert report["policies"]["same"]["win_rate"]["mean"] == 0.5  # the same responses: all ties
+    assert report["policies"]["same"]["seeds"] == 1 and report["policies"]["same"]["judge"]["over"] == "prompts"
+    (same,) = report["differences"]
+    assert (same["a"], same["b"], same["judge"]["mean"]) == ("base", "same", 0.0)
+    assert same["conclusion"].startswith("ground truth: no significant difference between base and same")
     assert "temperature 1" in report["kl_estimator"]
     assert report["costs"]["sft"]["flops"] > 0 and report["costs"]["sft"]["train_time_s"] > 0
     for plot in ("frontier.png", "costs.png", "curves.png"):
         assert (tmp_path / "run" / plot).read_bytes().startswith(b"\x89PNG"), plot
     assert "| policy |" in (tmp_path / "run" / "report.md").read_text()
-    assert "ground truth" in out
+    assert "seeds" in out and "same" in out  # the terminal table
+
+
+def test_a_policy_trained_with_seeds_is_summarised_over_them(tmp_path, cli, compare_recipe, sft_recipe):
+    """policies.NAME: [run per seed]: one evaluation per run on the same prompts, the mean over seeds with its
+    interval over seeds, differences paired by seed, and costs counted once (the mean of the seeds' runs)."""
+    for seed in (1, 2):
+        assert cli("sft", sft_recipe(train={"max_steps": 2}, seed=seed), "--run-dir", tmp_path / f"sft-seed{seed}")[0] == 0
+    seeds = [str(tmp_path / "sft-seed1"), str(tmp_path / "sft-seed2")]
+    recipe = compare_recipe(policies={"base": seeds[0], "sft": seeds}, costs={"sft": [seeds]})
+    code, out, err = cli("compare", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    sft = report["policies"]["sft"]
+    assert sft["seeds"] == 2 and sft["judge"]["over"] == "seeds" and sft["judge"]["n"] == 2 and len(sft["per_seed"]) == 2
+    per_seed = [run["judge"]["mean"] for run in sft["per_seed"]]
+    assert sft["judge"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert sft["per_seed"][0]["judge"] == report["policies"]["base"]["judge"]  # the same run, the same prompts and sampling seed
+    (pair,) = report["differences"]
+    assert pair["judge"]["over"] == "seeds" and pair["judge"]["mean"] == pytest.approx(report["policies"]["base"]["judge"]["mean"] - sft["judge"]["mean"])
+    one = [json.loads((tmp_path / f"sft-seed{s}" / "summary.json").read_text())["train_time_s"] for s in (1, 2)]
+    assert report["costs"]["sft"]["train_time_s"] == pytest.approx(sum(one) / 2) and report["costs"]["sft"]["runs"] == ["sft-seed1 (mean of 2 runs)"]
+    assert "| sft | 2 |" in (tmp_path / "run" / "report.md").read_text()
+    code, _, err = cli("compare", compare_recipe(policies={"sft": seeds, "base": seeds[0]}), "--run-dir", tmp_path / "bad")
+    assert code == 1 and "reference: 'sft' has several runs" in err
 
 
 def test_compare_refuses_missing_or_incomplete_runs(tmp_path, cli, compare_recipe):
@@ -173,7 +178,7 @@ def test_two_processes_evaluate_their_shares_of_the_prompts(tmp_path, cli, compa
         policy = report["policies"][name]
         assert policy["judge"]["n"] == policy["proxy"]["n"] == 6 and policy["kl"]["n"] == 6  # every prompt, once
         assert policy["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
-    assert report["policies"]["same"]["win_rate"] == 0.5
+    assert report["policies"]["same"]["win_rate"]["mean"] == 0.5
     assert done.stdout.count("compare · completed") == 1
 
 

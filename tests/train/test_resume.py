@@ -133,3 +133,24 @@ def test_kill_9_mid_run_then_resume_is_exact(tmp_path, cli, sft_recipe):
     assert code == 0, err
     assert "resuming from" in err
     assert_same_run(run, tmp_path / "reference")
+
+
+def test_a_resumed_runs_wall_time_counts_the_attempts_before_it(tmp_path, cli, resume_recipe, monkeypatch):
+    """Train time adds up over attempts (it comes back with the checkpoint); wall time must too, else a
+    resumed run reports more time training than it took (issue 15: 764 s of training in 163 s)."""
+    recipe = resume_recipe("full")
+    with monkeypatch.context() as patch:
+        real = dpo_cli.stages.sft.lm_step
+
+        def slow(*args, **kwargs):
+            time.sleep(0.5)  # the first attempt's steps take long: 4 s of training before the signal
+            return real(*args, **kwargs)
+
+        patch.setattr(dpo_cli.stages.sft, "lm_step", slow)
+        signal_at_call(patch, call=9, signum=signal.SIGTERM)
+        assert cli("sft", recipe, "--run-dir", tmp_path / "run")[0] == 143
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_time_s"] >= 4.0  # 8 slow micro-batches before the checkpoint of step 4
+    assert summary["wall_time_s"] >= summary["train_time_s"]

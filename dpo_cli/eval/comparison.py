@@ -1,0 +1,74 @@
+"""From evaluations to what the comparison may conclude: each policy (one run, or one run per training seed)
+summarised with intervals over seeds where it has them, the paired differences between policies, the
+sentences those allow, and the reward-hacking flag. Pure: lists of `PolicyEval` in, dicts out."""
+
+from __future__ import annotations
+
+import statistics
+from itertools import combinations
+from typing import Any
+
+from dpo_cli.eval.evaluation import PolicyEval
+from dpo_cli.eval.stats import across_runs, conclusion, paired_difference, win_rate_interval
+
+# the scores a policy's summary and the differences are about: report key -> PolicyEval field
+SCORES = {"judge": "judge_scores", "proxy": "proxy_scores", "kl": "kl"}
+
+
+def _per_run(runs: list[PolicyEval], field: str) -> list[list[float | None]]:
+    return [getattr(run, field) for run in runs]
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def quality_key(runs: list[PolicyEval]) -> str:
+    """What "better" means in this comparison: the ground-truth judge, else the proxy reward model."""
+    return "judge" if runs[0].judge_scores else "proxy"
+
+
+def policy_summary(runs: list[PolicyEval], baseline: list[PolicyEval]) -> dict[str, Any]:
+    """One policy: its scores and KL (one run: intervals over prompts; several seeds: over seeds), its win
+    rate against the baseline, and each run's own summary."""
+    per_seed = [run.summary() for run in runs]
+    quality = SCORES[quality_key(baseline)]
+    summary: dict[str, Any] = {
+        "seeds": len(runs),
+        **{key: across_runs(_per_run(runs, field)) if getattr(runs[0], field) else None for key, field in SCORES.items()},
+        "win_rate": win_rate_interval(_per_run(runs, quality), _per_run(baseline, quality)),
+    }
+    for key in ("response_length", "finished_rate", "distinct_1", "distinct_2"):
+        summary[key] = _mean_of([s[key] for s in per_seed])
+    summary["per_seed"] = [{k: v for k, v in s.items() if k in (*SCORES, "response_length")} for s in per_seed]
+    return summary
+
+
+def differences(evaluations: dict[str, list[PolicyEval]]) -> list[dict[str, Any]]:
+    """Every pair of policies (in the order given): a - b on each score, runs paired by seed, and the
+    sentence the quality difference allows."""
+    names = list(evaluations)
+    quality = quality_key(evaluations[names[0]])
+    found = []
+    for a, b in combinations(names, 2):
+        pair: dict[str, Any] = {"a": a, "b": b}
+        for key, field in SCORES.items():
+            if getattr(evaluations[a][0], field) and getattr(evaluations[b][0], field):
+                pair[key] = paired_difference(_per_run(evaluations[a], field), _per_run(evaluations[b], field))
+        if quality in pair:
+            pair["conclusion"] = conclusion(a, b, pair[quality], "ground truth" if quality == "judge" else "proxy reward")
+        found.append(pair)
+    return found
+
+
+def reward_hacking(summaries: dict[str, dict], baseline: str) -> dict[str, bool]:
+    """A policy whose proxy score rose over the baseline's while its ground-truth score fell."""
+    base = summaries[baseline]
+    flags = {}
+    for name, summary in summaries.items():
+        if name == baseline or not summary["judge"] or not summary["proxy"] or not base["judge"] or not base["proxy"]:
+            flags[name] = False
+            continue
+        flags[name] = summary["proxy"]["mean"] > base["proxy"]["mean"] and summary["judge"]["mean"] < base["judge"]["mean"]
+    return flags
