@@ -40,12 +40,12 @@ def pipeline_file(tmp_path, tiny_model_dir, sft_rows):
 
 
 def actions(out: str) -> dict[str, str]:
-    """stage -> action, from the last plan table printed."""
+    """run -> action, from the last plan table printed."""
     table = out.split("pipeline done")[-1] if "pipeline done" in out else out
     found = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == 4 and cells[0] in ("sft", "dpo") and cells[2]:
+        if len(cells) == 4 and cells[0] and cells[0] != "stage" and cells[2]:
             found[cells[0]] = cells[2]
     return found
 
@@ -88,6 +88,78 @@ def test_an_interrupted_pipeline_continues(tmp_path, cli, pipeline_file, monkeyp
     code, out, err = cli("pipeline", path)
     assert code == 0 and "resuming from" in err
     assert json.loads((tmp_path / "runs" / "dpo" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_seeds_and_sweeps_expand_to_one_run_each_wired_to_its_inputs(tmp_path, tiny_model_dir, pipeline_file):
+    from dpo_cli.pipeline import load_pipeline, plan
+
+    write_recipe(tmp_path / "compare.yaml", {
+        "stage": "compare", "policies": {"base": str(tiny_model_dir)}, "data": {"train": "demo:prompts?n=4"}, "judges": {"function": "sentiment"},
+    })  # fmt: skip
+    path = pipeline_file(stages={
+        "sft": {"recipe": "sft.yaml"},
+        "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}, "per_seed": True, "sweep": {"dpo.beta": [0.1, 0.3]}, "set": {"dpo.beta": 0.5}},
+        "score": {"recipe": "dpo.yaml", "stage": "dpo", "inputs": {"model.name_or_path": "ref"}},
+        "ref": {"recipe": "sft.yaml", "stage": "sft", "per_seed": True},
+        "compare": {"recipe": "compare.yaml", "inputs": {"policies.sft": "sft", "policies.dpo": "dpo", "policies.ref": "ref", "costs.dpo": ["sft", "dpo"]}},
+    })  # fmt: skip
+    write_recipe(path, {**yaml.safe_load(path.read_text()), "seeds": [1, 2]})
+    pipeline = load_pipeline(path)
+    steps = {step.name: step for step in plan(pipeline, None, None, smoke=False)}
+    runs = tmp_path / "runs"
+    assert list(steps) == ["sft", "dpo-beta-0.1-seed1", "dpo-beta-0.1-seed2", "dpo-beta-0.3-seed1", "dpo-beta-0.3-seed2",
+                           "ref-seed1", "ref-seed2", "score-seed1", "score-seed2", "compare"]  # fmt: skip
+    dpo = steps["dpo-beta-0.3-seed2"].recipe_object
+    assert (dpo.seed, dpo.dpo.beta, dpo.model.name_or_path) == (2, 0.3, str(runs / "sft"))  # the sweep wins over set
+    assert steps["dpo-beta-0.3-seed2"].stage == "dpo" and steps["sft"].recipe_object.seed == 5
+    assert steps["score-seed2"].recipe_object.model.name_or_path == str(runs / "ref-seed2")  # a reader of a seeded stage: seed by seed
+    compare = steps["compare"].recipe_object
+    assert compare.policies == {
+        "base": str(tiny_model_dir), "sft": str(runs / "sft"), "ref": [str(runs / "ref-seed1"), str(runs / "ref-seed2")],
+        "dpo-beta-0.1": [str(runs / "dpo-beta-0.1-seed1"), str(runs / "dpo-beta-0.1-seed2")],
+        "dpo-beta-0.3": [str(runs / "dpo-beta-0.3-seed1"), str(runs / "dpo-beta-0.3-seed2")],
+    }  # fmt: skip
+    assert compare.costs == {"dpo": [str(runs / "sft"), [str(runs / n) for n in ("dpo-beta-0.1-seed1", "dpo-beta-0.1-seed2", "dpo-beta-0.3-seed1", "dpo-beta-0.3-seed2")]]}
+    assert set(steps["compare"].inputs) == {"sft", "ref-seed1", "ref-seed2", *(n for n in steps if n.startswith("dpo"))}
+
+
+def test_a_seeded_pipeline_runs_each_seed_once_and_adds_only_new_seeds(tmp_path, cli, pipeline_file):
+    path = pipeline_file()
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["seeds"] = [1, 2]
+    pipeline["stages"]["dpo"]["per_seed"] = True
+    write_recipe(path, pipeline)
+    code, out, err = cli("pipeline", path)
+    assert code == 0, err
+    assert [yaml.safe_load((tmp_path / "runs" / f"dpo-seed{s}" / "recipe.yaml").read_text())["seed"] for s in (1, 2)] == [1, 2]
+    first = (tmp_path / "runs" / "dpo-seed1" / "summary.json").read_text()
+    pipeline["seeds"] = [1, 2, 3]
+    write_recipe(path, pipeline)
+    code, out, _ = cli("pipeline", path, "--dry-run")
+    assert actions(out) == {"sft": "skip", "dpo-seed1": "skip", "dpo-seed2": "skip", "dpo-seed3": "run"}
+    code, out, _ = cli("pipeline", path, "--only", "dpo", "--dry-run")  # a stage's name takes all its runs
+    assert actions(out) == {"sft": "skip", "dpo-seed1": "skip", "dpo-seed2": "skip", "dpo-seed3": "run"}
+    assert cli("pipeline", path)[0] == 0
+    assert (tmp_path / "runs" / "dpo-seed3" / "final").is_dir() and (tmp_path / "runs" / "dpo-seed1" / "summary.json").read_text() == first
+
+
+def test_bad_seeds_and_sweeps(tmp_path, cli, pipeline_file):
+    def refused(stages, seeds=None):
+        path = pipeline_file(stages=stages)
+        if seeds is not None:
+            write_recipe(path, {**yaml.safe_load(path.read_text()), "seeds": seeds})
+        code, _, err = cli("pipeline", path, "--dry-run")
+        assert code == 1
+        return err
+
+    sft = {"recipe": "sft.yaml"}
+    assert "the pipeline has no seeds" in refused({"sft": {**sft, "per_seed": True}})
+    assert "no stage has per_seed: true" in refused({"sft": sft}, seeds=[1, 2])
+    assert "repeats a seed" in refused({"sft": {**sft, "per_seed": True}}, seeds=[1, 1])
+    assert "give a list of values" in refused({"sft": {**sft, "sweep": {"train.learning_rate": []}}})
+    swept = {"sft": {**sft, "sweep": {"train.learning_rate": [1e-3, 1e-4]}}, "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}}}
+    assert "sft is a sweep (several runs); only compare can read a sweep" in refused(swept)
+    assert "is wired to another stage" in refused({"sft": sft, "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}, "sweep": {"model.name_or_path": ["a"]}}})
 
 
 def test_only_needs_complete_inputs(tmp_path, cli, pipeline_file):

@@ -53,7 +53,7 @@ def training_cost(entries: list[str | list[str]]) -> dict[str, Any]:
     """A training path's cost: its stages' costs added up; a stage run with several seeds (a list) counts
     as the mean of its runs, the cost of training it once."""
     parts = [path_cost([_stage_summary(e)]) if isinstance(e, str) else mean_cost([path_cost([_stage_summary(p)]) for p in e]) for e in entries]
-    labels = [Path(e).name if isinstance(e, str) else f"{Path(e[0]).name} (mean of {len(e)} runs)" for e in entries]
+    labels = [Path(e).name if isinstance(e, str) else f"mean of {len(e)} runs ({Path(e[0]).name}, ...)" for e in entries]
     return {"runs": labels, "run_dirs": [p for e in entries for p in seed_runs(e)], **add_costs(parts)}
 
 

@@ -115,7 +115,7 @@ def test_a_policy_trained_with_seeds_is_summarised_over_them(tmp_path, cli, comp
     (pair,) = report["differences"]
     assert pair["judge"]["over"] == "seeds" and pair["judge"]["mean"] == pytest.approx(report["policies"]["base"]["judge"]["mean"] - sft["judge"]["mean"])
     one = [json.loads((tmp_path / f"sft-seed{s}" / "summary.json").read_text())["train_time_s"] for s in (1, 2)]
-    assert report["costs"]["sft"]["train_time_s"] == pytest.approx(sum(one) / 2) and report["costs"]["sft"]["runs"] == ["sft-seed1 (mean of 2 runs)"]
+    assert report["costs"]["sft"]["train_time_s"] == pytest.approx(sum(one) / 2) and report["costs"]["sft"]["runs"] == ["mean of 2 runs (sft-seed1, ...)"]
     assert "| sft | 2 |" in (tmp_path / "run" / "report.md").read_text()
     code, _, err = cli("compare", compare_recipe(policies={"sft": seeds, "base": seeds[0]}), "--run-dir", tmp_path / "bad")
     assert code == 1 and "reference: 'sft' has several runs" in err
