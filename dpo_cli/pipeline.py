@@ -359,4 +359,4 @@ def run_pipeline(
     for step in steps:
         report = step.run_dir / "report.md"
         if step.kind == "compare" and report.is_file():
-            ui.console.print(f"report: {report}  (plots beside it: frontier.png, costs.png, curves.png)")
+            ui.console.print(f"report: {report}  (plots beside it: frontier.png, over-optimisation.png, costs.png, curves.png)")

@@ -152,6 +152,11 @@ class PolicyEvalSection(Section):
     python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
     reward_model: PathOrHubId | None = Field(None, description="Proxy reward model (ppo: its own reward model by default).")
     max_new_tokens: int = Field(48, ge=1, description="Longest response.")
+    seed: int | None = Field(
+        None, description="The evaluation's own seed: prompts drawn and responses sampled as compare does with this seed (null: from the run's seed)."
+    )
+    max_prompt_length: int = Field(512, ge=1, description="Prompt tokens kept (compare: data.max_length).")
+    batch_size: int | None = Field(None, ge=1, description="Responses sampled at once (compare: generation.batch_size); null: every prompt at once.")
 
     _judge = field_validator("judge")(lambda value: check_builtin_judge(value, "policy_eval.python"))
     _python = field_validator("python")(check_python_function)

@@ -154,30 +154,53 @@ def evaluate_policy(
     return result
 
 
+def evaluation_settings(prompts: Any, rows: int, max_length: int, generation: GenerationSection, seed: int, judge: str | None) -> dict[str, Any]:
+    """What makes two evaluations the same one (compare's and a run's policy_eval): the prompts (source,
+    how many, their cut), the sampling (and its batching, which the random stream follows), the seed and
+    the ground truth."""
+    return {
+        "prompts": prompts, "rows": rows, "max_length": max_length, "max_new_tokens": generation.max_new_tokens,
+        "temperature": generation.temperature, "top_p": generation.top_p, "top_k": generation.top_k,
+        "batch_size": generation.batch_size, "seed": seed, "judge": judge,
+    }  # fmt: skip
+
+
+def periodic_settings(cfg: Any, run_seed: int, available: int | None) -> dict[str, Any]:
+    """A policy_eval section's evaluation, in `evaluation_settings` form; `available`: how many prompts its
+    source holds, where known. Without policy_eval.seed the prompts and samples follow the run's seed (each
+    training seed sees other prompts)."""
+    seed = cfg.seed if cfg.seed is not None else run_seed + 23
+    rows = min(cfg.max_prompts, available) if available is not None else cfg.max_prompts
+    sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=cfg.batch_size or rows)
+    judge = cfg.chosen_judge()
+    return evaluation_settings(cfg.prompts, rows, cfg.max_prompt_length, sampling, seed, judge.name if judge else None)
+
+
 def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge | None = None) -> Callable[..., dict[str, Any]] | None:
-    """A `policy_eval` section made runnable: (model, tokenizer, reference) -> the metrics line to log."""
+    """A `policy_eval` section made runnable: (model, tokenizer, reference) -> the metrics line to log.
+    With policy_eval.seed it is compare's evaluation with that seed, point for point."""
     if cfg.every is None:
         return None
     from dpo_cli.data.loading import DataReport, load_prompts
     from dpo_cli.eval.judges import build_judge, reward_model_judge
     from dpo_cli.core.recipes import DataSection
 
-    prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts), seed + 17, DataReport())
+    prompt_seed = cfg.seed if cfg.seed is not None else seed + 17
+    prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts, max_length=cfg.max_prompt_length), prompt_seed, DataReport())
+    settings = periodic_settings(cfg, seed, len(prompts))  # (all of the source or max_prompts of it)
     judge = build_judge(cfg.chosen_judge())
     if cfg.reward_model is not None:
         proxy = reward_model_judge(cfg.reward_model, device, "policy_eval.reward_model")
-    sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=len(prompts))
+    sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=settings["batch_size"])
 
     def evaluate(model: torch.nn.Module, tokenizer: Any, reference: ReferenceLogps, shard: bool = True) -> dict[str, Any]:
-        result = evaluate_policy(model, tokenizer, prompts, sampling, seed + 23, device, 512, judge, proxy, reference, shard)
+        result = evaluate_policy(model, tokenizer, prompts, sampling, settings["seed"], device, cfg.max_prompt_length, judge, proxy, reference, shard)
         summary = result.summary()
-        return {
-            "split": "policy_eval",
-            "judge_score": summary["judge"]["mean"] if summary["judge"] else None,
-            "proxy_score": summary["proxy"]["mean"] if summary["proxy"] else None,
-            "kl": summary["kl"]["mean"] if summary["kl"] else None,
-            "response_length": summary["response_length"],
-            "distinct_2": summary["distinct_2"],
-        }
+        record: dict[str, Any] = {"split": "policy_eval"}
+        for key, name in (("judge", "judge_score"), ("proxy", "proxy_score"), ("kl", "kl")):
+            ci = summary[key] or {}
+            record.update({name: ci.get("mean"), f"{name}_low": ci.get("low"), f"{name}_high": ci.get("high")})
+        record.update(response_length=summary["response_length"], distinct_2=summary["distinct_2"])
+        return record
 
     return evaluate

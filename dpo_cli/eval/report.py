@@ -43,6 +43,13 @@ def _bracket(ci: dict | None) -> str:
     return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
 
 
+def _hacking(summary: dict[str, Any]) -> str:
+    if not summary.get("reward_hacking"):
+        return ""
+    runs = summary.get("hacking_runs") or []
+    return f"YES ({len(runs)}/{summary['seeds']} runs on their path)" if runs else "YES"
+
+
 def _rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, summary in result["policies"].items():
@@ -57,7 +64,7 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
                 _fmt(summary["response_length"], 1),
                 _fmt(summary["finished_rate"], 2),
                 _fmt(summary["distinct_2"], 2),
-                "YES" if summary.get("reward_hacking") else "",
+                _hacking(summary),
             ]
         )
     return rows
@@ -97,11 +104,13 @@ def plot_frontier(result: dict[str, Any], out: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7.5, 5))
     for index, (name, summary) in enumerate(result["policies"].items()):
         color = f"C{index}"
+        paths = result.get("trajectories", {}).get(name) or []
         for seed, checkpoints in enumerate(result["checkpoints"].get(name, [])):
             points = [c for c in checkpoints if c.get("kl") is not None and c.get(f"{key}_score") is not None]
             if points:
-                label = f"{name} during training" if seed == 0 else None
-                axis.plot([p["kl"] for p in points], [p[f"{key}_score"] for p in points], "-", color=color, alpha=0.4, marker=".", label=label)
+                same = seed < len(paths) and paths[seed]["same_evaluation"]
+                label = (f"{name} during training" + ("" if same else " (another evaluation)")) if seed == 0 else None
+                axis.plot([p["kl"] for p in points], [p[f"{key}_score"] for p in points], "-" if same else ":", color=color, alpha=0.4, marker=".", label=label)
         if summary["seeds"] > 1:  # each seed's run, faint, around the mean over seeds
             runs = [r for r in summary["per_seed"] if r["kl"] and r[key] and r["kl"]["mean"] is not None and r[key]["mean"] is not None]
             axis.plot([r["kl"]["mean"] for r in runs], [r[key]["mean"] for r in runs], "x", color=color, alpha=0.5)
@@ -116,6 +125,38 @@ def plot_frontier(result: dict[str, Any], out: Path) -> Path:
     axis.set_title("reward vs KL frontier (95% intervals; x: each seed's run)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    atomic_write_bytes(out, _png(figure))
+    plt.close(figure)
+    return out
+
+
+def plot_over_optimisation(result: dict[str, Any], out: Path) -> Path | None:
+    """Ground truth and proxy along each run's path against sqrt(KL) (Gao et al.'s d): where the proxy
+    climbs on while the ground truth turns down, the policy is gaming the proxy."""
+    lines = []
+    for index, (name, runs) in enumerate(result["checkpoints"].items()):
+        for seed, points in enumerate(runs):
+            points = [p for p in points if p.get("kl") is not None and p.get("judge_score") is not None and p.get("proxy_score") is not None]
+            if len(points) > 1:
+                lines.append((f"C{index}", name if seed == 0 else None, points))
+    if not lines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (gold_axis, proxy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for color, label, points in lines:
+        distance = [max(p["kl"], 0.0) ** 0.5 for p in points]
+        gold_axis.plot(distance, [p["judge_score"] for p in points], "-", marker=".", color=color, label=label, alpha=0.7)
+        proxy_axis.plot(distance, [p["proxy_score"] for p in points], "-", marker=".", color=color, label=label, alpha=0.7)
+    for axis, title in ((gold_axis, "ground truth"), (proxy_axis, "proxy reward model")):
+        axis.set_xlabel("sqrt(KL to the reference)")
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3)
+    gold_axis.legend(fontsize=8)
+    figure.suptitle("over-optimisation: the scores along each run's path (Gao et al. 2022)")
     atomic_write_bytes(out, _png(figure))
     plt.close(figure)
     return out
@@ -184,6 +225,30 @@ def plot_curves(runs: dict[str, list[str]], out: Path) -> Path | None:
     return out
 
 
+def _trajectory_lines(result: dict[str, Any]) -> list[str]:
+    """Each run's path: flagged runs with where the ground truth peaked; which paths are on another scale."""
+    found, other = [], []
+    for name, runs in result.get("trajectories", {}).items():
+        for path in runs:
+            check = path["hacking"]
+            if path["points"] and not path["same_evaluation"]:
+                other.append(path["run"])
+            if check and check["flag"]:
+                found.append(
+                    f"  - {path['run']}: the ground truth peaked at {check['peak_score']:.3f} (step {check['peak_step']}, KL {_fmt(check['peak_kl'])}) "
+                    f"and ended at {check['final_score']:.3f} (KL {_fmt(check['final_kl'])}; a drop of {check['drop']:.3f} against ±{check['margin']:.3f}) "
+                    f"while the proxy rose from {check['proxy_at_peak']:.3f} to {check['proxy_final']:.3f}"
+                )
+    lines = ["- Over-optimised on their path:"] + found if found else []
+    if other:
+        lines.append(
+            f"- Evaluated while training on another evaluation than this comparison's (prompts, length, sampling or seed): {', '.join(other)}; "
+            "their curves (dotted) are not on the final points' scale. Give policy_eval the same prompts, max_prompts, max_prompt_length, "
+            "max_new_tokens, batch_size and seed as compare's data and generation."
+        )
+    return lines
+
+
 def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[str]]) -> dict[str, Any]:
     """`policies`: each policy's run dirs (one per seed)."""
     runs = {name: [p for p in paths if (Path(p) / "metrics.jsonl").is_file()] for name, paths in policies.items()}
@@ -192,7 +257,12 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
         for path in cost["run_dirs"]:
             if path not in shown:
                 runs.setdefault(f"{path_name}: {Path(path).name}", []).append(path)
-    plots = [p for p in (plot_frontier(result, run.path / "frontier.png"), plot_costs(result, run.path / "costs.png"), plot_curves(runs, run.path / "curves.png")) if p]
+    plots = [
+        p for p in (
+            plot_frontier(result, run.path / "frontier.png"), plot_over_optimisation(result, run.path / "over-optimisation.png"),
+            plot_costs(result, run.path / "costs.png"), plot_curves(runs, run.path / "curves.png"),
+        ) if p
+    ]  # fmt: skip
     result["plots"] = [str(p) for p in plots]
     atomic_write_json(run.path / "report.json", result)
 
@@ -210,8 +280,11 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
         f"- KL: {result['kl_estimator']}.",
         "- Scores and KL: mean ± the half-width of the 95% interval; length in response tokens; ended: the fraction of responses that "
         "ended before the length cap; distinct-2: distinct word bigrams over all bigrams.",
-        "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell.",
+        "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell; or, on a run's own path "
+        "(its policy evaluations while training), the proxy kept rising after the ground truth's peak while the ground truth fell from it by "
+        "more than the 95% interval of the drop.",
     ]
+    lines += _trajectory_lines(result)
     single = [name for name, summary in result["policies"].items() if summary["seeds"] == 1 and name != result["baseline"]]
     if single:
         lines.append(

@@ -11,16 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from dpo_cli.core import ui
-from dpo_cli.eval.comparison import differences, policy_summary, quality_key, reward_hacking
+from dpo_cli.eval.comparison import differences, policy_summary, quality_key, reward_hacking, trajectory_hacking
 from dpo_cli.eval.costs import add_costs, mean_cost, path_cost
 from dpo_cli.data.loading import DataReport, load_prompts
 from dpo_cli.core.errors import UserError
-from dpo_cli.eval.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, model_reference, text_reference
+from dpo_cli.eval.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, evaluation_settings, model_reference, periodic_settings, text_reference
 from dpo_cli.eval.judges import Judge, build_judge, reward_model_judge
 from dpo_cli.models.io import load_policy
-from dpo_cli.core.recipes import CompareRecipe, TrainSection
+from dpo_cli.core.recipes import CompareRecipe, PolicyEvalSection, TrainSection
 from dpo_cli.eval.report import human_win_rate, render_report
 from dpo_cli.core.rundir import RunDir, read_metrics
 from dpo_cli.core.runtime import setup_runtime
@@ -43,6 +44,22 @@ def training_checkpoints(path: str) -> list[dict[str, Any]]:
     if not _is_run(path):
         return []
     return [m for m in read_metrics(Path(path) / "metrics.jsonl") if m.get("split") == "policy_eval"]
+
+
+def run_trajectory(path: str, settings: dict[str, Any], available: int | None) -> dict[str, Any]:
+    """A run's path as its policy evaluations logged it: whether they are this comparison's evaluation (the
+    same prompts, length, sampling and seed: then its points and the final points lie on one scale) and the
+    over-optimisation check on them."""
+    points = training_checkpoints(path)
+    saved = RunDir(Path(path)).saved_recipe() if _is_run(path) else None
+    same = False
+    if points and saved and saved.get("policy_eval"):
+        try:
+            cfg = PolicyEvalSection.model_validate(saved["policy_eval"])
+        except ValidationError:  # a run of another dpo-cli version: its curve is shown, not compared
+            cfg = None
+        same = cfg is not None and periodic_settings(cfg, saved.get("seed", 0), available) == settings
+    return {"run": Path(path).name, "points": len(points), "same_evaluation": same, "hacking": trajectory_hacking(points)}
 
 
 def _stage_summary(path: str) -> dict[str, Any]:
@@ -118,8 +135,14 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         summaries[name]["samples"] = [
             {"prompt": p if isinstance(p, str) else p[-1]["content"], "response": r} for p, r in list(zip(prompts, responses[name]))[: recipe.show_samples]
         ]
+    judge_spec = recipe.judges.chosen_judge()
+    settings = evaluation_settings(recipe.data.train, len(prompts), recipe.data.max_length, recipe.generation, recipe.seed, judge_spec.name if judge_spec else None)
+    available = len(prompts) if recipe.data.max_rows is None else None  # all the source holds
+    trajectories = {name: [run_trajectory(path, settings, available) for path in runs[name]] for name in names}
     for name, flagged in reward_hacking(summaries, baseline).items():
-        summaries[name]["reward_hacking"] = flagged
+        on_path = [t["run"] for t in trajectories[name] if t["hacking"] and t["hacking"]["flag"]]
+        summaries[name]["reward_hacking"] = flagged or bool(on_path)
+        summaries[name]["hacking_runs"] = on_path
 
     human = None
     if recipe.judges.human is not None:
@@ -144,6 +167,8 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         ),
         "costs": costs,
         "checkpoints": {name: [training_checkpoints(path) for path in paths] for name, paths in runs.items()},
+        "evaluation": settings,
+        "trajectories": trajectories,
         "human": human,
         "generation": recipe.generation.model_dump(),
     }

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dpo_cli.eval.comparison import differences, policy_summary, reward_hacking
+from dpo_cli.eval.comparison import differences, policy_summary, reward_hacking, trajectory_hacking
 from dpo_cli.eval.evaluation import PolicyEval
 
 
@@ -51,3 +51,25 @@ def test_reward_hacking_flag():
 
     flags = reward_hacking({"sft": s(0.5, 1.0), "hacked": s(0.3, 2.0), "good": s(0.8, 2.0), "worse": s(0.3, 0.5)}, "sft")
     assert flags == {"sft": False, "hacked": True, "good": False, "worse": False}
+
+
+def path(*points: tuple[float, float, float]) -> list[dict]:
+    """(ground truth, proxy, KL) per evaluation, each ground truth with a 95% half-width of 0.03."""
+    return [{"step": 10 * i, "judge_score": g, "judge_score_low": g - 0.03, "judge_score_high": g + 0.03, "proxy_score": p, "kl": kl}
+            for i, (g, p, kl) in enumerate(points)]  # fmt: skip
+
+
+def test_the_hacking_flag_fires_on_an_over_optimised_path():
+    """The issue's run: the proxy climbs from 3.3 to 4.0 while the text collapses after a peak."""
+    check = trajectory_hacking(path((0.1, 0.5, 0.0), (0.85, 3.3, 4.0), (0.80, 3.6, 20.0), (0.60, 4.0, 122.0)))
+    assert check["flag"]
+    assert (check["peak_step"], check["peak_score"], check["peak_kl"], check["final_score"]) == (10, 0.85, 4.0, 0.60)
+    assert check["drop"] == pytest.approx(0.25) and check["margin"] == pytest.approx(math.hypot(0.03, 0.03))
+
+
+def test_the_hacking_flag_stays_silent_on_normal_paths():
+    assert not trajectory_hacking(path((0.1, 0.5, 0.0), (0.6, 2.0, 1.0), (0.85, 3.2, 2.0)))["flag"]  # both rise
+    assert not trajectory_hacking(path((0.1, 0.5, 0.0), (0.86, 3.0, 1.0), (0.84, 3.2, 2.0)))["flag"]  # a dip within the noise
+    assert not trajectory_hacking(path((0.1, 0.5, 0.0), (0.86, 3.0, 1.0), (0.60, 2.5, 2.0)))["flag"]  # both fall: not gaming the proxy
+    assert trajectory_hacking(path((0.1, 0.5, 0.0))) is None  # one point is no path
+    assert trajectory_hacking([{"judge_score": 0.5, "proxy_score": None}, {"judge_score": 0.4, "proxy_score": None}]) is None

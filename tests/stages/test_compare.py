@@ -4,7 +4,6 @@ flag, a KL of 0 for a policy against itself, and a well-formed report with plots
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -194,3 +193,27 @@ def test_conversational_prompts_for_a_policy_without_a_chat_template(tmp_path, c
     code, _, err = cli("compare", recipe, "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert "no chat template" in err
+
+
+def test_a_runs_policy_eval_with_compares_settings_is_compares_evaluation(tmp_path, cli, compare_recipe, dpo_recipe, tiny_model_dir, tiny_reward_model_dir):
+    """policy_eval given compare's prompts, length, batching and seed: its last point is, to the digit, what
+    compare measures on the final policy (so the curves and the final points lie on one scale)."""
+    policy_eval = {
+        "every": 2, "prompts": "demo:prompts?n=6", "max_prompt_length": 32, "max_new_tokens": 6, "batch_size": 3, "seed": 1,
+        "judge": "sentiment", "reward_model": str(tiny_reward_model_dir),
+    }  # fmt: skip
+    assert cli("dpo", dpo_recipe(policy_eval=policy_eval), "--run-dir", tmp_path / "dpo")[0] == 0
+    recipe = compare_recipe(policies={"base": str(tiny_model_dir), "dpo": str(tmp_path / "dpo")}, generation={"max_new_tokens": 6, "temperature": 1.0, "batch_size": 3})
+    code, _, err = cli("compare", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    (path,) = report["trajectories"]["dpo"]
+    assert path["same_evaluation"] and path["points"] == 3  # steps 0, 2, 4 and path["hacking"] is not None
+    last = report["checkpoints"]["dpo"][0][-1]
+    final = report["policies"]["dpo"]
+    assert last["judge_score"] == pytest.approx(final["judge"]["mean"], abs=1e-9) and last["proxy_score"] == pytest.approx(final["proxy"]["mean"], abs=1e-6)
+    assert last["kl"] == pytest.approx(final["kl"]["mean"], abs=1e-5)
+    other = compare_recipe(policies={"base": str(tiny_model_dir), "dpo": str(tmp_path / "dpo")}, generation={"max_new_tokens": 8, "temperature": 1.0, "batch_size": 3})
+    assert cli("compare", other, "--run-dir", tmp_path / "other")[0] == 0
+    assert not json.loads((tmp_path / "other" / "report.json").read_text())["trajectories"]["dpo"][0]["same_evaluation"]
+    assert "on another evaluation than this comparison's" in (tmp_path / "other" / "report.md").read_text()
