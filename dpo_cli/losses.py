@@ -71,6 +71,12 @@ def sequence_kl(policy_logps: torch.Tensor, reference_logps: torch.Tensor, respo
     return policy - reference
 
 
+def response_fluency(reference_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """How natural each response reads to the reference: its mean log-likelihood per token under it (closer to
+    0 is more fluent; gibberish is far below). (B, T), (B, T) -> (B,); an empty response gives 0."""
+    return (reference_logps * response_mask).sum(dim=1) / response_mask.sum(dim=1).clamp(min=1)
+
+
 def mean_token_logps(sequence_logps: torch.Tensor, target_counts: torch.Tensor) -> torch.Tensor:
     """A sequence's log-prob per token (IPO compares these, as TRL does, not the sums). (N,), (N,) -> (N,)."""
     return sequence_logps / target_counts

@@ -167,7 +167,7 @@ def test_reward_loss_hand_computed():
 
 # ----------------------------------------------------------------------------- estimators
 
-from dpo_cli.losses import mean_token_logps, penalize_unfinished, ppo_objective, sequence_kl, tempered_token_logps  # noqa: E402
+from dpo_cli.losses import mean_token_logps, penalize_unfinished, ppo_objective, response_fluency, sequence_kl, tempered_token_logps  # noqa: E402
 
 
 def test_tempered_token_logps_hand_computed():
@@ -196,6 +196,12 @@ def test_sequence_kl_hand_computed():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     assert sequence_kl(policy, reference, mask).tolist() == [(-1.0 - 2.0) - (-1.5 - 1.0)]  # -0.5
     assert sequence_kl(policy, torch.tensor([-4.0]), mask).tolist() == [1.0]  # a reference summed already
+
+
+def test_fluency_is_the_mean_reference_log_likelihood_per_response_token():
+    reference = torch.tensor([[-1.5, -1.0, -3.0], [-0.5, -7.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # the second response is empty
+    assert response_fluency(reference, mask).tolist() == [-1.25, 0.0]
 
 
 def test_small_estimators_hand_computed():

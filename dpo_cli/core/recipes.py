@@ -151,6 +151,7 @@ class PolicyEvalSection(Section):
     judge: str | None = Field(None, description="Ground-truth judge: sentiment or length (a function of your own goes in policy_eval.python).")
     python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
     reward_model: PathOrHubId | None = Field(None, description="Proxy reward model (ppo: its own reward model by default).")
+    fluency_model: PathOrHubId | None = Field(None, description="The ground truth weighted by fluency under this frozen LM (as compare's judges.fluency_model).")
     max_new_tokens: int = Field(48, ge=1, description="Longest response.")
     seed: int | None = Field(
         None, description="The evaluation's own seed: prompts drawn and responses sampled as compare does with this seed (null: from the run's seed)."
@@ -325,6 +326,12 @@ class JudgesSection(Section):
     )
     python: str | None = Field(None, description="The ground truth is " + PYTHON_JUDGE + RUNS_CODE)
     reward_model: PathOrHubId | None = Field(None, description="The proxy: an rm-train run or any scalar sequence classifier.")
+    fluency_model: PathOrHubId | None = Field(
+        None, description="A frozen causal LM (e.g. the pretrained model): the ground truth is weighted by each response's fluency under it, so word salad cannot game it."
+    )
+    ceiling: PathOrHubId | None = Field(
+        None, description="Reference answers (prompt + completion or response columns): their ground truth is reported as the ceiling."
+    )
     human: HumanAbSection | None = Field(None, description="A blind pairwise A/B of two policies on the labelling screen.")
 
     _judge = field_validator("function")(lambda value: check_builtin_judge(value, "judges.python"))

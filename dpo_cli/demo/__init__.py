@@ -1,4 +1,5 @@
-"""Built-in demo datasets, addressed in recipes as `demo:NAME` (optionally `demo:NAME?n=2000&seed=3`).
+"""Built-in demo datasets, addressed in recipes as `demo:NAME` (optionally `demo:NAME?n=2000&seed=3`, and
+`&sentiment=positive` or `negative` for reviews of one sentiment only).
 
     demo:reviews    {text}                       full reviews, for pretraining
     demo:sft        {prompt, completion}         review opening -> continuation
@@ -28,12 +29,15 @@ def demo_rows(spec: str) -> list[dict]:
     if name not in DEMO_SETS:
         raise UserError(f"unknown demo dataset {spec!r}; demo sets: {', '.join('demo:' + k for k in DEMO_SETS)}")
     n, offset = DEMO_SETS[name]
-    seed = 0
+    seed, sentiment = 0, None
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in ("n", "seed") or not value.isdigit():
-            raise UserError(f"{spec!r}: options are n=ROWS and seed=INT, got {key}={value}")
-        n, seed = (int(value), seed) if key == "n" else (n, int(value))
-    items = reviews(n, seed + offset)
+        if key == "sentiment" and value in ("positive", "negative"):
+            sentiment = value
+        elif key not in ("n", "seed") or not value.isdigit():
+            raise UserError(f"{spec!r}: options are n=ROWS, seed=INT and sentiment=positive|negative, got {key}={value}")
+        else:
+            n, seed = (int(value), seed) if key == "n" else (n, int(value))
+    items = reviews(n, seed + offset, sentiment)
     if name == "reviews":
         return [{"text": r["text"]} for r in items]
     if name == "sft":

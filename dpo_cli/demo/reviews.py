@@ -117,6 +117,6 @@ def make_review(rng: random.Random, sentiment: str | None = None) -> dict[str, s
     }
 
 
-def reviews(n: int, seed: int) -> list[dict[str, str]]:
+def reviews(n: int, seed: int, sentiment: str | None = None) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    return [make_review(rng) for _ in range(n)]
+    return [make_review(rng, sentiment) for _ in range(n)]

@@ -13,7 +13,7 @@ from dpo_cli.eval.evaluation import PolicyEval
 from dpo_cli.eval.stats import across_runs, conclusion, paired_difference, win_rate_interval
 
 # the scores a policy's summary and the differences are about: report key -> PolicyEval field
-SCORES = {"judge": "judge_scores", "proxy": "proxy_scores", "kl": "kl"}
+SCORES = {"judge": "judge_scores", "proxy": "proxy_scores", "kl": "kl", "fluency": "fluency"}
 
 
 def _per_run(runs: list[PolicyEval], field: str) -> list[list[float | None]]:
@@ -44,6 +44,26 @@ def policy_summary(runs: list[PolicyEval], baseline: list[PolicyEval]) -> dict[s
         summary[key] = _mean_of([s[key] for s in per_seed])
     summary["per_seed"] = [{k: v for k, v in s.items() if k in (*SCORES, "response_length")} for s in per_seed]
     return summary
+
+
+def length_slope(evaluations: dict[str, list[PolicyEval]], field: str) -> float | None:
+    """How much the score rises per response token within a run (fixed effects: each run's responses
+    centred on its own means, pooled): the judge's length bias, not a policy's quality."""
+    covariance = variance = 0.0
+    for run in (r for runs in evaluations.values() for r in runs):
+        pairs = [(float(n), s) for n, s in zip(run.lengths, getattr(run, field)) if s is not None]
+        if len(pairs) < 2:
+            continue
+        mean_n, mean_s = statistics.fmean(n for n, _ in pairs), statistics.fmean(s for _, s in pairs)
+        covariance += sum((n - mean_n) * (s - mean_s) for n, s in pairs)
+        variance += sum((n - mean_n) ** 2 for n, _ in pairs)
+    return covariance / variance if variance > 0 else None
+
+
+def length_controlled(runs: list[PolicyEval], field: str, slope: float, length: float) -> dict[str, Any]:
+    """The scores as if every response had `length` tokens (the baseline's mean), by the within-run slope."""
+    adjusted = [[s - slope * (n - length) if s is not None else None for n, s in zip(run.lengths, getattr(run, field))] for run in runs]
+    return across_runs(adjusted)
 
 
 def differences(evaluations: dict[str, list[PolicyEval]]) -> list[dict[str, Any]]:

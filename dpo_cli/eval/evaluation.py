@@ -20,7 +20,7 @@ from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.models.generate import Generation, generate
 from dpo_cli.eval.judges import Judge
 from dpo_cli.eval.stats import mean_ci
-from dpo_cli.losses import sequence_kl as kl_estimate
+from dpo_cli.losses import response_fluency, sequence_kl as kl_estimate
 from dpo_cli.core.recipes import GenerationSection
 from dpo_cli.models.rollout import Rollout, make_rollout, response_logps
 
@@ -55,9 +55,10 @@ def full_distribution(cfg: GenerationSection) -> GenerationSection:
 
 
 @torch.no_grad()
-def sequence_kl(model: torch.nn.Module, reference: ReferenceLogps, rollout: Rollout) -> list[float]:
-    # the reference: (B, T) per token, or (B,) per response (another tokenizer)
-    return kl_estimate(response_logps(model, rollout, 1.0)[0], reference(rollout), rollout.response_mask).tolist()
+def sequence_kl(model: torch.nn.Module, reference: ReferenceLogps, rollout: Rollout, reference_logps: torch.Tensor | None = None) -> list[float]:
+    # the reference: (B, T) per token, or (B,) per response (another tokenizer); given, or computed here
+    reference_logps = reference(rollout) if reference_logps is None else reference_logps
+    return kl_estimate(response_logps(model, rollout, 1.0)[0], reference_logps, rollout.response_mask).tolist()
 
 
 def text_reference(reference_model: torch.nn.Module, reference_tokenizer: Any) -> ReferenceLogps:
@@ -102,12 +103,14 @@ class PolicyEval:
     judge_scores: list[float | None] = field(default_factory=list)
     proxy_scores: list[float | None] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    fluency: list[float] = field(default_factory=list)  # mean log-likelihood per response token under the reference
 
     def summary(self) -> dict[str, Any]:
         return {
             "judge": mean_ci(self.judge_scores) if self.judge_scores else None,
             "proxy": mean_ci(self.proxy_scores) if self.proxy_scores else None,
             "kl": mean_ci(self.kl) if self.kl else None,
+            "fluency": mean_ci(self.fluency) if self.fluency else None,
             "response_length": statistics.fmean(self.lengths) if self.lengths else None,
             "finished_rate": statistics.fmean(float(f) for f in self.finished) if self.finished else None,
             "distinct_1": distinct_n(self.texts, 1),
@@ -144,12 +147,18 @@ def evaluate_policy(
     if proxy is not None:
         result.proxy_scores = proxy.score(prompts, texts).values
     if reference is not None:
-        full = full_distribution(cfg)
-        kl_generations = generations if full == cfg else sample(model, tokenizer, prompts, full, seed + 1, device, max_prompt)[1]
-        rollout = make_rollout(prompts, prompt_ids, kl_generations, tokenizer.pad_token_id, device)
         was_training = model.training
         model.eval()
-        result.kl = sequence_kl(model, reference, rollout)
+        with torch.no_grad():
+            rollout = make_rollout(prompts, prompt_ids, generations, tokenizer.pad_token_id, device)
+            reference_logps = reference(rollout)  # (B, T), or (B,) for a reference with another tokenizer
+            if reference_logps.dim() == 2:
+                result.fluency = response_fluency(reference_logps, rollout.response_mask).tolist()
+            full = full_distribution(cfg)
+            if full != cfg:  # the KL needs responses from the full distribution: a second set
+                rollout = make_rollout(prompts, prompt_ids, sample(model, tokenizer, prompts, full, seed + 1, device, max_prompt)[1], tokenizer.pad_token_id, device)
+                reference_logps = reference(rollout)
+            result.kl = sequence_kl(model, reference, rollout, reference_logps)
         model.train(was_training)
     return result
 
@@ -172,8 +181,9 @@ def periodic_settings(cfg: Any, run_seed: int, available: int | None) -> dict[st
     seed = cfg.seed if cfg.seed is not None else run_seed + 23
     rows = min(cfg.max_prompts, available) if available is not None else cfg.max_prompts
     sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=cfg.batch_size or rows)
-    judge = cfg.chosen_judge()
-    return evaluation_settings(cfg.prompts, rows, cfg.max_prompt_length, sampling, seed, judge.name if judge else None)
+    from dpo_cli.eval.judges import ground_truth_name
+
+    return evaluation_settings(cfg.prompts, rows, cfg.max_prompt_length, sampling, seed, ground_truth_name(cfg.chosen_judge(), cfg.fluency_model))
 
 
 def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge | None = None) -> Callable[..., dict[str, Any]] | None:
@@ -182,13 +192,13 @@ def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge |
     if cfg.every is None:
         return None
     from dpo_cli.data.loading import DataReport, load_prompts
-    from dpo_cli.eval.judges import build_judge, reward_model_judge
+    from dpo_cli.eval.judges import build_ground_truth, reward_model_judge
     from dpo_cli.core.recipes import DataSection
 
     prompt_seed = cfg.seed if cfg.seed is not None else seed + 17
     prompts = load_prompts(DataSection(train=cfg.prompts, max_rows=cfg.max_prompts, max_length=cfg.max_prompt_length), prompt_seed, DataReport())
     settings = periodic_settings(cfg, seed, len(prompts))  # (all of the source or max_prompts of it)
-    judge = build_judge(cfg.chosen_judge())
+    judge = build_ground_truth(cfg.chosen_judge(), cfg.fluency_model, device, "policy_eval.fluency_model")
     if cfg.reward_model is not None:
         proxy = reward_model_judge(cfg.reward_model, device, "policy_eval.reward_model")
     sampling = GenerationSection(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=settings["batch_size"])
@@ -197,7 +207,7 @@ def periodic_evaluator(cfg: Any, seed: int, device: torch.device, proxy: Judge |
         result = evaluate_policy(model, tokenizer, prompts, sampling, settings["seed"], device, cfg.max_prompt_length, judge, proxy, reference, shard)
         summary = result.summary()
         record: dict[str, Any] = {"split": "policy_eval"}
-        for key, name in (("judge", "judge_score"), ("proxy", "proxy_score"), ("kl", "kl")):
+        for key, name in (("judge", "judge_score"), ("proxy", "proxy_score"), ("kl", "kl"), ("fluency", "fluency")):
             ci = summary[key] or {}
             record.update({name: ci.get("mean"), f"{name}_low": ci.get("low"), f"{name}_high": ci.get("high")})
         record.update(response_length=summary["response_length"], distinct_2=summary["distinct_2"])

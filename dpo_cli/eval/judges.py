@@ -119,6 +119,79 @@ def build_judge(spec: JudgeSpec | None) -> FunctionJudge | None:
 
 
 SCORE_BATCH_SIZE = 16  # responses per reward-model forward pass where a recipe has no key for it
+
+
+def ground_truth_name(spec: JudgeSpec | None, fluency_model: str | None) -> str | None:
+    """The ground truth's name (the report's, and what makes two evaluations use the same one)."""
+    if spec is None:
+        return None
+    return f"judge:{spec.name}" + (f" x fluency under {fluency_model}" if fluency_model else "")
+
+
+def build_ground_truth(spec: JudgeSpec | None, fluency_model: str | None, device: torch.device, what: str) -> Judge | None:
+    """The judge a recipe chose, weighted by fluency under `fluency_model` where one is named (`what`: its key)."""
+    judge = build_judge(spec)
+    if judge is None or fluency_model is None:
+        return judge
+    from dpo_cli.models.io import load_frozen_lm
+
+    model, tokenizer = load_frozen_lm(fluency_model, device, what)
+    return FluencyWeightedJudge(judge, model, tokenizer, device, ground_truth_name(spec, fluency_model) or judge.name)
+
+
+class FluencyWeightedJudge:
+    """A ground truth that word salad cannot game: the judge's score times how fluent the response reads to a
+    frozen language model (e.g. the pretrained model, which never saw a preference):
+
+        score = judge01 x min(1, exp(l(response) - l(prompt)))
+
+    with l the mean log-likelihood per token under that model (the response's given the prompt). A response
+    as natural as the prompt keeps its whole score; a garbled one, many nats per token less likely, keeps next
+    to nothing, however many positive words it strings together. judge01 is the sentiment rescaled from
+    [-1, 1] to [0, 1] (so garbling never lifts a negative review), any other judge's score as it is."""
+
+    def __init__(self, judge: FunctionJudge, model: torch.nn.Module, tokenizer: Any, device: torch.device, name: str, batch_size: int = SCORE_BATCH_SIZE):
+        from dpo_cli.models.forward import CompletionLogProbs
+
+        self.name = name
+        self.judge = judge
+        self.scorer = CompletionLogProbs(model)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def fluency(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
+        """min(1, exp(l(response) - l(prompt))) per response."""
+        from dpo_cli.data.encoding import pad
+        from dpo_cli.data.preference_pairs import sequence_ids
+        from dpo_cli.losses import IGNORE_INDEX
+
+        found: list[float] = []
+        for start in range(0, len(responses), self.batch_size):
+            sequences, response_labels, prompt_labels = [], [], []
+            for prompt, response in zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size]):
+                completion = [{"role": "assistant", "content": response.strip()}] if isinstance(prompt, list) else " " + response.strip()
+                ids, split = sequence_ids(self.tokenizer, prompt, completion)
+                sequences.append(ids)
+                response_labels.append([IGNORE_INDEX] * split + ids[split:])
+                prompt_labels.append([IGNORE_INDEX] + ids[1:split] + [IGNORE_INDEX] * (len(ids) - split))  # the first token has no context
+            input_ids, mask = (t.to(self.device) for t in pad(sequences, self.tokenizer.pad_token_id))
+            response_sums, response_counts = self.scorer(input_ids, mask, pad(response_labels, IGNORE_INDEX)[0].to(self.device))
+            prompt_sums, prompt_counts = self.scorer(input_ids, mask, pad(prompt_labels, IGNORE_INDEX)[0].to(self.device))
+            response_mean = response_sums / response_counts.clamp(min=1)
+            prompt_mean = torch.where(prompt_counts > 0, prompt_sums / prompt_counts.clamp(min=1), response_mean)
+            found += torch.exp(torch.clamp(response_mean - prompt_mean, max=0.0)).tolist()
+        return found
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> Scores:
+        base = self.judge.score(prompts, responses)
+        fluency = self.fluency(prompts, responses)
+        rescale = (lambda v: (v + 1.0) / 2.0) if self.judge.function is sentiment else (lambda v: v)
+        values = [None if v is None else rescale(v) * f for v, f in zip(base.values, fluency)]
+        return Scores(values=values, errors=base.errors)
+
+
 SCORE_MAX_LENGTH = 4096  # tokens a scored sequence keeps (its end, where the score is read)
 
 

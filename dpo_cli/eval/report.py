@@ -58,9 +58,11 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
                 name + (" (baseline)" if name == result["baseline"] else ""),
                 str(summary["seeds"]),
                 _interval(summary["judge"]),
+                _interval(summary.get("length_controlled")),
                 _interval(summary["proxy"]),
                 _interval(summary["win_rate"]),
                 _interval(summary["kl"]),
+                _interval(summary.get("fluency")),
                 _fmt(summary["response_length"], 1),
                 _fmt(summary["finished_rate"], 2),
                 _fmt(summary["distinct_2"], 2),
@@ -70,7 +72,7 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADERS = ["policy", "seeds", "ground truth", "proxy RM", "win rate", "KL to ref", "length", "ended", "distinct-2", "hacking"]
+HEADERS = ["policy", "seeds", "ground truth", "length-controlled", "proxy RM", "win rate", "KL to ref", "fluency", "length", "ended", "distinct-2", "hacking"]
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -278,12 +280,31 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
         f"- Win rate: {result['win_rate']}.",
         f"- Confidence intervals: {result['confidence_intervals']}.",
         f"- KL: {result['kl_estimator']}.",
-        "- Scores and KL: mean ± the half-width of the 95% interval; length in response tokens; ended: the fraction of responses that "
+        "- Scores and KL: mean ± the half-width of the 95% interval; fluency: the responses' mean log-likelihood per token under the KL "
+        "reference (gibberish falls far below the reference's own); length in response tokens; ended: the fraction of responses that "
         "ended before the length cap; distinct-2: distinct word bigrams over all bigrams.",
         "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell; or, on a run's own path "
         "(its policy evaluations while training), the proxy kept rising after the ground truth's peak while the ground truth fell from it by "
         "more than the 95% interval of the drop.",
     ]
+    if result.get("ceiling"):
+        top = result["ceiling"]
+        lines.append(f"- Ceiling: the ground truth of the reference answers in {top['data']} is {_interval(top)} ({top['n']} answers).")
+    if result.get("length_slope") is not None:
+        lines.append(
+            f"- Length-controlled: each response's {'ground-truth' if result['quality'] == 'judge' else 'proxy'} score minus "
+            f"{result['length_slope']:.4g} per token it is longer than the baseline's mean (the score's slope on length within runs: "
+            "the judge's length bias), so a policy cannot win by length alone."
+        )
+    truth = result["judges"]["ground_truth"] or ""
+    labellers = {judge for judge in result.get("labelled_by", {}).values() if judge and (truth == judge or truth.startswith(judge + " x "))}
+    same_judge = sorted(name for name, judge in result.get("labelled_by", {}).items() if judge in labellers)
+    if same_judge:
+        weighted = " (here weighted by fluency, which the labels never saw)" if any(truth != judge for judge in labellers) else ""
+        lines.append(
+            f"- **The ground truth is the judge that labelled the preferences** {', '.join(same_judge)} learned from ({', '.join(sorted(labellers))}){weighted}: "
+            "this comparison measures how well each path recovers its labeller, not how people would rate the responses."
+        )
     lines += _trajectory_lines(result)
     single = [name for name, summary in result["policies"].items() if summary["seeds"] == 1 and name != result["baseline"]]
     if single:

@@ -152,6 +152,15 @@ def load_policy(name_or_path: str, device: torch.device, cache_dir: Path, what: 
     return model.eval(), tokenizer
 
 
+def load_frozen_lm(name_or_path: str, device: torch.device, what: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A language model to score text with (a judge's), loaded as a policy to evaluate is; what a merge of
+    its adapter writes lives only while it loads."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dpo-cli-lm-") as cache:
+        return load_policy(name_or_path, device, Path(cache), what)
+
+
 def save_final_model(run: RunDir, runtime: Runtime, bundle: ModelBundle, prepared: torch.nn.Module | None = None) -> None:
     """final/ from the main process. With FSDP / DeepSpeed ZeRO-3 every process holds a shard: all of them
     gather the full state dict (`prepared` is the model as the loop trained it), the main one writes it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,13 @@ import torch
 from pydantic import ValidationError
 
 from dpo_cli.core import ui
-from dpo_cli.eval.comparison import differences, policy_summary, quality_key, reward_hacking, trajectory_hacking
+from dpo_cli.eval.comparison import SCORES, differences, length_controlled, length_slope, policy_summary, quality_key, reward_hacking, trajectory_hacking
 from dpo_cli.eval.costs import add_costs, mean_cost, path_cost
 from dpo_cli.data.loading import DataReport, load_prompts
 from dpo_cli.core.errors import UserError
+from dpo_cli.eval.stats import mean_ci
 from dpo_cli.eval.evaluation import KL_ESTIMATOR, PolicyEval, evaluate_policy, evaluation_settings, model_reference, periodic_settings, text_reference
-from dpo_cli.eval.judges import Judge, build_judge, reward_model_judge
+from dpo_cli.eval.judges import Judge, build_ground_truth, ground_truth_name, reward_model_judge
 from dpo_cli.models.io import load_policy
 from dpo_cli.core.recipes import CompareRecipe, PolicyEvalSection, TrainSection
 from dpo_cli.eval.report import human_win_rate, render_report
@@ -62,6 +64,37 @@ def run_trajectory(path: str, settings: dict[str, Any], available: int | None) -
     return {"run": Path(path).name, "points": len(points), "same_evaluation": same, "hacking": trajectory_hacking(points)}
 
 
+def ceiling(source: str, judge: Judge, seed: int) -> dict[str, Any]:
+    """The ground truth of reference answers (prompt + completion or response): how high the scale goes."""
+    from dpo_cli.core.recipes import DataSection
+    from dpo_cli.data.loading import load_splits
+
+    rows, _ = load_splits(DataSection(train=source), seed, DataReport())
+    answer = next((c for c in ("completion", "response") if c in rows.column_names), None)
+    if "prompt" not in rows.column_names or answer is None:
+        raise UserError(f"judges.ceiling: {source} needs a prompt column and a completion (or response) column; it has {', '.join(rows.column_names)}")
+    scores = judge.score(list(rows["prompt"]), [str(a).strip() for a in rows[answer]])
+    return {"data": source, **mean_ci(scores.values)}
+
+
+def labelling_judge(path: str) -> str | None:
+    """The judge that labelled the preferences a run learned from, followed back through its inputs (dpo:
+    data.train; ppo: its reward model's data.train) to a collect-prefs run that labelled by judge."""
+    for _ in range(4):
+        saved = RunDir(Path(path)).saved_recipe() if _is_run(path) else None
+        if not saved:
+            return None
+        stage = saved.get("stage")
+        if stage == "collect-prefs":
+            label = saved.get("label") or {}
+            return f"judge:{label.get('python') or label.get('judge', 'sentiment')}" if label.get("by", "judge") == "judge" else None
+        source = (saved.get("ppo") or {}).get("reward_model") if stage == "ppo" else (saved.get("data") or {}).get("train")
+        if not isinstance(source, str):
+            return None
+        path = source
+    return None
+
+
 def _stage_summary(path: str) -> dict[str, Any]:
     return json.loads((Path(path) / "summary.json").read_text())
 
@@ -95,7 +128,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     baseline = recipe.baseline or names[0]
     reference_name = recipe.reference or baseline
 
-    judge: Judge | None = build_judge(recipe.judges.chosen_judge())
+    judge: Judge | None = build_ground_truth(recipe.judges.chosen_judge(), recipe.judges.fluency_model, runtime.device, "judges.fluency_model")
     proxy: Judge | None = None
     if recipe.judges.reward_model:
         proxy = reward_model_judge(recipe.judges.reward_model, runtime.device, "judges.reward_model")
@@ -135,8 +168,14 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         summaries[name]["samples"] = [
             {"prompt": p if isinstance(p, str) else p[-1]["content"], "response": r} for p, r in list(zip(prompts, responses[name]))[: recipe.show_samples]
         ]
+    quality = quality_key(evaluations[baseline])
+    slope = length_slope(evaluations, SCORES[quality])
+    if slope is not None:
+        baseline_length = statistics.fmean(n for run in evaluations[baseline] for n in run.lengths)
+        for name in names:
+            summaries[name]["length_controlled"] = length_controlled(evaluations[name], SCORES[quality], slope, baseline_length)
     judge_spec = recipe.judges.chosen_judge()
-    settings = evaluation_settings(recipe.data.train, len(prompts), recipe.data.max_length, recipe.generation, recipe.seed, judge_spec.name if judge_spec else None)
+    settings = evaluation_settings(recipe.data.train, len(prompts), recipe.data.max_length, recipe.generation, recipe.seed, ground_truth_name(judge_spec, recipe.judges.fluency_model))
     available = len(prompts) if recipe.data.max_rows is None else None  # all the source holds
     trajectories = {name: [run_trajectory(path, settings, available) for path in runs[name]] for name in names}
     for name, flagged in reward_hacking(summaries, baseline).items():
@@ -157,7 +196,10 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         "prompts": len(prompts),
         "judges": {"ground_truth": judge.name if judge else None, "proxy": proxy.name if proxy else None},
         "kl_estimator": KL_ESTIMATOR,
-        "quality": quality_key(evaluations[baseline]),
+        "quality": quality,
+        "length_slope": slope,
+        "labelled_by": {name: labelling_judge(runs[name][0]) for name in names},
+        "ceiling": ceiling(recipe.judges.ceiling, judge, recipe.seed) if recipe.judges.ceiling and judge else None,
         "differences": differences(evaluations),
         "win_rate": f"against {baseline}, on the {'ground-truth judge' if judge else 'proxy'} scores of responses to the same prompts; ties count half",
         "confidence_intervals": (

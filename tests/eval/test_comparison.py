@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dpo_cli.eval.comparison import differences, policy_summary, reward_hacking, trajectory_hacking
+from dpo_cli.eval.comparison import differences, length_controlled, length_slope, policy_summary, reward_hacking, trajectory_hacking
 from dpo_cli.eval.evaluation import PolicyEval
 
 
@@ -73,3 +73,13 @@ def test_the_hacking_flag_stays_silent_on_normal_paths():
     assert not trajectory_hacking(path((0.1, 0.5, 0.0), (0.86, 3.0, 1.0), (0.60, 2.5, 2.0)))["flag"]  # both fall: not gaming the proxy
     assert trajectory_hacking(path((0.1, 0.5, 0.0))) is None  # one point is no path
     assert trajectory_hacking([{"judge_score": 0.5, "proxy_score": None}, {"judge_score": 0.4, "proxy_score": None}]) is None
+
+
+def test_length_control_takes_the_judges_slope_within_runs():
+    a = PolicyEval(texts=["x"] * 3, finished=[True] * 3, lengths=[1, 2, 3], judge_scores=[0.1, 0.2, 0.3])
+    b = PolicyEval(texts=["x"] * 2, finished=[True] * 2, lengths=[10, 20], judge_scores=[1.0, 1.0])  # long and good: not a length effect
+    # within a: covariance 0.2, variance 2; within b: 0 and 50 -> 0.2 / 52 (pooled over everything it would be far steeper)
+    assert length_slope({"a": [a], "b": [b]}, "judge_scores") == pytest.approx(0.2 / 52)
+    controlled = length_controlled([a], "judge_scores", 0.1, 2.0)  # 0.1 + 0.1, 0.2, 0.3 - 0.1: every response as if 2 tokens long
+    assert controlled["mean"] == pytest.approx(0.2) and controlled["high"] == pytest.approx(0.2)
+    assert length_slope({"a": [PolicyEval(texts=["x"], finished=[True], lengths=[3], judge_scores=[0.5])]}, "judge_scores") is None

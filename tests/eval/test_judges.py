@@ -77,3 +77,51 @@ def test_reward_model_scores_do_not_depend_on_batching(tiny_reward_model_dir):
 def test_a_causal_lm_is_not_a_reward_model(tiny_model_dir):
     with pytest.raises(UserError, match="is not a reward model: expected a sequence classifier with one output"):
         load_reward_model(str(tiny_model_dir), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def review_lm(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama after 150 steps on demo reviews: a stand-in for the demo's pretrained model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_cli.demo.reviews import reviews
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [r["text"] for r in reviews(600, 5)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(150):
+        batch = tokenizer(random.Random(step).sample(texts, 16), return_tensors="pt", padding=True, truncation=True, max_length=96)
+        model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("review-lm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_word_salad_scores_low_on_the_fluency_weighted_ground_truth(review_lm):
+    """The issue's collapsed PPO text ("Gold10Qz| Every scene beautiful years.") fooled the sentiment judge;
+    weighted by fluency under a language model of reviews, positive words strung together score near 0,
+    below a fluent negative review, far below a fluent positive one."""
+    from dpo_cli.demo.reviews import make_review
+    from dpo_cli.eval.judges import build_ground_truth
+
+    spec = JudgeSpec(builtin="sentiment", python=None, key="judges.python")
+    truth = build_ground_truth(spec, str(review_lm), torch.device("cpu"), "judges.fluency_model")
+    rng = random.Random(3)
+    good, bad = [make_review(rng, "positive") for _ in range(20)], [make_review(rng, "negative") for _ in range(20)]
+    words = "great beautiful wonderful superb brilliant love best amazing perfect stunning Qz| 10 Gold years. scene ## xx".split()
+    salad = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(20)]
+    openings = [r["opening"] for r in good]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    assert mean(build_judge(spec).score(openings, salad).values) > 0.9  # the word list alone is fooled
+    gibberish = mean(truth.score(openings, salad).values)
+    fluent_good = mean(truth.score(openings, [r["continuation"] for r in good]).values)
+    fluent_bad = mean(truth.score([r["opening"] for r in bad], [r["continuation"] for r in bad]).values)
+    assert gibberish < 0.1 and gibberish < fluent_bad < fluent_good and fluent_good > 5 * gibberish
+    assert truth.name == f"judge:sentiment x fluency under {review_lm}"
