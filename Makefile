@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# the README's demo results (between its markers) and docs/images are rewritten from this run
 demo: $(STAMP)
 	$(BIN)/dpo-cli pipeline recipes/demo/pipeline.yaml
+	$(BIN)/python scripts/demo_readme.py runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

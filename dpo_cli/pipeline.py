@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from dpo_cli.core import ui
 from dpo_cli.core.errors import UserError
-from dpo_cli.core.recipe_loader import Value, format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
+from dpo_cli.core.recipe_loader import REMOVE, Value, format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
 from dpo_cli.core.recipes import ALL_STAGES, LocalPath, RecipeBase, Section
 from dpo_cli.core.rundir import RunDir, atomic_write_json
 from dpo_cli.runner import run_recipe
@@ -201,18 +201,19 @@ def _sources(stage: PipelineStage) -> list[str]:
     return [s for v in stage.inputs.values() for s in ([v] if isinstance(v, str) else v)]
 
 
-def expand(pipeline: PipelineFile, names: list[str]) -> dict[str, list[Run]]:
+def expand(pipeline: PipelineFile, names: list[str], smoke: bool = False) -> dict[str, list[Run]]:
     """Each stage's runs: one per sweep point (all combinations) and, for a per_seed stage or one reading
-    a per_seed stage, per seed (compare runs once and gathers them)."""
+    a per_seed stage, per seed (compare runs once and gathers them). --smoke keeps two seeds."""
     runs: dict[str, list[Run]] = {}
+    all_seeds = (pipeline.seeds or [])[: 2 if smoke else None]
     for name in names:
         stage = pipeline.stages[name]
         reads_seeds = any(runs[s][0].seed is not None for s in _sources(stage))
-        seeds = pipeline.seeds if (stage.stage or name) != "compare" and (stage.per_seed or reads_seeds) else [None]
+        seeds = all_seeds if (stage.stage or name) != "compare" and (stage.per_seed or reads_seeds) else [None]
         points = [dict(zip(stage.sweep, combination)) for combination in product(*stage.sweep.values())]
         runs[name] = [
             Run(name + point_suffix(point) + (f"-seed{seed}" if seed is not None else ""), name, seed, point, point_suffix(point))
-            for point in points for seed in seeds or [None]
+            for point in points for seed in seeds
         ]  # fmt: skip
     taken: dict[str, str] = {}
     for name, stage_runs in runs.items():
@@ -246,9 +247,13 @@ def wiring(name: str, kind: str, run: Run, inputs: dict[str, str | list[str]], r
         elif len(dirs[source]) == 1:
             values.append((keys, dirs[source][0]))
         elif kind == "compare" and keys[0] == "policies" and len(keys) == 2:
-            for suffix in dict.fromkeys(r.suffix for r in found[source]):
+            values.append((keys, REMOVE))  # the recipe's own entry under that name gives way to the sweep's
+            suffixes = list(dict.fromkeys(r.suffix for r in found[source]))
+            for suffix in suffixes:
                 point_dirs = [str(root / r.name) for r in found[source] if r.suffix == suffix]
                 values.append(((keys[0], keys[1] + suffix), point_dirs if found[source][0].seed is not None else point_dirs[0]))
+            if len(suffixes) > 1:  # the sweep's points are one method: the frontier draws its envelope
+                values.append((("methods", keys[1]), [keys[1] + suffix for suffix in suffixes]))
         else:
             raise UserError(f"stages.{name}.inputs.{key}: {source} has {len(dirs[source])} runs (seeds or sweep points) and {key} takes one")
     return values, read
@@ -256,7 +261,7 @@ def wiring(name: str, kind: str, run: Run, inputs: dict[str, str | list[str]], r
 
 def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: bool, extra: list[str] | None = None) -> list[Step]:
     names = order(pipeline)
-    runs = expand(pipeline, names)
+    runs = expand(pipeline, names, smoke)
     every_run = {r.name: r for rs in runs.values() for r in rs}
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names and value not in every_run:

@@ -119,6 +119,7 @@ def test_seeds_and_sweeps_expand_to_one_run_each_wired_to_its_inputs(tmp_path, t
         "dpo-beta-0.1": [str(runs / "dpo-beta-0.1-seed1"), str(runs / "dpo-beta-0.1-seed2")],
         "dpo-beta-0.3": [str(runs / "dpo-beta-0.3-seed1"), str(runs / "dpo-beta-0.3-seed2")],
     }  # fmt: skip
+    assert compare.methods == {"dpo": ["dpo-beta-0.1", "dpo-beta-0.3"]}  # a sweep is one method: the frontier draws its envelope
     assert compare.costs == {"dpo": [str(runs / "sft"), [str(runs / n) for n in ("dpo-beta-0.1-seed1", "dpo-beta-0.1-seed2", "dpo-beta-0.3-seed1", "dpo-beta-0.3-seed2")]]}
     assert set(steps["compare"].inputs) == {"sft", "ref-seed1", "ref-seed2", *(n for n in steps if n.startswith("dpo"))}
 
@@ -182,12 +183,17 @@ def test_bad_pipelines(tmp_path, cli, pipeline_file):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
+DEMO_POLICIES = {"sft", "ppo", "ppo-overoptimised", "ppo-gt", "dpo-beta-0.03", "dpo-beta-0.1", "dpo-beta-0.3"}
+
+
 def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
     """make demo's whole story, capped: every stage of both paths, then the comparison."""
     code, out, err = cli("pipeline", REPO / "recipes/demo/pipeline.yaml", "--smoke", "--run-dir", tmp_path / "demo")
     assert code == 0, err
     report = json.loads((tmp_path / "demo-smoke" / "compare" / "report.json").read_text())
-    assert set(report["policies"]) == {"sft", "ppo", "dpo", "dpo-low-beta", "dpo-high-beta"}
+    assert set(report["policies"]) == DEMO_POLICIES
+    assert report["policies"]["ppo"]["seeds"] == report["policies"]["dpo-beta-0.1"]["seeds"] == 2  # --smoke keeps two of the seeds
+    assert report["policies"]["ppo"]["judge"]["over"] == "seeds" and report["ceiling"]["n"] == 100
     assert set(report["costs"]) == {"rlhf", "dpo"} and all(c["flops"] > 0 for c in report["costs"].values())
     assert "report:" in out
 
@@ -209,9 +215,9 @@ def test_the_demo_pipeline_runs_on_two_processes(tmp_path):
     done = torchrun("pipeline", REPO / "recipes/demo/pipeline.yaml", "--smoke", "--run-dir", tmp_path / "demo")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "demo-smoke" / "compare" / "report.json").read_text())
-    assert set(report["policies"]) == {"sft", "ppo", "dpo", "dpo-low-beta", "dpo-high-beta"}
+    assert set(report["policies"]) == DEMO_POLICIES
     assert done.stdout.count("compare · completed") == 1 and done.stderr.count("note: pipeline: compare") == 1  # the main process speaks
-    for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
+    for stage in ("pretrain", "sft", "rm", "ppo-seed1", "dpo-beta-0.1-seed2"):
         assert json.loads((tmp_path / "demo-smoke" / stage / "summary.json").read_text())["device"].startswith("2 processes"), stage
 
 

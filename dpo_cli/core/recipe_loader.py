@@ -191,6 +191,14 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     return keys, parsed
 
 
+class _Remove:
+    def __repr__(self) -> str:
+        return "<removed>"
+
+
+REMOVE = _Remove()  # an override's value that takes the key out (a pipeline's sweep replacing compare's policies.NAME)
+
+
 def apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
     node = raw
     for depth, key in enumerate(keys[:-1]):
@@ -201,7 +209,10 @@ def apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> No
             where = ".".join(keys[: depth + 1])
             raise UserError(f"--set {'.'.join(keys)}: `{where}` is a value ({child!r}), not a section")
         node = child
-    node[keys[-1]] = value
+    if value is REMOVE:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
 
 
 def _cap(raw: dict[str, Any], section_name: str, key: str, limit: int, schema: type[BaseModel]) -> None:
@@ -229,6 +240,8 @@ def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
         "train": {"max_steps": 3, "batch_size": 4, "grad_accum": 2},
         "data": {"max_rows": 32, "max_eval_rows": 8, "max_length": 128},
         "generation": {"max_new_tokens": 16},
+        # the evaluation every N steps: as compare's under --smoke (its data and generation caps), so it stays the same one
+        "policy_eval": {"max_prompts": 32, "max_new_tokens": 16},
     }
     for name, field in schema.model_fields.items():
         section = _section_class(field.annotation)
@@ -357,9 +370,12 @@ def load_recipe(
     schema = schema_for(stage)
     fields = path_fields(schema)
     _resolve_paths(raw, fields, path.resolve().parent)
+    for keys, value in values:  # a pipeline's (its smoke run caps them like the file's own keys)
+        apply_override(raw, keys, value)
+        _resolve_paths(raw, fields, Path.cwd(), only={keys})
     if smoke:
         apply_smoke(raw, schema)  # before --set, so an explicit override still wins
-    for keys, value in [*values, *(parse_override(text) for text in overrides)]:
+    for keys, value in (parse_override(text) for text in overrides):
         apply_override(raw, keys, value)
         _resolve_paths(raw, fields, Path.cwd(), only={keys})  # a path given on the command line is relative to cwd
     raw["stage"] = stage

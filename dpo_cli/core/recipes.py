@@ -256,7 +256,14 @@ class RmRecipe(TrainingRecipe):
 
 
 class PpoSection(Section):
-    reward_model: PathOrHubId = Field(..., description="An rm-train run or any scalar sequence classifier; frozen.")
+    reward_model: PathOrHubId | None = Field(None, description="An rm-train run or any scalar sequence classifier; frozen (or a judge: reward_judge).")
+    reward_judge: str | None = Field(
+        None, description="Instead of a reward model, a judge as the reward: sentiment or length (the DPO paper's PPO-GT, optimising the ground truth itself)."
+    )
+    reward_python: str | None = Field(None, description="Instead of a reward model, the reward is " + PYTHON_JUDGE + RUNS_CODE)
+    reward_fluency_model: PathOrHubId | None = Field(
+        None, description="With a judge as the reward: weighted by fluency under this frozen LM, as compare's judges.fluency_model."
+    )
     reward_quantization: QuantizationSection | None = Field(
         None, description="Load the reward model in 4 bit (a run trained in 4 bit is loaded so anyway)."
     )
@@ -288,6 +295,21 @@ class PpoSection(Section):
     show_samples: int = Field(3, ge=0, description="Samples written each time.")
 
     _switch_quantization = field_validator("reward_quantization", mode="before")(_switch)
+
+    _reward_judge = field_validator("reward_judge")(lambda value: check_builtin_judge(value, "ppo.reward_python"))
+    _reward_python = field_validator("reward_python")(check_python_function)
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> PpoSection:
+        judge = self.chosen_judge()
+        if (self.reward_model is None) == (judge is None):
+            raise ValueError("ppo: give the reward as ppo.reward_model (a reward model) or ppo.reward_judge / ppo.reward_python (a judge), one of them")
+        if self.reward_fluency_model is not None and judge is None:
+            raise ValueError("ppo.reward_fluency_model weights a judge: set ppo.reward_judge or ppo.reward_python (or drop it)")
+        return self
+
+    def chosen_judge(self) -> JudgeSpec | None:
+        return judge_spec(self.reward_judge, "ppo.reward_judge", None, self.reward_python, "ppo.reward_python")
 
 
 class PpoRecipe(TrainingRecipe):
@@ -353,6 +375,9 @@ class CompareRecipe(RecipeBase):
     )
     baseline: str | None = Field(None, description="The policy win rates are measured against (default: the first).")
     reference: str | None = Field(None, description="The policy the KL is measured to (default: the baseline).")
+    methods: dict[str, list[str]] = Field(
+        default_factory=dict, description="method -> its policies (a sweep's points, e.g. dpo: [dpo-beta-0.1, dpo-beta-0.3]): the frontier draws each method's upper envelope."
+    )
     data: DataSection
     generation: GenerationSection = Field(default_factory=GenerationSection)
     judges: JudgesSection = Field(default_factory=JudgesSection)
@@ -374,6 +399,10 @@ class CompareRecipe(RecipeBase):
         for name, value in self.policies.items():
             if isinstance(value, list) and not value:
                 raise ValueError(f"policies.{name}: an empty list; give the run dir (or one per seed)")
+        for method, members in self.methods.items():
+            unknown = [m for m in members if m not in names]
+            if unknown:
+                raise ValueError(f"methods.{method}: {', '.join(map(repr, unknown))} not among the policies ({', '.join(names)})")
         reference = self.reference or self.baseline or names[0]
         if isinstance(self.policies[reference], list) and len(self.policies[reference]) > 1:
             raise ValueError(f"reference: {reference!r} has several runs (seeds) and the KL is measured to one model; set reference: to a policy with one run (e.g. sft)")

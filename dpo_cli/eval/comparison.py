@@ -10,7 +10,7 @@ from itertools import combinations
 from typing import Any
 
 from dpo_cli.eval.evaluation import PolicyEval
-from dpo_cli.eval.stats import across_runs, conclusion, paired_difference, win_rate_interval
+from dpo_cli.eval.stats import across_runs, conclusion, excludes_zero, paired_difference, win_rate_interval
 
 # the scores a policy's summary and the differences are about: report key -> PolicyEval field
 SCORES = {"judge": "judge_scores", "proxy": "proxy_scores", "kl": "kl", "fluency": "fluency"}
@@ -83,15 +83,28 @@ def differences(evaluations: dict[str, list[PolicyEval]]) -> list[dict[str, Any]
     return found
 
 
-def reward_hacking(summaries: dict[str, dict], baseline: str) -> dict[str, bool]:
-    """A policy whose proxy score rose over the baseline's while its ground-truth score fell."""
-    base = summaries[baseline]
+def upper_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A method's frontier from its (KL, score) points: by KL, each point that scores above every point
+    at a lower or equal KL (what the method offers at each KL budget)."""
+    envelope: list[tuple[float, float]] = []
+    for kl, score in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not envelope or score > envelope[-1][1]:
+            envelope.append((kl, score))
+    return envelope
+
+
+def reward_hacking(evaluations: dict[str, list[PolicyEval]], baseline: str) -> dict[str, bool]:
+    """A policy whose proxy score rose over the baseline's while its ground-truth score fell, each by a
+    paired difference whose 95% interval excludes zero (a flag on noise would cry wolf)."""
     flags = {}
-    for name, summary in summaries.items():
-        if name == baseline or not summary["judge"] or not summary["proxy"] or not base["judge"] or not base["proxy"]:
+    for name, runs in evaluations.items():
+        base = evaluations[baseline]
+        if name == baseline or not runs[0].judge_scores or not runs[0].proxy_scores:
             flags[name] = False
             continue
-        flags[name] = summary["proxy"]["mean"] > base["proxy"]["mean"] and summary["judge"]["mean"] < base["judge"]["mean"]
+        proxy = paired_difference(_per_run(runs, "proxy_scores"), _per_run(base, "proxy_scores"))
+        truth = paired_difference(_per_run(runs, "judge_scores"), _per_run(base, "judge_scores"))
+        flags[name] = excludes_zero(proxy) and proxy["mean"] > 0 and excludes_zero(truth) and truth["mean"] < 0
     return flags
 
 

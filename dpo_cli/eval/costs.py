@@ -84,4 +84,6 @@ def add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
 def mean_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
     """The same stage run several times (seeds): what one run costs on average."""
     total = add_costs(costs)
-    return {**total, **{key: total[key] / len(costs) for key in ("wall_time_s", "train_time_s", "tokens", "flops")}}
+    times = [cost["train_time_s"] for cost in costs]
+    # the spread shows how noisy one run's timing is (the same workload has taken 2-3x as long on a busy machine)
+    return {**total, **{key: total[key] / len(costs) for key in ("wall_time_s", "train_time_s", "tokens", "flops")}, "train_time_s_range": [min(times), max(times)]}

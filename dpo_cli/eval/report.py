@@ -13,6 +13,7 @@ from rich.text import Text
 
 from dpo_cli.core import ui
 from dpo_cli.data.labels import LabelLog
+from dpo_cli.eval.comparison import upper_envelope
 from dpo_cli.eval.stats import excludes_zero
 from dpo_cli.core.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_metrics
 
@@ -25,22 +26,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _interval(ci: dict | None) -> str:
-    """mean ± half-width of the 95% interval (the mean alone where one value gives no interval)."""
+def _interval(ci: dict | None, difference: bool = False) -> str:
+    """mean ± half-width of the 95% interval, or for a difference +mean [low, high] (the mean alone where
+    one value gives no interval)."""
     if not ci or ci.get("mean") is None:
         return "-"
+    mean = f"{ci['mean']:+.3f}" if difference else f"{ci['mean']:.3f}"
     if ci.get("low") is None:
-        return f"{ci['mean']:.3f}"
-    return f"{ci['mean']:.3f} ± {(ci['high'] - ci['low']) / 2:.3f}"
-
-
-def _bracket(ci: dict | None) -> str:
-    """A difference: mean [low, high]."""
-    if not ci or ci.get("mean") is None:
-        return "-"
-    if ci.get("low") is None:
-        return f"{ci['mean']:+.3f}"
-    return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
+        return mean
+    return f"{mean} [{ci['low']:+.3f}, {ci['high']:+.3f}]" if difference else f"{mean} ± {(ci['high'] - ci['low']) / 2:.3f}"
 
 
 def _hacking(summary: dict[str, Any]) -> str:
@@ -94,6 +88,38 @@ def _error_bar(ci: dict) -> list[list[float]] | None:
     return [[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]]
 
 
+def _method_colors(result: dict[str, Any]) -> dict[str, str]:
+    """One color per method (a sweep's points share it), else per policy."""
+    groups = list((result.get("methods") or {}).values())
+    by_group: dict[str, str] = {}
+    for name in result["policies"]:
+        leader = next((g[0] for g in groups if name in g), name)
+        by_group.setdefault(leader, f"C{len(by_group) % 10}")
+    return {name: by_group[next((g[0] for g in groups if name in g), name)] for name in result["policies"]}
+
+
+def _frontier_groups(result: dict[str, Any]) -> dict[str, list[str]]:
+    """What gets a frontier line: each method (a sweep), and each other policy trained with several seeds."""
+    groups = dict(result.get("methods") or {})
+    grouped = {name for members in groups.values() for name in members}
+    groups.update({name: [name] for name, summary in result["policies"].items() if summary["seeds"] > 1 and name not in grouped})
+    return groups
+
+
+def _frontier_points(result: dict[str, Any], members: list[str], key: str) -> list[tuple[float, float]]:
+    """(KL, score) of the policies' final points (means over seeds) and of every point of their paths that
+    was this comparison's own evaluation."""
+    points = []
+    for name in members:
+        summary = result["policies"][name]
+        if (summary.get("kl") or {}).get("mean") is not None and (summary.get(key) or {}).get("mean") is not None:
+            points.append((summary["kl"]["mean"], summary[key]["mean"]))
+        for path, checkpoints in zip(result.get("trajectories", {}).get(name, []), result["checkpoints"].get(name, [])):
+            if path["same_evaluation"]:
+                points += [(c["kl"], c[f"{key}_score"]) for c in checkpoints if c.get("kl") is not None and c.get(f"{key}_score") is not None]
+    return points
+
+
 def plot_frontier(result: dict[str, Any], out: Path) -> Path:
     """Ground-truth score against KL to the reference, every policy (with 95% intervals) and the
     evaluations logged during training: the reward-KL frontier of the DPO paper."""
@@ -103,9 +129,10 @@ def plot_frontier(result: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     key = "judge" if result["judges"]["ground_truth"] else "proxy"
-    figure, axis = plt.subplots(figsize=(7.5, 5))
-    for index, (name, summary) in enumerate(result["policies"].items()):
-        color = f"C{index}"
+    figure, axis = plt.subplots(figsize=(10.5, 5.5))
+    colors = _method_colors(result)
+    for name, summary in result["policies"].items():
+        color = colors[name]
         paths = result.get("trajectories", {}).get(name) or []
         for seed, checkpoints in enumerate(result["checkpoints"].get(name, [])):
             points = [c for c in checkpoints if c.get("kl") is not None and c.get(f"{key}_score") is not None]
@@ -122,11 +149,17 @@ def plot_frontier(result: dict[str, Any], out: Path) -> Path:
                 kl["mean"], score["mean"], xerr=_error_bar(kl), yerr=_error_bar(score), fmt="o", color=color, capsize=3,
                 label=name + (f" ({summary['seeds']} seeds)" if summary["seeds"] > 1 else ""),
             )  # fmt: skip
-    axis.set_xlabel("KL to the reference (nats per response)")
-    axis.set_ylabel(("ground-truth score: " + (result["judges"]["ground_truth"] or "")) if key == "judge" else "proxy reward-model score")
-    axis.set_title("reward vs KL frontier (95% intervals; x: each seed's run)")
+    for method, members in _frontier_groups(result).items():
+        envelope = upper_envelope(_frontier_points(result, members, key))
+        if len(envelope) > 1:
+            axis.plot([p[0] for p in envelope], [p[1] for p in envelope], "-", color=colors[members[0]], linewidth=2.5, alpha=0.8, label=f"{method}: frontier")
+    axis.set_xscale("symlog", linthresh=1.0)  # an over-optimised run's KL is two orders above the rest
+    axis.set_xlim(left=-0.2)  # KL is not negative; a wide interval over few seeds would stretch the axis
+    axis.set_xlabel("KL to the reference (nats per response; log scale past 1)")
+    axis.set_ylabel("ground-truth score" if key == "judge" else "proxy reward-model score")
+    axis.set_title("reward vs KL frontier (95% intervals; x: each seed's run; thick: a method's upper envelope)", fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     atomic_write_bytes(out, _png(figure))
     plt.close(figure)
     return out
@@ -227,6 +260,12 @@ def plot_curves(runs: dict[str, list[str]], out: Path) -> Path | None:
     return out
 
 
+def _train_time(cost: dict[str, Any]) -> str:
+    """A path's training time; where a stage ran several times, its runs' range beside it."""
+    spread = cost.get("train_time_s_range")
+    return _fmt(cost["train_time_s"], 1) + (f" ({spread[0]:.1f}-{spread[1]:.1f} over runs)" if spread else "")
+
+
 def _trajectory_lines(result: dict[str, Any]) -> list[str]:
     """Each run's path: flagged runs with where the ground truth peaked; which paths are on another scale."""
     found, other = [], []
@@ -283,10 +322,12 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
         "- Scores and KL: mean ± the half-width of the 95% interval; fluency: the responses' mean log-likelihood per token under the KL "
         "reference (gibberish falls far below the reference's own); length in response tokens; ended: the fraction of responses that "
         "ended before the length cap; distinct-2: distinct word bigrams over all bigrams.",
-        "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell; or, on a run's own path "
+        "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell (both paired differences "
+        "beyond their 95% intervals); or, on a run's own path "
         "(its policy evaluations while training), the proxy kept rising after the ground truth's peak while the ground truth fell from it by "
         "more than the 95% interval of the drop.",
     ]
+    lines += [f"- **Not like for like**: {warning}." for warning in result.get("confounds", [])]
     if result.get("ceiling"):
         top = result["ceiling"]
         lines.append(f"- Ceiling: the ground truth of the reference answers in {top['data']} is {_interval(top)} ({top['n']} answers).")
@@ -315,7 +356,7 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
     if result.get("differences"):
         quality = "ground truth" if result["quality"] == "judge" else "proxy RM"
         difference_rows = [
-            [d["a"], d["b"], _bracket(d.get(result["quality"])), _bracket(d.get("kl")), "yes" if excludes_zero(d.get(result["quality"]) or {}) else "no"]
+            [d["a"], d["b"], _interval(d.get(result["quality"]), True), _interval(d.get("kl"), True), "yes" if excludes_zero(d.get(result["quality"]) or {}) else "no"]
             for d in result["differences"]
         ]
         lines += ["", "## Differences", "", f"Paired: a - b on the same prompts, runs paired by seed; 95% intervals ({quality}).", ""]
@@ -323,7 +364,7 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
         lines += ["", "## Conclusions", ""] + [f"- {d['conclusion']}" for d in result["differences"] if d.get("conclusion")]
     if result["costs"]:
         cost_rows = [
-            [name, ", ".join(cost["runs"]), _fmt(cost["wall_time_s"], 1), _fmt(cost["train_time_s"], 1),
+            [name, ", ".join(cost["runs"]), _fmt(cost["wall_time_s"], 1), _train_time(cost),
              f"{cost['flops']:.3g}", ui.human_bytes(cost["peak_memory_bytes"]), ui.human_count(cost["tokens"]), "; ".join(cost["devices"])]
             for name, cost in result["costs"].items()
         ]  # fmt: skip

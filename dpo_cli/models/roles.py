@@ -194,7 +194,7 @@ def build_actor_critic(recipe: PpoRecipe, bundle: ModelBundle, runtime: Runtime,
         return ActorCritic(bundle.model, None, value_head, None), notes
     reference = build_causal_lm(recipe.model, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "reference").model
     reference.requires_grad_(False)
-    critic_source = recipe.ppo.value_model or recipe.ppo.reward_model
+    critic_source = recipe.ppo.value_model or recipe.ppo.reward_model or recipe.model.name_or_path  # a judge as the reward: from the policy
     if recipe.ppo.value_model is None and reward_vocab != bundle.tokenizer.get_vocab():
         critic_source = recipe.model.name_or_path  # the critic reads the policy's tokens: it needs its vocabulary
         notes.append("the reward model's tokenizer differs from the policy's: the critic starts from the policy instead")

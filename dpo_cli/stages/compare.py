@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from dpo_cli.core import ui
 from dpo_cli.eval.comparison import SCORES, differences, length_controlled, length_slope, policy_summary, quality_key, reward_hacking, trajectory_hacking
+from dpo_cli.eval.confounds import confounds
 from dpo_cli.eval.costs import add_costs, mean_cost, path_cost
 from dpo_cli.data.loading import DataReport, load_prompts
 from dpo_cli.core.errors import UserError
@@ -77,6 +78,16 @@ def ceiling(source: str, judge: Judge, seed: int) -> dict[str, Any]:
     return {"data": source, **mean_ci(scores.values)}
 
 
+def trained_runs(runs: dict[str, list[str]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """The policies a preference method trained (dpo, ppo): their first run's saved recipe and summary."""
+    found = {}
+    for name, paths in runs.items():
+        saved = RunDir(Path(paths[0])).saved_recipe() if _is_run(paths[0]) else None
+        if saved and saved.get("stage") in ("dpo", "ppo"):
+            found[name] = (saved, _stage_summary(paths[0]))
+    return found
+
+
 def labelling_judge(path: str) -> str | None:
     """The judge that labelled the preferences a run learned from, followed back through its inputs (dpo:
     data.train; ppo: its reward model's data.train) to a collect-prefs run that labelled by judge."""
@@ -104,7 +115,12 @@ def training_cost(entries: list[str | list[str]]) -> dict[str, Any]:
     as the mean of its runs, the cost of training it once."""
     parts = [path_cost([_stage_summary(e)]) if isinstance(e, str) else mean_cost([path_cost([_stage_summary(p)]) for p in e]) for e in entries]
     labels = [Path(e).name if isinstance(e, str) else f"mean of {len(e)} runs ({Path(e[0]).name}, ...)" for e in entries]
-    return {"runs": labels, "run_dirs": [p for e in entries for p in seed_runs(e)], **add_costs(parts)}
+    ranges = [part["train_time_s_range"] for part in parts if "train_time_s_range" in part]
+    total = {"runs": labels, "run_dirs": [p for e in entries for p in seed_runs(e)], **add_costs(parts)}
+    if ranges:  # the path's time with each repeated stage at its fastest and slowest run
+        fixed = total["train_time_s"] - sum(part["train_time_s"] for part in parts if "train_time_s_range" in part)
+        total["train_time_s_range"] = [fixed + sum(r[0] for r in ranges), fixed + sum(r[1] for r in ranges)]
+    return total
 
 
 def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
@@ -178,7 +194,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
     settings = evaluation_settings(recipe.data.train, len(prompts), recipe.data.max_length, recipe.generation, recipe.seed, ground_truth_name(judge_spec, recipe.judges.fluency_model))
     available = len(prompts) if recipe.data.max_rows is None else None  # all the source holds
     trajectories = {name: [run_trajectory(path, settings, available) for path in runs[name]] for name in names}
-    for name, flagged in reward_hacking(summaries, baseline).items():
+    for name, flagged in reward_hacking(evaluations, baseline).items():
         on_path = [t["run"] for t in trajectories[name] if t["hacking"] and t["hacking"]["flag"]]
         summaries[name]["reward_hacking"] = flagged or bool(on_path)
         summaries[name]["hacking_runs"] = on_path
@@ -188,6 +204,9 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         human = human_win_rate(recipe, run, prompts, responses)
 
     costs = {path_name: training_cost(entries) for path_name, entries in recipe.costs.items()}
+    warnings = confounds(trained_runs(runs), recipe.generation.max_new_tokens)
+    for warning in warnings:
+        ui.note(f"compare: the policies are not like for like: {warning}")
 
     result = {
         "policies": summaries,
@@ -197,7 +216,9 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         "judges": {"ground_truth": judge.name if judge else None, "proxy": proxy.name if proxy else None},
         "kl_estimator": KL_ESTIMATOR,
         "quality": quality,
+        "methods": recipe.methods,
         "length_slope": slope,
+        "confounds": warnings,
         "labelled_by": {name: labelling_judge(runs[name][0]) for name in names},
         "ceiling": ceiling(recipe.judges.ceiling, judge, recipe.seed) if recipe.judges.ceiling and judge else None,
         "differences": differences(evaluations),

@@ -20,7 +20,7 @@ from dpo_cli.core.errors import UserError
 from dpo_cli.eval.evaluation import periodic_evaluator
 from dpo_cli.models.forward import packed_rows_allowed
 from dpo_cli.models.generate import generate
-from dpo_cli.eval.judges import RewardModelJudge, reward_model_judge
+from dpo_cli.eval.judges import Judge, build_ground_truth, reward_model_judge
 from dpo_cli.train.loop import discard_step, nonfinite_step, total_steps_for
 from dpo_cli.losses import (
     adaptive_kl_coef,
@@ -82,8 +82,21 @@ def rollout_phase(
     return rollout
 
 
-def score_phase(rollout: Rollout, reward: RewardModelJudge, recipe: PpoRecipe) -> torch.Tensor:
-    """Reward-model scores of each full (prompt, response), re-tokenised for the reward model."""
+def build_reward(recipe: PpoRecipe, runtime: Runtime, tokenizer: Any) -> tuple[Judge, dict]:
+    """The reward: a reward model (and its vocabulary), or a judge (PPO-GT: the ground truth itself, which
+    reads text; the policy's vocabulary stands in)."""
+    if recipe.ppo.reward_model is not None:
+        reward = reward_model_judge(
+            recipe.ppo.reward_model, runtime.device, "ppo.reward_model", recipe.ppo.reward_batch_size, recipe.ppo.reward_quantization, name=recipe.ppo.reward_model
+        )
+        return reward, reward.tokenizer.get_vocab()
+    judge = build_ground_truth(recipe.ppo.chosen_judge(), recipe.ppo.reward_fluency_model, runtime.device, "ppo.reward_fluency_model")
+    assert judge is not None  # the recipe names a reward model or a judge
+    return judge, tokenizer.get_vocab()
+
+
+def score_phase(rollout: Rollout, reward: Judge, recipe: PpoRecipe) -> torch.Tensor:
+    """The reward of each full (prompt, response): a reward model's score (re-tokenised for it) or a judge's."""
     scores = torch.tensor(reward.score(rollout.prompts, rollout.texts).values, dtype=torch.float32, device=rollout.response_mask.device)
     if recipe.ppo.missing_eos_penalty:
         scores = penalize_unfinished(scores, rollout.finished, recipe.ppo.missing_eos_penalty)
@@ -262,12 +275,10 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
     notes += report.notes + chat_template_notes(tokenizer, recipe.tokenizer.chat_template, raw)
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
-    reward = reward_model_judge(
-        recipe.ppo.reward_model, runtime.device, "ppo.reward_model", recipe.ppo.reward_batch_size, recipe.ppo.reward_quantization, name=recipe.ppo.reward_model
-    )
-    if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
+    reward, reward_vocab = build_reward(recipe, runtime, tokenizer)
+    if reward_vocab != tokenizer.get_vocab():
         notes.append("the reward model has its own tokenizer: each response is re-tokenised from text for it")
-    actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward.tokenizer.get_vocab())
+    actor_critic, role_notes = build_actor_critic(recipe, bundle, runtime, run, reward_vocab)
     padding_free, layout_notes = packed_rows_allowed(
         "ppo.padding_free", recipe.ppo.padding_free and runtime.world_size == 1, actor_critic.models(), recipe.data.max_length + recipe.generation.max_new_tokens, hint=""
     )  # several processes run policy and critic as one DDP forward, on the padded layout
@@ -364,7 +375,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     # sampling, then the policy's, reference's and critic's passes over every rollout; the reward model's
     compute = Compute(
         train_tokens=state.trained_tokens, forward_tokens=4 * state.tokens,
-        other_models=[{**model_shape(reward.scorer.model), "context": state.tokens / max(state.episodes, 1), "tokens": state.tokens}],
+        other_models=[{**model_shape(scorer.model), "context": state.tokens / max(state.episodes, 1), "tokens": state.tokens} for scorer in [getattr(reward, "scorer", None)] if scorer is not None],
     )  # fmt: skip
     trained_totals = Trained(
         model=bundle.model, steps=state.iteration, tokens=state.tokens, items=state.episodes, sequences=state.episodes, train_seconds=seconds,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dpo_cli.eval.comparison import differences, length_controlled, length_slope, policy_summary, reward_hacking, trajectory_hacking
+from dpo_cli.eval.comparison import differences, length_controlled, length_slope, policy_summary, reward_hacking, trajectory_hacking, upper_envelope
 from dpo_cli.eval.evaluation import PolicyEval
 
 
@@ -45,12 +45,18 @@ def test_differences_pair_every_two_policies_and_say_what_they_allow():
     assert sft_ppo["kl"]["mean"] == 0.0
 
 
-def test_reward_hacking_flag():
-    def s(judge, proxy):
-        return {"judge": {"mean": judge}, "proxy": {"mean": proxy}}
+def test_reward_hacking_against_the_baseline_needs_both_differences_beyond_their_intervals():
+    def run(judge, proxy):
+        return [PolicyEval(texts=["x"] * 4, finished=[True] * 4, lengths=[1] * 4, judge_scores=judge, proxy_scores=proxy)]
 
-    flags = reward_hacking({"sft": s(0.5, 1.0), "hacked": s(0.3, 2.0), "good": s(0.8, 2.0), "worse": s(0.3, 0.5)}, "sft")
-    assert flags == {"sft": False, "hacked": True, "good": False, "worse": False}
+    sft = run([0.5, 0.6, 0.5, 0.6], [1.0, 1.1, 1.0, 1.1])
+    flags = reward_hacking({
+        "sft": sft,
+        "hacked": run([0.2, 0.3, 0.2, 0.3], [2.0, 2.1, 2.0, 2.1]),  # proxy up, ground truth down: both clear
+        "good": run([0.8, 0.9, 0.8, 0.9], [2.0, 2.1, 2.0, 2.1]),
+        "noise": run([0.4, 0.7, 0.3, 0.7], [0.9, 1.4, 0.8, 1.3]),  # proxy a hair up, truth a hair down: within the noise
+    }, "sft")  # fmt: skip
+    assert flags == {"sft": False, "hacked": True, "good": False, "noise": False}
 
 
 def path(*points: tuple[float, float, float]) -> list[dict]:
@@ -83,3 +89,9 @@ def test_length_control_takes_the_judges_slope_within_runs():
     controlled = length_controlled([a], "judge_scores", 0.1, 2.0)  # 0.1 + 0.1, 0.2, 0.3 - 0.1: every response as if 2 tokens long
     assert controlled["mean"] == pytest.approx(0.2) and controlled["high"] == pytest.approx(0.2)
     assert length_slope({"a": [PolicyEval(texts=["x"], finished=[True], lengths=[3], judge_scores=[0.5])]}, "judge_scores") is None
+
+
+def test_a_methods_frontier_is_its_upper_envelope():
+    # (KL, score): 0.6 at KL 1 is beaten by 0.7 at KL 0.5; the best at each budget remains
+    assert upper_envelope([(2.0, 0.8), (1.0, 0.6), (0.5, 0.7), (3.0, 0.75), (0.0, 0.1)]) == [(0.0, 0.1), (0.5, 0.7), (2.0, 0.8)]
+    assert upper_envelope([]) == []

@@ -22,6 +22,7 @@ JUDGE_KEYS = [
     ("dpo", "policy_eval", "judge", "python", {"every": 5, "prompts": "demo:prompts"}),
     ("rm-train", "rm", "correlate_with", "correlate_with_python", {}),
     ("compare", "judges", "function", "python", {}),
+    ("ppo", "ppo", "reward_judge", "reward_python", {}),
 ]
 
 BASES = {
@@ -29,6 +30,7 @@ BASES = {
     "dpo": {"model": {"name_or_path": "m"}, "data": {"train": "demo:preferences"}},
     "rm-train": {"model": {"name_or_path": "m"}, "data": {"train": "demo:preferences"}},
     "compare": {"policies": {"a": "m"}, "data": {"train": "demo:prompts"}},
+    "ppo": {"model": {"name_or_path": "m"}, "data": {"train": "demo:prompts"}},
 }
 
 

@@ -165,6 +165,29 @@ def test_mean_reward_rises_on_a_learnable_toy(tmp_path, cli, ppo_recipe, tiny_mo
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 3.0, rewards  # about -2.4 -> 12 on this toy
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_judge_as_the_reward_ppo_gt(lora, tmp_path, cli, ppo_recipe, tiny_model_dir):
+    """The DPO paper's PPO-GT: the ground-truth judge itself is the reward (no reward model); separate
+    models start the critic from the policy."""
+    model = {"name_or_path": str(tiny_model_dir), **({} if lora else {"lora": None})}
+    ppo = {"reward_model": None, "reward_judge": "length", "missing_eos_penalty": None, "sample_every": 1, "show_samples": 4}
+    code, _, err = cli("ppo", ppo_recipe(model=model, train={"max_steps": 2, "save_every": None}, ppo=ppo), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert samples and all(s["score"] == float(len(s["response"].split())) for s in samples)  # the judge's words, as scored
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and "extra" not in summary["compute"]  # no reward model's passes to count
+
+
+def test_the_reward_is_a_reward_model_or_a_judge(tmp_path, cli, ppo_recipe, tiny_reward_model_dir):
+    code, _, err = cli("ppo", ppo_recipe(ppo={"reward_model": None}), "--run-dir", tmp_path / "a")
+    assert code == 1 and "give the reward as ppo.reward_model" in err
+    code, _, err = cli("ppo", ppo_recipe(ppo={"reward_judge": "sentiment"}), "--run-dir", tmp_path / "b")  # and the fixture's reward model
+    assert code == 1 and "one of them" in err
+    code, _, err = cli("ppo", ppo_recipe(ppo={"reward_fluency_model": str(tiny_reward_model_dir)}), "--run-dir", tmp_path / "c")
+    assert code == 1 and "ppo.reward_fluency_model weights a judge" in err
+
+
 def test_an_iteration_with_non_finite_rewards_is_skipped_and_counted(tmp_path, cli, ppo_recipe, monkeypatch):
     real = dpo_cli.stages.ppo.score_phase
     calls = {"n": 0}
