@@ -4,6 +4,8 @@ interruption, --only / --from / --dry-run, and bad pipeline files."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -194,6 +196,15 @@ def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
     assert set(report["policies"]) == DEMO_POLICIES
     assert report["policies"]["ppo"]["seeds"] == report["policies"]["dpo-beta-0.1"]["seeds"] == 2  # --smoke keeps two of the seeds
     assert report["policies"]["ppo"]["judge"]["over"] == "seeds" and report["ceiling"]["n"] == 100
+    assert report["methods"] == {"dpo": ["dpo-beta-0.03", "dpo-beta-0.1", "dpo-beta-0.3"]}
+    assert all(path["same_evaluation"] for name, paths in report["trajectories"].items() if name != "sft" for path in paths)  # capped alike
+    readme = tmp_path / "README.md"  # what make demo writes into the README, from this run
+    readme.write_text("# x\n<!-- demo results: written by make demo (scripts/demo_readme.py) -->\nold\n<!-- end of demo results -->\nrest\n")
+    done = subprocess.run([sys.executable, REPO / "scripts" / "demo_readme.py", tmp_path / "demo-smoke", readme, tmp_path], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = readme.read_text()
+    assert "old" not in written and "| ppo | 2 |" in written and written.endswith("<!-- end of demo results -->\nrest\n")
+    assert (tmp_path / "demo-frontier.png").read_bytes().startswith(b"\x89PNG")
     assert set(report["costs"]) == {"rlhf", "dpo"} and all(c["flops"] > 0 for c in report["costs"].values())
     assert "report:" in out
 

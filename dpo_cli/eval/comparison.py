@@ -83,13 +83,13 @@ def differences(evaluations: dict[str, list[PolicyEval]]) -> list[dict[str, Any]
     return found
 
 
-def upper_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """A method's frontier from its (KL, score) points: by KL, each point that scores above every point
-    at a lower or equal KL (what the method offers at each KL budget)."""
-    envelope: list[tuple[float, float]] = []
-    for kl, score in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not envelope or score > envelope[-1][1]:
-            envelope.append((kl, score))
+def upper_envelope(points: list[tuple]) -> list[tuple]:
+    """A method's frontier from its (KL, score, ...) points: by KL, each point that scores above every
+    point at a lower or equal KL (what the method offers at each KL budget); extra fields ride along."""
+    envelope: list[tuple] = []
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not envelope or point[1] > envelope[-1][1]:
+            envelope.append(point)
     return envelope
 
 

@@ -131,6 +131,10 @@ def test_compare_refuses_missing_or_incomplete_runs(tmp_path, cli, compare_recip
     assert code == 1 and "not complete (status: interrupted)" in err
     code, _, err = cli("compare", compare_recipe(baseline="nobody"), "--run-dir", tmp_path / "c")
     assert code == 1 and "baseline: 'nobody' is not one of the policies" in err
+    code, _, err = cli("compare", compare_recipe(methods={"dpo": ["base", "dpo-beta-9"]}), "--run-dir", tmp_path / "d")
+    assert code == 1 and "methods.dpo: 'dpo-beta-9' not among the policies (base, same)" in err
+    code, _, err = cli("compare", compare_recipe(policies={"base": []}), "--run-dir", tmp_path / "e")
+    assert code == 1 and "policies.base: an empty list" in err
 
 
 def test_human_ab_needs_a_terminal(tmp_path, cli, compare_recipe, tiny_model_dir, tiny_reward_model_dir):
