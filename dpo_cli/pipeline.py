@@ -247,8 +247,9 @@ def wiring(name: str, kind: str, run: Run, inputs: dict[str, str | list[str]], r
         elif len(dirs[source]) == 1:
             values.append((keys, dirs[source][0]))
         elif kind == "compare" and keys[0] == "policies" and len(keys) == 2:
-            values.append((keys, REMOVE))  # the recipe's own entry under that name gives way to the sweep's
             suffixes = list(dict.fromkeys(r.suffix for r in found[source]))
+            if suffixes != [""]:  # the recipe's own entry under that name gives way to the sweep's points
+                values.append((keys, REMOVE))
             for suffix in suffixes:
                 point_dirs = [str(root / r.name) for r in found[source] if r.suffix == suffix]
                 values.append(((keys[0], keys[1] + suffix), point_dirs if found[source][0].seed is not None else point_dirs[0]))
@@ -267,6 +268,12 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
         if value is not None and value not in names and value not in every_run:
             raise UserError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
     extra_by_stage = split_overrides(extra or [], {name: pipeline.stages[name].stage or name for name in names})
+    for name, stage_overrides in extra_by_stage.items():
+        for override in stage_overrides:  # one value for all of a stage's runs would make them the same run under other names
+            key = override.split("=", 1)[0].strip()
+            if key in pipeline.stages[name].sweep or (key == "seed" and runs[name][0].seed is not None):
+                what = f"sweeps {key}" if key != "seed" else "runs once per seed"
+                raise UserError(f"--set {override}: {name} {what}; change the pipeline file's {'sweep' if key != 'seed' else 'seeds'} instead")
     for override in extra or []:
         key = override.split("=", 1)[0]
         wired = [name for name in names if key in pipeline.stages[name].inputs and ":" not in key]

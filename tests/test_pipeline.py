@@ -96,7 +96,8 @@ def test_seeds_and_sweeps_expand_to_one_run_each_wired_to_its_inputs(tmp_path, t
     from dpo_cli.pipeline import load_pipeline, plan
 
     write_recipe(tmp_path / "compare.yaml", {
-        "stage": "compare", "policies": {"base": str(tiny_model_dir)}, "data": {"train": "demo:prompts?n=4"}, "judges": {"function": "sentiment"},
+        "stage": "compare", "policies": {"ref": "placeholder", "base": str(tiny_model_dir)}, "data": {"train": "demo:prompts?n=4"},
+        "judges": {"function": "sentiment"}, "reference": "base",
     })  # fmt: skip
     path = pipeline_file(stages={
         "sft": {"recipe": "sft.yaml"},
@@ -121,6 +122,7 @@ def test_seeds_and_sweeps_expand_to_one_run_each_wired_to_its_inputs(tmp_path, t
         "dpo-beta-0.1": [str(runs / "dpo-beta-0.1-seed1"), str(runs / "dpo-beta-0.1-seed2")],
         "dpo-beta-0.3": [str(runs / "dpo-beta-0.3-seed1"), str(runs / "dpo-beta-0.3-seed2")],
     }  # fmt: skip
+    assert list(compare.policies)[:2] == ["ref", "base"]  # a seeded policy keeps its place (the first is the default baseline)
     assert compare.methods == {"dpo": ["dpo-beta-0.1", "dpo-beta-0.3"]}  # a sweep is one method: the frontier draws its envelope
     assert compare.costs == {"dpo": [str(runs / "sft"), [str(runs / n) for n in ("dpo-beta-0.1-seed1", "dpo-beta-0.1-seed2", "dpo-beta-0.3-seed1", "dpo-beta-0.3-seed2")]]}
     assert set(steps["compare"].inputs) == {"sft", "ref-seed1", "ref-seed2", *(n for n in steps if n.startswith("dpo"))}
@@ -162,6 +164,12 @@ def test_bad_seeds_and_sweeps(tmp_path, cli, pipeline_file):
     assert "give a list of values" in refused({"sft": {**sft, "sweep": {"train.learning_rate": []}}})
     swept = {"sft": {**sft, "sweep": {"train.learning_rate": [1e-3, 1e-4]}}, "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}}}
     assert "sft is a sweep (several runs); only compare can read a sweep" in refused(swept)
+    seeded = {"sft": sft, "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}, "per_seed": True, "sweep": {"dpo.beta": [0.1, 0.2]}}}
+    path = pipeline_file(stages=seeded)
+    write_recipe(path, {**yaml.safe_load(path.read_text()), "seeds": [1, 2]})
+    for override, why in (("dpo:dpo.beta=0.5", "dpo sweeps dpo.beta"), ("seed=3", "dpo runs once per seed")):
+        code, _, err = cli("pipeline", path, "--dry-run", "--set", override)
+        assert code == 1 and why in err, err
     assert "is wired to another stage" in refused({"sft": sft, "dpo": {"recipe": "dpo.yaml", "inputs": {"model.name_or_path": "sft"}, "sweep": {"model.name_or_path": ["a"]}}})
 
 

@@ -36,7 +36,8 @@ class PolicyEvalSection(Section):
     def _prompts(self) -> PolicyEvalSection:
         if self.every is not None and self.prompts is None:
             raise ValueError("policy_eval.every needs policy_eval.prompts")
-        self.chosen_judge()
+        if self.chosen_judge() is None and self.fluency_model is not None:
+            raise ValueError("policy_eval.fluency_model weights a judge: set policy_eval.judge or policy_eval.python (or drop it)")
         return self
 
     def chosen_judge(self) -> JudgeSpec | None:
@@ -68,7 +69,10 @@ class JudgesSection(Section):
 
     @model_validator(mode="after")
     def _one_judge(self) -> JudgesSection:
-        self.chosen_judge()
+        if self.chosen_judge() is None:
+            for key in ("fluency_model", "ceiling"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"judges.{key} needs a ground-truth judge: set judges.function or judges.python (or drop it)")
         return self
 
     def chosen_judge(self) -> JudgeSpec | None:

@@ -66,9 +66,11 @@ def length_controlled(runs: list[PolicyEval], field: str, slope: float, length: 
     return across_runs(adjusted)
 
 
-def differences(evaluations: dict[str, list[PolicyEval]]) -> list[dict[str, Any]]:
+def differences(evaluations: dict[str, list[PolicyEval]], baseline: str | None = None) -> list[dict[str, Any]]:
     """Every pair of policies (in the order given): a - b on each score, runs paired by seed, and the
-    sentence the quality difference allows."""
+    sentence the quality difference allows. A policy trained once pairs with every seed of another; that
+    covers the other's retraining noise only, so no direction is claimed for it (the baseline, the fixed
+    starting point every method trains from, excepted)."""
     names = list(evaluations)
     quality = quality_key(evaluations[names[0]])
     found = []
@@ -77,8 +79,9 @@ def differences(evaluations: dict[str, list[PolicyEval]]) -> list[dict[str, Any]
         for key, field in SCORES.items():
             if getattr(evaluations[a][0], field) and getattr(evaluations[b][0], field):
                 pair[key] = paired_difference(_per_run(evaluations[a], field), _per_run(evaluations[b], field))
+        once = next((x for x, y in ((a, b), (b, a)) if x != baseline and len(evaluations[x]) == 1 and len(evaluations[y]) > 1), None)
         if quality in pair:
-            pair["conclusion"] = conclusion(a, b, pair[quality], "ground truth" if quality == "judge" else "proxy reward")
+            pair["conclusion"] = conclusion(a, b, pair[quality], "ground truth" if quality == "judge" else "proxy reward", once=once)
         found.append(pair)
     return found
 
@@ -108,27 +111,31 @@ def reward_hacking(evaluations: dict[str, list[PolicyEval]], baseline: str) -> d
     return flags
 
 
-def _half_width(point: dict[str, Any], key: str) -> float:
+def _half_width(point: dict[str, Any], key: str) -> float | None:
     low, high = point.get(f"{key}_low"), point.get(f"{key}_high")
-    return (high - low) / 2 if low is not None and high is not None else 0.0
+    return (high - low) / 2 if low is not None and high is not None else None
 
 
 def trajectory_hacking(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Over-optimisation on a run's own path (Gao et al. 2022): after the ground truth's peak the proxy kept
-    rising while the ground truth fell from the peak by more than the 95% interval of that drop (the two
+    rising while the ground truth fell from the peak, each change beyond its 95% interval (the two
     evaluations' half-widths in quadrature). `points`: the run's policy_eval lines in step order, each with
-    judge_score and proxy_score (and their _low / _high). None where a score is missing."""
+    judge_score and proxy_score and their _low / _high. None where a score is missing; never flagged where
+    the intervals are (lines of an older dpo-cli)."""
     usable = [p for p in points if p.get("judge_score") is not None and p.get("proxy_score") is not None]
     if len(usable) < 2:
         return None
     peak = max(usable, key=lambda p: p["judge_score"])
     final = usable[-1]
     drop = peak["judge_score"] - final["judge_score"]
-    margin = math.sqrt(_half_width(peak, "judge_score") ** 2 + _half_width(final, "judge_score") ** 2)
-    proxy_rose = final["proxy_score"] > peak["proxy_score"]
+    rise = final["proxy_score"] - peak["proxy_score"]
+    halves = [_half_width(p, key) for p in (peak, final) for key in ("judge_score", "proxy_score")]
+    known = all(h is not None for h in halves)
+    margin = math.hypot(halves[0], halves[2]) if known else None
+    proxy_margin = math.hypot(halves[1], halves[3]) if known else None
     return {
-        "flag": final is not peak and proxy_rose and drop > margin,
+        "flag": known and final is not peak and drop > margin and rise > proxy_margin,
         "peak_step": peak.get("step"), "peak_kl": peak.get("kl"), "peak_score": peak["judge_score"], "proxy_at_peak": peak["proxy_score"],
         "final_step": final.get("step"), "final_kl": final.get("kl"), "final_score": final["judge_score"], "proxy_final": final["proxy_score"],
-        "drop": drop, "margin": margin,
+        "drop": drop, "margin": margin, "proxy_rise": rise, "proxy_margin": proxy_margin,
     }  # fmt: skip

@@ -159,6 +159,9 @@ class FluencyWeightedJudge:
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.max_length = int(getattr(text_config, "max_position_embeddings", None) or SCORE_MAX_LENGTH)
 
     @torch.no_grad()
     def fluency(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
@@ -173,6 +176,11 @@ class FluencyWeightedJudge:
             for prompt, response in zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size]):
                 completion = [{"role": "assistant", "content": response.strip()}] if isinstance(prompt, list) else " " + response.strip()
                 ids, split = sequence_ids(self.tokenizer, prompt, completion)
+                if len(ids) > split + 1 and ids[-1] == self.tokenizer.eos_token_id:
+                    ids = ids[:-1]  # the EOS appended for training is no part of the text (and a cut-off response has none)
+                if len(ids) > self.max_length:  # keep the end: the response and as much of the prompt as fits
+                    cut = len(ids) - self.max_length
+                    ids, split = ids[cut:], max(split - cut, 1)
                 sequences.append(ids)
                 response_labels.append([IGNORE_INDEX] * split + ids[split:])
                 prompt_labels.append([IGNORE_INDEX] + ids[1:split] + [IGNORE_INDEX] * (len(ids) - split))  # the first token has no context
@@ -186,10 +194,15 @@ class FluencyWeightedJudge:
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> Scores:
         base = self.judge.score(prompts, responses)
+        if self.judge.function is sentiment:
+            base.values = [None if v is None else (v + 1.0) / 2.0 for v in base.values]
+        negative = next((v for v in base.values if v is not None and v < 0), None)
+        if negative is not None:  # weighting a negative score by a small fluency would raise it toward 0
+            from dpo_cli.core.errors import UserError
+
+            raise UserError(f"{self.name}: the judge gave {negative:g}; fluency weighting needs scores >= 0 (rescale the judge to [0, 1])")
         fluency = self.fluency(prompts, responses)
-        rescale = (lambda v: (v + 1.0) / 2.0) if self.judge.function is sentiment else (lambda v: v)
-        values = [None if v is None else rescale(v) * f for v, f in zip(base.values, fluency)]
-        return Scores(values=values, errors=base.errors)
+        return Scores(values=[None if v is None else v * f for v, f in zip(base.values, fluency)], errors=base.errors)
 
 
 SCORE_MAX_LENGTH = 4096  # tokens a scored sequence keeps (its end, where the score is read)

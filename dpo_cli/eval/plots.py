@@ -4,11 +4,13 @@ comparison's frontier, over-optimisation, costs and curves."""
 from __future__ import annotations
 
 import io
+import statistics
 from pathlib import Path
 from typing import Any
 
 from dpo_cli.core.rundir import atomic_write_bytes, read_metrics
 from dpo_cli.eval.comparison import upper_envelope
+from dpo_cli.eval.stats import seed_interval
 
 
 def plot_training(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
@@ -71,17 +73,26 @@ def _frontier_groups(result: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _frontier_points(result: dict[str, Any], members: list[str], key: str) -> list[tuple[float, float, float | None, float | None]]:
-    """(KL, score, score low, score high) of the policies' final points (means over seeds) and of every point
-    of their paths that was this comparison's own evaluation."""
+    """(KL, score, score low, score high) of the policies' final points and of their paths' points that
+    were this comparison's own evaluation; a policy with seeds contributes means over its seeds (step by
+    step), so more seeds do not mean more chances at a lucky maximum."""
     points = []
+    score = f"{key}_score"
     for name in members:
         summary = result["policies"][name]
         if (summary.get("kl") or {}).get("mean") is not None and (summary.get(key) or {}).get("mean") is not None:
             points.append((summary["kl"]["mean"], summary[key]["mean"], summary[key].get("low"), summary[key].get("high")))
-        for path, checkpoints in zip(result.get("trajectories", {}).get(name, []), result["checkpoints"].get(name, [])):
-            if path["same_evaluation"]:
-                score = f"{key}_score"
-                points += [(c["kl"], c[score], c.get(f"{score}_low"), c.get(f"{score}_high")) for c in checkpoints if c.get("kl") is not None and c.get(score) is not None]
+        paths = [c for p, c in zip(result.get("trajectories", {}).get(name, []), result["checkpoints"].get(name, [])) if p["same_evaluation"]]
+        if len(paths) != summary["seeds"]:
+            continue  # a seed evaluated otherwise (or not at all): no mean path
+        by_step = [{c["step"]: c for c in path if c.get("kl") is not None and c.get(score) is not None} for path in paths]
+        for step in sorted(set.intersection(*(set(steps) for steps in by_step))) if by_step else []:
+            at_step = [steps[step] for steps in by_step]
+            if len(at_step) == 1:
+                points.append((at_step[0]["kl"], at_step[0][score], at_step[0].get(f"{score}_low"), at_step[0].get(f"{score}_high")))
+            else:
+                interval = seed_interval([c[score] for c in at_step])
+                points.append((statistics.fmean(c["kl"] for c in at_step), interval["mean"], interval["low"], interval["high"]))
     return points
 
 

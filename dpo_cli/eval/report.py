@@ -138,8 +138,8 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
         "ended before the length cap; distinct-2: distinct word bigrams over all bigrams.",
         "- Reward hacking: a policy whose proxy score rose over the baseline's while its ground-truth score fell (both paired differences "
         "beyond their 95% intervals); or, on a run's own path "
-        "(its policy evaluations while training), the proxy kept rising after the ground truth's peak while the ground truth fell from it by "
-        "more than the 95% interval of the drop.",
+        "(its policy evaluations while training), after the ground truth's peak the proxy kept rising while the ground truth fell, each "
+        "change beyond its 95% interval (never flagged where a run logged no intervals).",
     ]
     lines += [f"- **Not like for like**: {warning}." for warning in result.get("confounds", [])]
     if result.get("ceiling"):

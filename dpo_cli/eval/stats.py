@@ -59,9 +59,15 @@ def seed_interval(values: list[float | None], over: str = "seeds") -> Interval:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values), "over": over}
 
 
+def _outcome(score: float | None, baseline: float | None) -> float | None:
+    if score is None or baseline is None:
+        return None
+    return 1.0 if score > baseline else 0.5 if score == baseline else 0.0
+
+
 def win_outcomes(scores: list[float | None], baseline: list[float | None]) -> list[float]:
     """Per prompt: 1 where the policy's response scores above the baseline's, 0.5 on a tie, 0 below."""
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline) if a is not None and b is not None]
+    return [o for o in (_outcome(a, b) for a, b in zip(scores, baseline)) if o is not None]
 
 
 def win_rate(scores: list[float | None], baseline: list[float | None]) -> float | None:
@@ -70,12 +76,29 @@ def win_rate(scores: list[float | None], baseline: list[float | None]) -> float 
     return statistics.fmean(outcomes) if outcomes else None
 
 
+def _per_prompt_means(per_run: list[list[float | None]]) -> list[float | None]:
+    """Each prompt's value averaged over the runs (all evaluated on the same prompts, in the same order)."""
+    columns = zip(*per_run)
+    return [statistics.fmean(v) if (v := _finite(list(column))) else None for column in columns]
+
+
+def widened(over_seeds: Interval, per_prompt: list[float | None]) -> Interval:
+    """An interval over seeds, widened by the prompts' own sampling error: the seeds share the prompts, so
+    the spread between seeds leaves out how much another draw of prompts would move every run together.
+    The two half-widths add in quadrature (the prompts' from the per-prompt means over seeds)."""
+    prompts = mean_ci(per_prompt)
+    if over_seeds.get("low") is None or prompts.get("low") is None:
+        return over_seeds
+    half = math.hypot(over_seeds["high"] - over_seeds["mean"], prompts["high"] - prompts["mean"])
+    return {**over_seeds, "low": over_seeds["mean"] - half, "high": over_seeds["mean"] + half}
+
+
 def across_runs(per_run: list[list[float | None]]) -> Interval:
     """One policy trained with several seeds, each run's values on the same prompts: the mean over runs with
-    an interval over seeds; one run: the interval over its prompts."""
+    an interval over seeds (widened by the prompts'); one run: the interval over its prompts."""
     if len(per_run) == 1:
         return mean_ci(per_run[0])
-    return seed_interval([statistics.fmean(v) if v else None for v in (_finite(run) for run in per_run)])
+    return widened(seed_interval([statistics.fmean(v) if v else None for v in (_finite(run) for run in per_run)]), _per_prompt_means(per_run))
 
 
 def run_pairs(a_runs: int, b_runs: int) -> list[tuple[int, int]]:
@@ -89,38 +112,43 @@ def run_pairs(a_runs: int, b_runs: int) -> list[tuple[int, int]]:
 def paired_difference(a_runs: list[list[float | None]], b_runs: list[list[float | None]]) -> Interval:
     """Policy a minus policy b, each run evaluated on the same prompts with the same sampling seed.
 
-    Runs paired as `run_pairs` says: one difference of means per pair, the interval over seeds (t). Both
-    single runs: the per-prompt differences, the interval over prompts.
+    Runs paired as `run_pairs` says: one difference of means per pair, the interval over seeds (t),
+    widened by the prompts' (of the per-prompt differences). Both single runs: the per-prompt differences,
+    the interval over prompts.
     """
-    if len(a_runs) == 1 and len(b_runs) == 1:
-        return mean_ci([x - y for x, y in zip(a_runs[0], b_runs[0]) if x is not None and y is not None])
-    differences = []
-    for i, j in run_pairs(len(a_runs), len(b_runs)):
-        a, b = _finite(a_runs[i]), _finite(b_runs[j])
-        differences.append(statistics.fmean(a) - statistics.fmean(b) if a and b else None)
-    return seed_interval(differences)
+    pairs = run_pairs(len(a_runs), len(b_runs))
+    per_pair = [[x - y if x is not None and y is not None else None for x, y in zip(a_runs[i], b_runs[j])] for i, j in pairs]
+    if len(pairs) == 1:
+        return mean_ci(per_pair[0])
+    return widened(seed_interval([statistics.fmean(v) if v else None for v in (_finite(d) for d in per_pair)]), _per_prompt_means(per_pair))
 
 
 def win_rate_interval(a_runs: list[list[float | None]], b_runs: list[list[float | None]]) -> Interval:
     """How often a's response beats b's on the same prompt (ties half): one pair of runs, with the interval
     over prompts; several, the mean of each pair's win rate with the interval over seeds."""
-    if len(a_runs) == 1 and len(b_runs) == 1:
-        return mean_ci(win_outcomes(a_runs[0], b_runs[0]))
-    return seed_interval([win_rate(a_runs[i], b_runs[j]) for i, j in run_pairs(len(a_runs), len(b_runs))])
+    pairs = run_pairs(len(a_runs), len(b_runs))
+    per_pair = [[_outcome(x, y) for x, y in zip(a_runs[i], b_runs[j])] for i, j in pairs]
+    if len(pairs) == 1:
+        return mean_ci(per_pair[0])
+    return widened(seed_interval([statistics.fmean(v) if v else None for v in (_finite(o) for o in per_pair)]), _per_prompt_means(per_pair))
 
 
 def excludes_zero(interval: Interval) -> bool:
     return interval.get("low") is not None and (interval["low"] > 0 or interval["high"] < 0)
 
 
-def conclusion(a: str, b: str, difference: Interval, what: str, higher: str = "higher") -> str:
-    """The one sentence a difference allows: a direction only where its 95% interval excludes zero."""
+def conclusion(a: str, b: str, difference: Interval, what: str, higher: str = "higher", once: str | None = None) -> str:
+    """The one sentence a difference allows: a direction only where its 95% interval excludes zero.
+    `once`: a policy of the two that was trained once (not the fixed baseline) while the other has seeds:
+    the interval leaves out that policy's retraining noise, so no direction is claimed."""
     if difference.get("mean") is None:
         return f"{what}: {a} vs {b}: no common scores"
     where = f"{difference['mean']:+.3f}" + (
         f" [{difference['low']:+.3f}, {difference['high']:+.3f}]" if difference.get("low") is not None else " (no interval)"
     )
     over = f"{difference['n']} {difference['over']}"
+    if once is not None:
+        return f"{what}: {a} vs {b} not decided: {once} was trained once, and the interval over the other's seeds leaves out its retraining noise ({a} - {b} = {where})"
     if not excludes_zero(difference):
         return f"{what}: no significant difference between {a} and {b} ({a} - {b} = {where}, 95% interval over {over})"
     leader, other = (a, b) if difference["mean"] > 0 else (b, a)

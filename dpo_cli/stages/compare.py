@@ -65,17 +65,24 @@ def run_trajectory(path: str, settings: dict[str, Any], available: int | None) -
     return {"run": Path(path).name, "points": len(points), "same_evaluation": same, "hacking": trajectory_hacking(points)}
 
 
-def ceiling(source: str, judge: Judge, seed: int) -> dict[str, Any]:
-    """The ground truth of reference answers (prompt + completion or response): how high the scale goes."""
+CEILING_ROWS = 1000  # reference answers scored at most: the ceiling's mean, not a second evaluation
+
+
+def ceiling_answers(source: str, seed: int) -> tuple[list[Any], list[str]]:
+    """Reference answers (prompt + completion or response), read before any policy is evaluated."""
     from dpo_cli.core.recipes import DataSection
     from dpo_cli.data.loading import load_splits
 
-    rows, _ = load_splits(DataSection(train=source), seed, DataReport())
+    rows, _ = load_splits(DataSection(train=source, max_rows=CEILING_ROWS), seed, DataReport())
     answer = next((c for c in ("completion", "response") if c in rows.column_names), None)
     if "prompt" not in rows.column_names or answer is None:
         raise UserError(f"judges.ceiling: {source} needs a prompt column and a completion (or response) column; it has {', '.join(rows.column_names)}")
-    scores = judge.score(list(rows["prompt"]), [str(a).strip() for a in rows[answer]])
-    return {"data": source, **mean_ci(scores.values)}
+    return list(rows["prompt"]), [str(a).strip() for a in rows[answer]]
+
+
+def ceiling(source: str, answers: tuple[list[Any], list[str]], judge: Judge) -> dict[str, Any]:
+    """The ground truth of reference answers: how high the scale goes."""
+    return {"data": source, **mean_ci(judge.score(*answers).values)}
 
 
 def trained_runs(runs: dict[str, list[str]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -99,6 +106,10 @@ def labelling_judge(path: str) -> str | None:
         if stage == "collect-prefs":
             label = saved.get("label") or {}
             return f"judge:{label.get('python') or label.get('judge', 'sentiment')}" if label.get("by", "judge") == "judge" else None
+        ppo = saved.get("ppo") or {}
+        if stage == "ppo" and (ppo.get("reward_judge") or ppo.get("reward_python")):  # PPO-GT: the judge is its reward
+            fluency = ppo.get("reward_fluency_model")
+            return f"judge:{ppo.get('reward_python') or ppo.get('reward_judge')}" + (f" x fluency under {fluency}" if fluency else "")
         source = (saved.get("ppo") or {}).get("reward_model") if stage == "ppo" else (saved.get("data") or {}).get("train")
         if not isinstance(source, str):
             return None
@@ -140,6 +151,7 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         raise UserError("judges.human: the A/B test runs in one process; start compare without torchrun / accelerate launch")
     report = DataReport()
     prompts = load_prompts(recipe.data, recipe.seed, report)
+    ceiling_rows = ceiling_answers(recipe.judges.ceiling, recipe.seed) if recipe.judges.ceiling else None
     names = list(recipe.policies)
     baseline = recipe.baseline or names[0]
     reference_name = recipe.reference or baseline
@@ -220,13 +232,15 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         "length_slope": slope,
         "confounds": warnings,
         "labelled_by": {name: labelling_judge(runs[name][0]) for name in names},
-        "ceiling": ceiling(recipe.judges.ceiling, judge, recipe.seed) if recipe.judges.ceiling and judge else None,
-        "differences": differences(evaluations),
+        "ceiling": ceiling(recipe.judges.ceiling, ceiling_rows, judge) if ceiling_rows and judge else None,
+        "differences": differences(evaluations, baseline),
         "win_rate": f"against {baseline}, on the {'ground-truth judge' if judge else 'proxy'} scores of responses to the same prompts; ties count half",
         "confidence_intervals": (
             "95%. A policy trained once: over its responses to the prompts, mean +- 1.96 s / sqrt(n) (sampling noise only, not the "
-            "noise of retraining). A policy trained with several seeds: over seeds, the mean of each run's mean +- t(n-1) s / sqrt(n). "
-            "Differences pair runs by seed (a single run pairs with every seed of the other) on the same prompts"
+            "noise of retraining). A policy trained with several seeds: over seeds, the mean of each run's mean +- t(n-1) s / sqrt(n), "
+            "widened by the prompts' own sampling error (the seeds share the prompts; the two half-widths in quadrature). "
+            "Differences pair runs by seed (a single run pairs with every seed of the other) on the same prompts; between a policy "
+            "trained once and one with seeds no direction is claimed (the baseline excepted)"
         ),
         "costs": costs,
         "checkpoints": {name: [training_checkpoints(path) for path in paths] for name, paths in runs.items()},

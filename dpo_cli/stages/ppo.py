@@ -97,7 +97,8 @@ def build_reward(recipe: PpoRecipe, runtime: Runtime, tokenizer: Any) -> tuple[J
 
 def score_phase(rollout: Rollout, reward: Judge, recipe: PpoRecipe) -> torch.Tensor:
     """The reward of each full (prompt, response): a reward model's score (re-tokenised for it) or a judge's."""
-    scores = torch.tensor(reward.score(rollout.prompts, rollout.texts).values, dtype=torch.float32, device=rollout.response_mask.device)
+    values = reward.score(rollout.prompts, rollout.texts).values  # None where a judge failed: non-finite, so the iteration is skipped
+    scores = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32, device=rollout.response_mask.device)
     if recipe.ppo.missing_eos_penalty:
         scores = penalize_unfinished(scores, rollout.finished, recipe.ppo.missing_eos_penalty)
     return scores

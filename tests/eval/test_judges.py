@@ -125,3 +125,15 @@ def test_word_salad_scores_low_on_the_fluency_weighted_ground_truth(review_lm):
     fluent_bad = mean(truth.score([r["opening"] for r in bad], [r["continuation"] for r in bad]).values)
     assert gibberish < 0.1 and gibberish < fluent_bad < fluent_good and fluent_good > 5 * gibberish
     assert truth.name == f"judge:sentiment x fluency under {review_lm}"
+
+
+def test_fluency_weighting_refuses_a_negative_score(review_lm):
+    """Weighting -1 by a small fluency would lift garbled text toward 0: such a judge must be rescaled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_cli.eval.judges import FluencyWeightedJudge, FunctionJudge
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(review_lm), AutoTokenizer.from_pretrained(review_lm)
+    judge = FluencyWeightedJudge(FunctionJudge("judge:mine", lambda prompt, response: -1.0), model, tokenizer, torch.device("cpu"), "judge:mine x fluency")
+    with pytest.raises(UserError, match="fluency weighting needs scores >= 0"):
+        judge.score(["A film"], ["a good film"])

@@ -77,9 +77,11 @@ def test_win_rates_count_ties_half_with_intervals():
     assert seeds["mean"] == pytest.approx(0.625) and seeds["over"] == "seeds" and seeds["n"] == 2
 
 
-def test_across_runs_is_the_mean_of_run_means_with_an_interval_over_seeds():
+def test_across_runs_is_the_mean_of_run_means_with_an_interval_over_seeds_and_the_shared_prompts():
     one = across_runs([[1.0, 2.0, 3.0]])
     assert one["over"] == "prompts" and one["n"] == 3
-    several = across_runs([[1.0, 3.0], [2.0, 2.0], [4.0, 6.0]])  # run means 2, 2, 5
+    several = across_runs([[1.0, 3.0], [2.0, 2.0], [4.0, 6.0]])  # run means 2, 2, 5; per-prompt means 7/3, 11/3
     assert several["mean"] == pytest.approx(3.0) and several["n"] == 3 and several["over"] == "seeds"
-    assert several["high"] - 3.0 == pytest.approx(4.303 * math.sqrt(3.0) / math.sqrt(3))
+    seeds_half = 4.303 * math.sqrt(3.0) / math.sqrt(3)  # sd of 2, 2, 5 is sqrt(3)
+    prompts_half = 1.959964 * (math.sqrt(2) * 2 / 3) / math.sqrt(2)  # sd of 7/3, 11/3 is sqrt(2) * 2/3
+    assert several["high"] - 3.0 == pytest.approx(math.hypot(seeds_half, prompts_half))
