@@ -211,9 +211,14 @@ class TrainSection(Section):
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "warmup_stable_decay"] = Field(
+        "cosine", description="Shape after warmup; warmup_stable_decay (WSD) holds the rate and decays over the last lr_decay_fraction of the steps."
+    )
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the decaying schedules, as a fraction of learning_rate.")
+    lr_cycles: int = Field(1, ge=1, description="cosine_with_restarts: cosine decays, each restarting at the full rate.")
+    lr_power: float = Field(1.0, gt=0, description="polynomial: the decay's power (1: linear).")
+    lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="warmup_stable_decay: the share of all steps the final (linear) decay takes.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (not applied to biases and norms).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
     nonfinite: Literal["stop", "skip"] = Field(

@@ -80,7 +80,7 @@ def test_every_error_is_reported_at_once(tmp_path):
     message = errors_of(tmp_path, minimal(train={"batch_size": 0, "lr_scheduler": "cosin", "max_grad_norm": "x"}))
     assert "3 recipe errors" in message
     assert "train.batch_size: must be >= 1, got 0" in message
-    assert "train.lr_scheduler: expected one of 'constant', 'linear' or 'cosine', got 'cosin'" in message
+    assert "train.lr_scheduler: expected one of 'constant', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial' or 'warmup_stable_decay', got 'cosin'" in message
     assert "train.max_grad_norm: expected a number, got 'x'" in message
 
 

@@ -29,6 +29,37 @@ def test_linear_and_cosine_decay():
     assert factor(7, "constant") == 1.0
 
 
+def test_restarts_polynomial_and_warmup_stable_decay_hand_computed():
+    def f(step, schedule, **shape):
+        return lr_multiplier(step, warmup_steps=2, total_steps=10, schedule=schedule, min_ratio=0.1, **shape)
+
+    # 8 decay steps, 2 cycles of 4: a restart at the full rate on step 6
+    assert f(2, "cosine_with_restarts", cycles=2) == 1.0 and f(6, "cosine_with_restarts", cycles=2) == 1.0
+    assert math.isclose(f(4, "cosine_with_restarts", cycles=2), 0.1 + 0.9 * 0.5)  # halfway through the first cycle
+    assert math.isclose(f(10, "cosine_with_restarts", cycles=2), 0.1)
+    assert math.isclose(f(6, "polynomial", power=2.0), 0.1 + 0.9 * 0.5**2)
+    assert math.isclose(f(6, "polynomial", power=1.0), f(6, "linear"))  # power 1 is the linear decay
+    # WSD: warmup over steps 0-1, the full rate through step 7, then 2 decay steps (20% of 10): 1.0, 0.55, floor
+    assert [f(s, "warmup_stable_decay", decay_fraction=0.2) for s in (1, 2, 7, 8)] == [1.0, 1.0, 1.0, 1.0]
+    assert math.isclose(f(9, "warmup_stable_decay", decay_fraction=0.2), 0.1 + 0.9 * 0.5)
+    assert math.isclose(f(10, "warmup_stable_decay", decay_fraction=0.2), 0.1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine_with_restarts", "polynomial", "warmup_stable_decay"])
+def test_the_recipe_keys_reach_the_schedule(schedule):
+    param = torch.nn.Parameter(torch.zeros(2))
+    cfg = TrainSection(learning_rate=0.1, warmup_steps=2, lr_scheduler=schedule, min_lr_ratio=0.1, lr_cycles=2, lr_power=2.0, lr_decay_fraction=0.3)
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.1 * lr_multiplier(s, warmup_steps=2, total_steps=10, schedule=schedule, min_ratio=0.1, cycles=2, power=2.0, decay_fraction=0.3) for s in range(10)]
+    assert seen == pytest.approx(expected)
+
+
 def test_scheduler_applies_factor_per_step():
     param = torch.nn.Parameter(torch.zeros(2))
     cfg = TrainSection(learning_rate=0.1, warmup_steps=2, lr_scheduler="linear")
