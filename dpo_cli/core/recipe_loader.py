@@ -354,6 +354,15 @@ def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> li
 Value = tuple[tuple[str, ...], Any]  # a typed override: (("dpo", "beta"), 0.1)
 
 
+def _resolve_template_file(raw: dict[str, Any], base: Path) -> None:
+    """tokenizer.chat_template naming a .jinja file: relative to the recipe, as every path is (its text or a
+    preset's name stays as it is)."""
+    section = raw.get("tokenizer")
+    value = section.get("chat_template") if isinstance(section, dict) else None
+    if isinstance(value, str) and value.endswith((".jinja", ".jinja2", ".j2")) and "\n" not in value:
+        section["chat_template"] = resolve_path_value(value, base, always=True)
+
+
 def load_recipe(
     path: Path,
     stage: str | None = None,
@@ -370,6 +379,7 @@ def load_recipe(
     schema = schema_for(stage)
     fields = path_fields(schema)
     _resolve_paths(raw, fields, path.resolve().parent)
+    _resolve_template_file(raw, path.resolve().parent)
     for keys, value in values:  # a pipeline's (its smoke run caps them like the file's own keys)
         apply_override(raw, keys, value)
         _resolve_paths(raw, fields, Path.cwd(), only={keys})

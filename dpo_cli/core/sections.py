@@ -169,7 +169,9 @@ class TokenizerSection(Section):
     train_vocab_size: int | None = Field(
         None, ge=64, description="Train a new byte-level BPE tokenizer of this size on the training text (pretraining from scratch)."
     )
-    chat_template: str | None = Field(None, description="A Jinja chat template that replaces the tokenizer's.")
+    chat_template: str | None = Field(
+        None, description="Replaces the tokenizer's: a preset (chatml, llama3, mistral, gemma, zephyr), a path to a .jinja file, or the Jinja text."
+    )
 
 
 class DataSection(Section):

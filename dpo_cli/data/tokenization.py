@@ -67,7 +67,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | None) -> str | None:
     """Install the recipe's chat template, or the default one where the tokenizer has none; returns a note."""
     if override is not None:
-        tokenizer.chat_template = override
+        from dpo_cli.data.chat_templates import chat_template_text
+
+        tokenizer.chat_template = chat_template_text(override)
         return None
     if getattr(tokenizer, "chat_template", None):
         return None

@@ -28,6 +28,7 @@ from dpo_cli.core import distributed
 from dpo_cli.core.errors import UserError
 from dpo_cli.models.sources import ModelSource, refuse_pickle_weights, resolve_source
 from dpo_cli.core.recipes import ModelSection, QuantizationSection, TokenizerSection
+from dpo_cli.data.chat_templates import add_markers, chat_template_text
 from dpo_cli.data.tokenization import ensure_pad_token, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,10 +194,12 @@ def build_tokenizer(model_cfg: ModelSection, tok_cfg: TokenizerSection) -> tuple
             tokenizer = load_tokenizer(where, source.revision, model_cfg.trust_remote_code)
         except UserError as exc:
             raise UserError(f"model.name_or_path: {exc}") from None
+    notes = []
     if tok_cfg.chat_template is not None:
-        tokenizer.chat_template = tok_cfg.chat_template
-    note = ensure_pad_token(tokenizer)
-    return tokenizer, [note] if note else []
+        tokenizer.chat_template = chat_template_text(tok_cfg.chat_template)
+        notes.append(add_markers(tokenizer, tok_cfg.chat_template))
+    notes.append(ensure_pad_token(tokenizer))
+    return tokenizer, [note for note in notes if note]
 
 
 def new_model_config(cfg: ModelSection, tokenizer: PreTrainedTokenizerBase):
