@@ -47,29 +47,26 @@ def test_restarts_polynomial_and_warmup_stable_decay_hand_computed():
 
 @pytest.mark.parametrize("schedule", ["cosine_with_restarts", "polynomial", "warmup_stable_decay"])
 def test_the_recipe_keys_reach_the_schedule(schedule):
-    param = torch.nn.Parameter(torch.zeros(2))
     cfg = TrainSection(learning_rate=0.1, warmup_steps=2, lr_scheduler=schedule, min_lr_ratio=0.1, lr_cycles=2, lr_power=2.0, lr_decay_fraction=0.3)
-    optimizer = torch.optim.SGD([param], lr=0.1)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
-    seen = []
-    for _ in range(10):
-        seen.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    seen = rates_seen(cfg, 10)
     expected = [0.1 * lr_multiplier(s, warmup_steps=2, total_steps=10, schedule=schedule, min_ratio=0.1, cycles=2, power=2.0, decay_fraction=0.3) for s in range(10)]
     assert seen == pytest.approx(expected)
 
 
-def test_scheduler_applies_factor_per_step():
-    param = torch.nn.Parameter(torch.zeros(2))
-    cfg = TrainSection(learning_rate=0.1, warmup_steps=2, lr_scheduler="linear")
-    optimizer = torch.optim.SGD([param], lr=0.1)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+def rates_seen(cfg: TrainSection, total_steps: int) -> list[float]:
+    """The learning rate of each step as an optimizer under build_scheduler sees it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=cfg.learning_rate)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=total_steps)
     seen = []
-    for _ in range(10):
+    for _ in range(total_steps):
         seen.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
+    return seen
+
+
+def test_scheduler_applies_factor_per_step():
+    seen = rates_seen(TrainSection(learning_rate=0.1, warmup_steps=2, lr_scheduler="linear"), 10)
     assert [round(x, 6) for x in seen] == [round(0.1 * factor(s), 6) for s in range(10)]
 
 
