@@ -228,6 +228,7 @@ def test_the_demo_pipeline_is_deterministic(tmp_path, cli):
     assert reports[0] == reports[1]
 
 
+@pytest.mark.slow  # the whole demo twice over (two processes): CI runs it with the slow tests
 def test_the_demo_pipeline_runs_on_two_processes(tmp_path):
     """Every stage, unchanged, under torchrun: each stage waits until the main process has written its
     outputs before the next reads them, and only the main process prints."""
