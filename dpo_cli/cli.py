@@ -175,7 +175,7 @@ def validate(
 @app.command()
 def pipeline(
     pipeline_file: Annotated[Path, typer.Argument(metavar="PIPELINE", help="The pipeline file: stage recipes and how outputs feed inputs.")],
-    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Run this stage alone (its inputs must be complete).")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", metavar="STAGE", help="Run this stage alone, all its seeds and sweep points, or one run of it (its inputs must be complete).")] = None,
     start: Annotated[Optional[str], typer.Option("--from", metavar="STAGE", help="Run this stage and every later one again, from scratch.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would run, what is up to date) and stop.")] = False,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where the stages' run dirs go (default: the file's run_dir).")] = None,
@@ -187,8 +187,12 @@ def pipeline(
     debug: DebugOpt = False,
 ) -> None:
     """Run the stages of a pipeline file in order; up-to-date stages are skipped, an interrupted one resumes.
+    A stage can run once per seed (`seeds:` and `per_seed: true`) and over a sweep (`sweep: {dpo.beta: [0.1, 0.3]}`):
+    each run has its own run dir, and compare reports each method over its seeds (docs/recipes.md, Pipelines).
 
     Example: dpo-cli pipeline recipes/demo/pipeline.yaml --dry-run
+
+    Example: dpo-cli pipeline recipes/demo/pipeline.yaml --only dpo   (all of dpo's seeds and sweep points)
 
     Example: dpo-cli pipeline recipes/qwen2.5-0.5b/pipeline.yaml --set sft:data.train=my-chats.jsonl --set generation.temperature=0.8
     """

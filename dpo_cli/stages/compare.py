@@ -73,10 +73,14 @@ def ceiling_answers(source: str, seed: int) -> tuple[list[Any], list[str]]:
     from dpo_cli.core.recipes import DataSection
     from dpo_cli.data.loading import load_splits
 
-    rows, _ = load_splits(DataSection(train=source, max_rows=CEILING_ROWS), seed, DataReport())
+    try:
+        rows, _ = load_splits(DataSection(train=source, max_rows=CEILING_ROWS), seed, DataReport())
+    except UserError as exc:  # the loader names the key it usually reads
+        raise UserError(str(exc).replace("data.train", "judges.ceiling", 1)) from None
     answer = next((c for c in ("completion", "response") if c in rows.column_names), None)
     if "prompt" not in rows.column_names or answer is None:
-        raise UserError(f"judges.ceiling: {source} needs a prompt column and a completion (or response) column; it has {', '.join(rows.column_names)}")
+        columns = ", ".join(c for c in rows.column_names if not c.startswith("__"))
+        raise UserError(f"judges.ceiling: {source} needs a prompt column and a completion (or response) column; it has {columns}")
     return list(rows["prompt"]), [str(a).strip() for a in rows[answer]]
 
 

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from helpers import preference_rows, write_jsonl
-from dpo_cli.core.recipe_loader import _flatten_union, _section_class, schema_for
+from dpo_cli.core.recipe_errors import _flatten_union, _section_class
+from dpo_cli.core.recipe_loader import schema_for
 from dpo_cli.core.recipes import ALL_STAGES
 
 def fuzz(examples: int) -> settings:

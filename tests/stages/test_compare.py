@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import torchrun, write_recipe
+from helpers import torchrun, write_jsonl, write_recipe
 from dpo_cli.eval.costs import estimate_flops, model_shape, path_cost
 from dpo_cli.eval.evaluation import distinct_n
 from dpo_cli.eval.report import ab_outcome
@@ -135,6 +135,14 @@ def test_compare_refuses_missing_or_incomplete_runs(tmp_path, cli, compare_recip
     assert code == 1 and "methods.dpo: 'dpo-beta-9' not among the policies (base, same)" in err
     code, _, err = cli("compare", compare_recipe(policies={"base": []}), "--run-dir", tmp_path / "e")
     assert code == 1 and "policies.base: an empty list" in err
+    write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "a"}])
+    judges = {"function": "sentiment", "ceiling": str(tmp_path / "answers.jsonl")}
+    code, _, err = cli("compare", compare_recipe(judges=judges), "--run-dir", tmp_path / "f")
+    assert code == 1 and err.strip().endswith("needs a prompt column and a completion (or response) column; it has prompt")
+    code, _, err = cli("compare", compare_recipe(judges={**judges, "ceiling": str(tmp_path / "gone.jsonl")}), "--run-dir", tmp_path / "g")
+    assert code == 1 and "judges.ceiling: no file matches" in err
+    code, _, err = cli("compare", compare_recipe(judges={"function": None, "fluency_model": str(tmp_path)}), "--run-dir", tmp_path / "h")
+    assert code == 1 and "judges.fluency_model needs a ground-truth judge" in err
 
 
 def test_human_ab_needs_a_terminal(tmp_path, cli, compare_recipe, tiny_model_dir, tiny_reward_model_dir):
