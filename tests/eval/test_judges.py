@@ -137,3 +137,15 @@ def test_fluency_weighting_refuses_a_negative_score(review_lm):
     judge = FluencyWeightedJudge(FunctionJudge("judge:mine", lambda prompt, response: -1.0), model, tokenizer, torch.device("cpu"), "judge:mine x fluency")
     with pytest.raises(UserError, match="fluency weighting needs scores >= 0"):
         judge.score(["A film"], ["a good film"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_the_fluency_weighted_ground_truth_reads_conversations_through_the_chat_template(family, zoo):
+    """Chat prompts (a list of messages) under a chat model's own template: one weight in [0, 1] per answer."""
+    from dpo_cli.eval.judges import build_ground_truth
+
+    truth = build_ground_truth(JudgeSpec(builtin="sentiment", python=None, key="judges.python"), str(zoo(family)), torch.device("cpu"), "judges.fluency_model")
+    prompts = [[{"role": "user", "content": "Review The Last Road."}], [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "And this one?"}]]
+    fluency = truth.fluency(prompts, ["A great film.", "Qz| ## xx"])
+    assert len(fluency) == 2 and all(0.0 <= f <= 1.0 for f in fluency)
+    assert all(s is not None for s in truth.score(prompts, ["A great film.", "Qz| ## xx"]).values)
