@@ -17,10 +17,14 @@ from dpo_cli.core.recipes import PLANNED_STAGES, RecipeBase
 from dpo_cli.core.rundir import RunDir, disk_full
 
 
-def default_run_dir(recipe: RecipeBase, recipe_path: Path, run_dir: Path | None, smoke: bool) -> Path:
+EVALUATING_STAGES = ("pretrain", "sft", "rm-train", "dpo")  # what `dpo-cli eval` / --eval-only runs
+
+
+def default_run_dir(recipe: RecipeBase, recipe_path: Path, run_dir: Path | None, smoke: bool, eval_only: bool = False) -> Path:
     if run_dir is not None:
         return run_dir.expanduser().resolve()
     base = Path(recipe.run_dir) if recipe.run_dir else Path.cwd() / "runs" / recipe_path.stem
+    base = base.with_name(base.name + "-eval") if eval_only else base
     return base.with_name(base.name + "-smoke") if smoke else base
 
 
@@ -31,16 +35,27 @@ def _mark_failed(run: RunDir, stage: str, status: str, message: str) -> None:
 
 
 def run_stage(
-    stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool, allow_data_change: bool = False
+    stage: str, recipe_path: Path, run_dir: Path | None, overrides: list[str], fresh: bool, smoke: bool, allow_data_change: bool = False,
+    resume_from: str | None = None,
+    eval_only: bool = False,
 ) -> None:
-    """The command line's way in: load the recipe file with its --set overrides, then run it."""
+    """The command line's way in: load the recipe file with its --set overrides, then run it. `eval_only`
+    evaluates the recipe's model on its eval data without an update (train.max_steps: 0), in RUN-eval."""
     if stage in PLANNED_STAGES:
         raise UserError(f"stage `{stage}` is not implemented yet")
-    recipe = load_recipe(recipe_path, stage, overrides, smoke)
-    run_recipe(stage, recipe, default_run_dir(recipe, recipe_path, run_dir, smoke), fresh, allow_data_change)
+    if resume_from is not None and fresh:
+        raise UserError("--resume-from and --fresh exclude each other: one resumes a checkpoint, the other starts over")
+    if eval_only and stage not in EVALUATING_STAGES:
+        raise UserError(f"{stage} has no evaluation-only mode (it is for {', '.join(EVALUATING_STAGES)}); evaluate policies with compare")
+    if eval_only and resume_from is not None:
+        raise UserError("--resume-from: an evaluation-only run has no checkpoints to resume")
+    recipe = load_recipe(recipe_path, stage, [*overrides, *(["train.epochs=null", "train.max_steps=0"] if eval_only else [])], smoke)
+    run_recipe(stage, recipe, default_run_dir(recipe, recipe_path, run_dir, smoke, eval_only), fresh, allow_data_change, resume_from)
 
 
-def run_recipe(stage: str, recipe: RecipeBase, path: Path, fresh: bool, allow_data_change: bool = False) -> None:
+def run_recipe(
+    stage: str, recipe: RecipeBase, path: Path, fresh: bool, allow_data_change: bool = False, resume_from: str | None = None
+) -> None:
     """Prepare the run dir on the main process (lock, recipe check, --fresh), tell the others what it
     decided, and run the stage on every process."""
     from dpo_cli.core import distributed
@@ -62,7 +77,7 @@ def run_recipe(stage: str, recipe: RecipeBase, path: Path, fresh: bool, allow_da
     told = False
     try:
         with RunDir.open(path) as run:
-            saved = _prepare(run, recipe, fresh, allow_data_change)
+            saved = _prepare(run, recipe, fresh, allow_data_change, resume_from)
             told = distributed.broadcast("run" if saved is not False else "done") is not None
             if saved is not False:
                 _execute(stage, recipe, run, saved)
@@ -73,10 +88,10 @@ def run_recipe(stage: str, recipe: RecipeBase, path: Path, fresh: bool, allow_da
     distributed.barrier()  # all leave the stage once the main process has written its outputs (pipelines read them next)
 
 
-def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bool = False) -> dict | None | bool:
-    """Refuse a run dir of another recipe or (resuming) of other data, report a complete one (False), move an
-    old run aside with --fresh, write the resolved recipe and the data's fingerprint. Returns the recipe the
-    run dir held before (or None)."""
+def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bool = False, resume_from: str | None = None) -> dict | None | bool:
+    """Refuse a run dir of another recipe or (resuming) of other data, set later checkpoints aside for
+    --resume-from, report a complete one (False), move an old run aside with --fresh, write the resolved
+    recipe and the data's fingerprint. Returns the recipe the run dir held before (or None)."""
     resolved = recipe_to_dict(recipe)
     saved = run.saved_recipe()
     if saved is not None and not fresh:
@@ -86,10 +101,16 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
                 f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
                 "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
             )
+        if resume_from is not None:
+            step = run.checkpoint_step(resume_from)
+            aside = run.set_aside_after(step)
+            ui.note(f"--resume-from: going on from step {step}" + (f"; later checkpoints, final/ and the summary moved to {aside}" if aside else ""))
         if run.is_complete() and not recipe.reopens_complete_run():
             ui.note(f"{run.path} is already complete (use --fresh to train again)")
             ui.summary_table(run.summary())
             return False
+    if resume_from is not None and saved is None:
+        raise UserError(f"--resume-from {resume_from}: {run.path} holds no run to resume")
     if run.has_content() and (fresh or saved is None):
         if saved is None and not fresh:
             raise UserError(f"run dir {run.path} is not empty and holds no dpo-cli run; choose another --run-dir")

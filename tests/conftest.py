@@ -145,6 +145,24 @@ def dpo_recipe(tmp_path, tiny_model_dir):
 
 
 @pytest.fixture()
+def rm_recipe(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train.jsonl", preference_rows(48, seed=1))
+    write_jsonl(tmp_path / "eval.jsonl", preference_rows(16, seed=2))
+
+    def make(name: str = "rm.yaml", **sections):
+        recipe = {
+            "stage": "rm-train",
+            "seed": 5,
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256},
+            "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3, "log_every": 1, "save_every": 2},
+        }
+        return write_recipe(tmp_path / name, with_sections(recipe, sections))
+
+    return make
+
+
+@pytest.fixture()
 def ppo_recipe(tmp_path, tiny_model_dir, tiny_reward_model_dir):
     def make(name: str = "ppo.yaml", **sections):
         recipe = {

@@ -165,3 +165,30 @@ def chat_preference_rows(n: int, seed: int = 0) -> list[dict]:
 def model_modes(**lora: Any) -> dict[str, dict[str, Any]]:
     """The three ways a stage trains, as model-section overrides: full weights, LoRA, and 4-bit + LoRA (QLoRA)."""
     return {"full": {}, "lora": {"lora": {"r": 4, **lora}}, "qlora": {"lora": {"r": 4, **lora}, "quantization": {}}}
+
+
+def lora_run(base_dir: Path, run: Path, quantization: dict | None = None, generation: dict | None = None) -> Path:
+    """A run dir as a LoRA (or 4-bit + LoRA) run leaves it: recipe.yaml and final/ holding an adapter whose
+    B matrices are not zero (a fresh LoRA would merge to the bare base and prove nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_cli.core.recipes import QuantizationSection
+    from dpo_cli.models.build import load_4bit
+    from dpo_cli.models.sources import ModelSource
+
+    torch.manual_seed(3)
+    if quantization is None:
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+    else:
+        base = load_4bit(AutoModelForCausalLM, ModelSource(str(base_dir)), QuantizationSection(**quantization), torch.device("cpu"), torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    run.mkdir(parents=True)
+    model.save_pretrained(run / "final")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run / "final")
+    recipe = {"stage": "dpo", "model": {"name_or_path": str(base_dir), "lora": {"r": 4}, **({"quantization": quantization} if quantization else {})}}
+    if generation:
+        recipe["generation"] = generation
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (run / "summary.json").write_text(json.dumps({"stage": "dpo", "status": "completed"}))
+    return run

@@ -298,6 +298,8 @@ class PpoRecipe(TrainingRecipe):
             raise ValueError("with model.lora the critic is a second adapter on the policy's base: drop ppo.value_model")
         if self.data.eval is not None:
             raise ValueError("data.eval: ppo samples prompts from data.train only")
+        if self.train.max_steps == 0:
+            raise ValueError("train.max_steps: 0 (evaluation only) is for pretrain, sft, rm-train and dpo; evaluate a ppo policy with policy_eval or compare")
         if self.train.group_by_length:
             raise ValueError("train.group_by_length: ppo samples its prompts afresh each iteration; the option is for sft, rm-train and dpo")
         return self

@@ -329,6 +329,37 @@ class RunDir:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
+    def checkpoint_step(self, wanted: str) -> int:
+        """The step of a checkpoint of this run named `step-N`, `N` or by its path; a clear error otherwise."""
+        found = dict(self.checkpoints())
+        path, name = Path(wanted).expanduser(), wanted
+        if "/" in wanted:  # a path
+            if path.resolve().parent != self.checkpoints_dir.resolve():
+                raise UserError(f"--resume-from {wanted}: not a checkpoint of {self.path} (its checkpoints are in {self.checkpoints_dir})")
+            name = path.resolve().name
+        step = name.removeprefix("step-")
+        if not step.isdigit() or int(step) not in found:
+            have = ", ".join(f"step-{n}" for n in found) or "none"
+            raise UserError(f"--resume-from {wanted}: {self.path} has no such complete checkpoint (it has: {have})")
+        return int(step)
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Make checkpoint `step` the newest: later checkpoints, final/ and summary.json move (never deleted) to
+        RUN/superseded-after-step-N-TIME/, with a copy of the JSONL logs whose later lines the resume drops."""
+        later = [folder for n, folder in self.checkpoints() if n > step]
+        moved = later + [p for p in (self.final_dir, self.summary_path) if p.exists()]
+        if not moved:
+            return None
+        aside = self.path / f"superseded-after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (aside / "checkpoints").mkdir(parents=True)
+        for log in self.path.glob("*.jsonl"):
+            shutil.copy2(log, aside / log.name)
+        for entry in moved:
+            os.replace(entry, aside / ("checkpoints" if entry in later else "") / entry.name)
+        fsync_dir(self.checkpoints_dir)
+        fsync_dir(self.path)
+        return aside
+
     @contextlib.contextmanager
     def new_checkpoint(self, step: int, keep: int) -> Iterator[Path]:
         """Yield a temporary folder to fill; on success it becomes checkpoints/step-N, and old ones are pruned."""

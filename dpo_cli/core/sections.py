@@ -202,7 +202,7 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train (exclusive with epochs).")
+    max_steps: int | None = Field(None, ge=0, description="Optimizer steps to train (exclusive with epochs); 0 evaluates on data.eval without an update (what `dpo-cli eval` runs).")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is not set).")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
     eval_batch_size: int | None = Field(None, ge=1, description="Default: batch_size.")

@@ -139,10 +139,16 @@ def load_unquantized(
             auto_cls, source.path, source.revision, cfg.trust_remote_code, cfg.allow_pickle_weights,
             dtype=dtype, attn_implementation=cfg.attn_implementation, **labels,
         )  # fmt: skip
+    base = load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype, num_labels)
+    return merge_adapter(base, source, auto_cls).requires_grad_(True)  # peft loads adapters frozen for inference; the merged weights train
+
+
+def merge_adapter(base: PreTrainedModel, source: ModelSource, auto_cls) -> PreTrainedModel:
+    """The adapter at `source` merged into `base` (its embeddings resized where the adapter's run resized them);
+    an adapter that does not fit is an error, never a silent bare base."""
     from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
-    base = load_unquantized(auto_cls, resolve_source(source.adapter_base, source.revision), cfg, dtype, num_labels)
     adapter_config = PeftConfig.from_pretrained(source.path)
     if HEAD_OF_TASK.get(adapter_config.task_type) is not auto_cls:
         # A policy's adapter under another head (an SFT run as a reward model's body): inject the LoRA weights
@@ -159,7 +165,7 @@ def load_unquantized(
             f"model.name_or_path: adapter {source.path} does not fit its base {source.adapter_base}: {len(unmatched)} of its "
             f"{len(weights)} weights match no module (e.g. {unmatched[0]}); give the base it was trained on"
         )
-    return model.merge_and_unload().requires_grad_(True)  # peft loads adapters frozen for inference; the merged weights train
+    return model.merge_and_unload()
 
 
 def _materialize_merged(

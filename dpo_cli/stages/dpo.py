@@ -99,7 +99,8 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     reference_started = time.perf_counter()
     if recipe.dpo.precompute_ref:
         cache = reference_cache(recipe, reference, runtime)
-        train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime, cache)
+        if recipe.train.max_steps != 0:  # an evaluation-only run reads the eval set alone
+            train_set = attach_reference_logps(train_set, "train", reference, collate, eval_batch, run, runtime, cache)
         if eval_set is not None:
             eval_set = attach_reference_logps(eval_set, "eval", reference, collate, eval_batch, run, runtime, cache)
         if evaluator is None:  # the policy evaluation's KL still needs the reference
@@ -116,7 +117,8 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         stage="dpo", model=policy, train_stream=train_stream, eval_stream=eval_stream, step_fn=make_step(recipe.dpo, reference),
         cfg=recipe.train, run=run, runtime=runtime, after_step=after_step,
     )  # fmt: skip
-    save_final_model(run, runtime, bundle, prepared=result.model)
+    if result.trained:  # an evaluation-only run changed nothing to save
+        save_final_model(run, runtime, bundle, prepared=result.model)
 
     after = sample(bundle, prompts, recipe, runtime)
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]

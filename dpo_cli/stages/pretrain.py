@@ -80,7 +80,8 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
         stage="pretrain", model=CompletionLogProbs(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=lm_step,
         cfg=recipe.train, run=run, runtime=runtime, on_checkpoint=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"),
     )  # fmt: skip
-    save_final_model(run, runtime, bundle, prepared=result.model)
+    if result.trained:  # an evaluation-only run changed nothing to save
+        save_final_model(run, runtime, bundle, prepared=result.model)
 
     # Samples: continue the opening words of a few held-out documents.
     source = eval_rows if eval_rows is not None else train_rows

@@ -65,7 +65,8 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
         stage="rm-train", model=RewardScores(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=make_step(recipe.rm),
         cfg=recipe.train, run=run, runtime=runtime,
     )  # fmt: skip
-    save_final_model(run, runtime, bundle, prepared=result.model)
+    if result.trained:  # an evaluation-only run changed nothing to save
+        save_final_model(run, runtime, bundle, prepared=result.model)
 
     results: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9)}
     highlights: dict[str, Any] = {"pairs/s": results["pairs_per_sec"]}

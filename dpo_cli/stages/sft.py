@@ -78,7 +78,8 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
         stage="sft", model=CompletionLogProbs(bundle.model), train_stream=train_stream, eval_stream=eval_stream, step_fn=lm_step,
         cfg=recipe.train, run=run, runtime=runtime,
     )  # fmt: skip
-    save_final_model(run, runtime, bundle, prepared=result.model)
+    if result.trained:  # an evaluation-only run changed nothing to save
+        save_final_model(run, runtime, bundle, prepared=result.model)
 
     # Samples: answer a few held-out prompts.
     source = eval_rows if eval_rows is not None else train_rows

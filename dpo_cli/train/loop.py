@@ -129,6 +129,11 @@ class LoopResult:
     eval_metrics: dict[str, float] | None = None
     model: Any = None  # the model as the engine prepared it (FSDP/DeepSpeed: needed to gather final weights)
 
+    @property
+    def trained(self) -> bool:
+        """False for an evaluation-only run (train.max_steps: 0), which writes no final/."""
+        return self.total_steps > 0
+
 
 def total_steps_for(cfg: TrainSection, micro_batches_per_epoch: int) -> int:
     if cfg.max_steps is not None:
@@ -230,6 +235,8 @@ def train(
     called with step 0 before a fresh run starts."""
     accelerator = runtime.accelerator
     total_steps = total_steps_for(cfg, train_stream.per_epoch)
+    if total_steps == 0 and eval_stream is None:
+        raise UserError("train.max_steps: 0 evaluates the model on data.eval, and this recipe has none: set data.eval (a file, or a number of rows to hold out)")
     if runtime.sharded and runtime.distributed.strategy == "fsdp":
         cast = fsdp_uniform_dtype(model)
         if cast and runtime.is_main:

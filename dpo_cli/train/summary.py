@@ -105,7 +105,10 @@ def write_summary(
         peak, peak_kind = peak_memory(runtime.device)
         summary["wall_time_s"] = round(summary["wall_time_s"] + trained.earlier_wall_seconds, 3)
         summary.update(trained.as_dict(), peak_memory_bytes=peak, peak_memory_kind=peak_kind, mixed_precision=runtime.mixed_precision)
-        summary["final_dir"] = str(run.final_dir)
+        if run.final_dir.exists():
+            summary["final_dir"] = str(run.final_dir)
+        if trained.steps == 0:
+            summary["evaluation_only"] = True
     if data is not None:
         summary["data"] = data.as_dict()
     summary.update(results or {})

@@ -101,6 +101,7 @@ def test_a_failing_scontrol_is_reported(tmp_path, fake_scontrol):
     assert message.startswith("`scontrol requeue 100_7` failed (Invalid job id specified)") and "resubmit" in message
 
 
+@pytest.mark.slow  # 30 s: two processes, preempted and requeued (CI runs the slow tests)
 def test_the_sbatch_script_is_preempted_requeued_and_resumes_on_two_processes(tmp_path, sft_recipe, fake_scontrol):
     """scripts/slurm/single-node.sbatch for real on 2 CPU processes, `srun` faked: SIGUSR1 to torchrun (what
     --signal=USR1@120 does to the job step) -> checkpoint -> one `scontrol requeue` -> the requeued job

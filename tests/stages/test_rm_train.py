@@ -10,31 +10,13 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo_cli.stages.rm_train
-from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, torchrun, with_sections, write_jsonl, write_recipe
+from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, torchrun, write_jsonl, write_recipe
 from dpo_cli.models.forward import RewardScores
 from dpo_cli.models.io import load_reward_model
 from helpers import assert_same_run
 
 MODES = model_modes()
 CPU = torch.device("cpu")
-
-
-@pytest.fixture()
-def rm_recipe(tmp_path, tiny_model_dir):
-    write_jsonl(tmp_path / "train.jsonl", preference_rows(48, seed=1))
-    write_jsonl(tmp_path / "eval.jsonl", preference_rows(16, seed=2))
-
-    def make(name: str = "rm.yaml", **sections):
-        recipe = {
-            "stage": "rm-train",
-            "seed": 5,
-            "model": {"name_or_path": str(tiny_model_dir)},
-            "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256},
-            "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3, "log_every": 1, "save_every": 2},
-        }
-        return write_recipe(tmp_path / name, with_sections(recipe, sections))
-
-    return make
 
 
 def test_score_is_read_at_the_last_real_token_with_any_padding(tiny_reward_model_dir):

@@ -154,3 +154,33 @@ def test_a_resumed_runs_wall_time_counts_the_attempts_before_it(tmp_path, cli, r
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train_time_s"] >= 4.0  # 8 slow micro-batches before the checkpoint of step 4
     assert summary["wall_time_s"] >= summary["train_time_s"]
+
+
+def test_resume_from_an_earlier_checkpoint_sets_later_work_aside_and_retrains_exactly(tmp_path, cli, resume_recipe):
+    """A finished run taken back to step 3 sets step 6, final/ and the summary aside (never deleted), trains
+    steps 4-8 again to the same weights, and logs every step once."""
+    from helpers import read_jsonl
+
+    recipe = resume_recipe("lora")
+    run = tmp_path / "run"
+    assert cli("sft", recipe, "--run-dir", run)[0] == 0
+    assert cli("sft", recipe, "--run-dir", tmp_path / "reference")[0] == 0
+    code, _, err = cli("sft", recipe, "--run-dir", run, "--resume-from", "step-3")
+    assert code == 0, err
+    assert "--resume-from: going on from step 3" in err and "resuming from" in err and "step 3 of 8" in err
+    aside = next(run.glob("superseded-after-step-3-*"))
+    assert (aside / "checkpoints" / "step-6").is_dir() and (aside / "final").is_dir() and (aside / "summary.json").is_file()
+    assert [r["step"] for r in read_jsonl(aside / "metrics.jsonl") if r.get("split") != "eval"] == list(range(1, 9))
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r.get("split") != "eval"] == list(range(1, 9))
+    assert_same_run(run, tmp_path / "reference")
+    code, _, err = cli("sft", recipe, "--run-dir", run, "--resume-from", str(run / "checkpoints" / "step-6"))
+    assert code == 0, err
+    for args, message in [
+        (("--resume-from", "step-4"), "has no such complete checkpoint (it has: step-3, step-6)"),
+        (("--resume-from", str(tmp_path / "elsewhere" / "step-3")), "not a checkpoint of"),
+        (("--resume-from", "step-3", "--fresh"), "exclude each other"),
+    ]:
+        code, _, err = cli("sft", recipe, "--run-dir", run, *args)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "new", "--resume-from", "step-3")
+    assert code == 1 and "holds no run to resume" in err
