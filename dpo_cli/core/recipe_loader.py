@@ -22,6 +22,8 @@ RESUME_SAFE_KEYS = (
     "train.log_every",
     "train.keep_checkpoints",
     "train.tensorboard",
+    "train.report_to",
+    "train.tracker_project",
     "train.nonfinite",  # switch a stopped run to skipping, and resume it
     "train.max_skipped_steps",
     "sft.padding_free",  # the row layout: the same losses, within float rounding

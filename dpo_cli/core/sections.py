@@ -240,7 +240,11 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end when eval data exists).")
     save_every: int | None = Field(500, ge=1, description="Checkpoint every N steps (and on SIGINT/SIGTERM); null: only on signals.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard events to RUN/tensorboard/.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to RUN/tensorboard/ (the same as report_to: [tensorboard]).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers that get every metrics line, the resolved recipe and the run dir (each an optional extra)."
+    )
+    tracker_project: str | None = Field(None, description="The W&B / Trackio project and MLflow experiment (default: dpo-cli); runs are named after their run dir.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainSection:

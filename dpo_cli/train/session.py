@@ -1,6 +1,6 @@
 """The training session: what every stage that updates weights shares around its own steps. It puts back the
 newest valid checkpoint, writes checkpoints (every train.save_every steps, at a stop signal, on demand),
-keeps metrics.jsonl (and TensorBoard), shows the progress bar, turns a stop signal into a checkpoint and
+keeps metrics.jsonl (and the trackers of train.report_to), shows the progress bar, turns a stop signal into a checkpoint and
 RunInterrupted at a step boundary, and refuses to go on with non-finite weights. `loop.train` (pretrain, sft,
 rm-train, dpo) and PPO's outer loop both run on it; each owns only what one of its steps does.
 
@@ -31,6 +31,7 @@ from dpo_cli.core.rundir import MetricsLog, RunDir
 from dpo_cli.core.runtime import Runtime
 from dpo_cli.core.signals import StopSignals
 from dpo_cli.core.ui import TrainProgress, note
+from dpo_cli.train.trackers import Trackers, recipe_config, tracker_names
 
 
 class SessionState(Protocol):
@@ -71,7 +72,7 @@ class TrainingSession:
         self._progress_labels = (progress_value, progress_speed)
         self.metrics: MetricsLog | None = None
         self._logs: list[MetricsLog] = []
-        self._writer: Any = None
+        self._trackers: Trackers | None = None
         self._stop: StopSignals | None = None
         self._progress: TrainProgress | None = None
         self._began = time.time()
@@ -92,7 +93,8 @@ class TrainingSession:
     def __enter__(self) -> TrainingSession:
         is_main = self.runtime.is_main
         self.metrics = self.jsonl_log(self.run.metrics_path)
-        self._writer = _tensorboard(self.run, self.cfg) if is_main else None
+        names = tracker_names(self.cfg.report_to, self.cfg.tensorboard)
+        self._trackers = Trackers.open(self.run, names, self.cfg.tracker_project, recipe_config(self.run)) if is_main and names else None
         self._stop = StopSignals().__enter__()
         value, speed = self._progress_labels
         self._progress = TrainProgress(self.stage, self.total_steps, self.state.step, is_main, value=value, speed=speed).__enter__()
@@ -104,8 +106,8 @@ class TrainingSession:
         self.release_signals()
         for log in self._logs:
             log.close()
-        if self._writer is not None:
-            self._writer.close()
+        if self._trackers is not None:
+            self._trackers.close()
 
     def release_signals(self) -> None:
         """After the last step, signals act as they would without the session again: work past it (a final
@@ -127,10 +129,11 @@ class TrainingSession:
         return self.state.step < self.total_steps
 
     def log(self, record: dict[str, Any], split: str = "train") -> None:
-        """A metrics line (with its "step"); train and eval lines go to TensorBoard too."""
+        """A metrics line (with its "step"); to the trackers of train.report_to too, as `split/key`."""
         assert self.metrics is not None, "log inside `with session:`"
         self.metrics.log(record)
-        _write_scalars(self._writer, record, split)
+        if self._trackers is not None:
+            self._trackers.log(record, split)
 
     def show(self, value: float, lr: float, speed: float, logged: bool) -> None:
         assert self._progress is not None, "show inside `with session:`"
@@ -186,20 +189,3 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
     local = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()) if norms else True
     return reduce_max(0.0 if local else 1.0) == 0.0
 
-
-def _tensorboard(run: RunDir, cfg: TrainSection) -> Any:
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("train.tensorboard needs the tensorboard package: pip install 'dpo-cli[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run.path / "tensorboard"))
-
-
-def _write_scalars(writer: Any, record: dict[str, Any], split: str) -> None:
-    if writer is None:
-        return
-    for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            writer.add_scalar(f"{split}/{key}", value, record["step"])
