@@ -64,6 +64,8 @@ def _clean_loc(schema: type[BaseModel], loc: tuple) -> tuple[list[str | int], ty
     for part in loc:
         if isinstance(part, int):
             path.append(part)
+        elif section is not None and part not in section.model_fields and _is_union_tag(part, section):
+            continue  # e.g. 'str' or 'list[union[str,DataSource]]' of a field such as data.train
         elif section is not None:
             path.append(part)
             owner = section
@@ -77,6 +79,20 @@ def _clean_loc(schema: type[BaseModel], loc: tuple) -> tuple[list[str | int], ty
             leaf_is_mapping = False
         # else: a union-member tag such as 'str' or 'list[str]'
     return path, owner
+
+
+def _is_union_tag(part: str, section: type[BaseModel]) -> bool:
+    return "[" in part or part in ("str", "int", "float", "bool", section.__name__)
+
+
+def _deepest(by_key: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Where a value failed one branch of a union by its type ("expected a string, got a mapping") and another
+    branch deeper down (data.train.0.weight), the deeper errors say what to fix: the type complaint goes."""
+    return {
+        key: messages
+        for key, messages in by_key.items()
+        if not (key and all(m.startswith("expected ") for m in messages) and any(other.startswith(f"{key}.") for other in by_key))
+    }
 
 
 def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> list[str]:
@@ -108,7 +124,7 @@ def format_validation_error(exc: ValidationError, schema: type[BaseModel]) -> li
         if message not in by_key[key]:
             by_key[key].append(message)
     lines = []
-    for key, messages in by_key.items():
+    for key, messages in _deepest(by_key).items():
         expected = [m.removeprefix("expected ").split(", got ")[0] for m in messages if m.startswith("expected ")]
         if len(expected) > 1 and len(expected) == len(messages):
             got = messages[0].split(", got ", 1)[-1]

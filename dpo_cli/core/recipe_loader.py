@@ -155,6 +155,8 @@ def _resolve_nested(value: Any, base: Path, always: bool) -> Any:
         return resolve_path_value(value, base, always)
     if isinstance(value, list):
         return [_resolve_nested(v, base, always) for v in value]
+    if isinstance(value, dict) and isinstance(value.get("path"), str):  # a data source: only its path
+        return {**value, "path": resolve_path_value(value["path"], base, always)}
     if isinstance(value, dict):
         return {k: _resolve_nested(v, base, always) for k, v in value.items()}
     return value

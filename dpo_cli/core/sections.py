@@ -174,9 +174,26 @@ class TokenizerSection(Section):
     )
 
 
+class DataSource(Section):
+    """One source of a weighted mixture: an entry of data.train written as a mapping."""
+
+    path: PathOrHubId = Field(..., description="Local files, a folder, a hub dataset id or demo:NAME, as data.train takes them.")
+    weight: float = Field(1.0, gt=0, description="Its share of the mixture, relative to the other sources' weights.")
+    split: str | None = Field(None, description="Split of a hub dataset (default: data.split).")
+    subset: str | None = Field(None, description="Configuration name of a hub dataset (default: data.subset).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename this source's columns (after data.columns): {expected name: its name}.")
+    max_rows: int | None = Field(None, ge=1, description="Take at most this many of its rows before mixing.")
+    streaming: bool = Field(False, description="Stream it instead of downloading it whole: only the rows the mixture takes are read (needs max_rows or data.mixture_rows).")
+
+
 class DataSection(Section):
-    train: PathOrHubId | list[PathOrHubId] = Field(
-        ..., description="Local files (jsonl/json/parquet/csv/txt, globs), a directory, a hub dataset id, or a built-in demo:NAME set."
+    train: PathOrHubId | list[PathOrHubId | DataSource] = Field(
+        ...,
+        description="Local files (jsonl/json/parquet/csv/txt, globs), a directory, a hub dataset id, or a built-in demo:NAME set; "
+        "a list of paths is one dataset; a list with {path, weight} entries is a weighted mixture.",
+    )
+    mixture_rows: int | None = Field(
+        None, ge=1, description="Rows of a weighted mixture (default: as many as the sources give at their shares without repeating a row)."
     )
     eval: PathOrHubId | float | None = Field(
         None, description="Eval data: files/hub id like train, or a fraction (0-1) or a row count carved off train."
@@ -192,6 +209,13 @@ class DataSection(Section):
     bad_rows: Literal["error", "drop"] = Field("error", description="Malformed rows: stop with an error naming the row, or drop and count them.")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     max_eval_rows: int | None = Field(None, ge=1, description="Use at most this many eval rows.")
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataSection:
+        mixture = isinstance(self.train, list) and any(isinstance(entry, DataSource) for entry in self.train)
+        if self.mixture_rows is not None and not mixture:
+            raise ValueError("data.mixture_rows sizes a weighted mixture: give data.train as a list of {path, weight} entries")
+        return self
 
     @field_validator("eval")
     @classmethod

@@ -277,7 +277,7 @@ def missing_data_paths(recipe: Any) -> list[str]:
     for key in ("train", "eval"):
         value = getattr(data, key)
         if isinstance(value, list):
-            sources += [(f"data.{key}[{index}]", v) for index, v in enumerate(value)]
+            sources += [(f"data.{key}[{index}]", getattr(v, "path", v)) for index, v in enumerate(value)]
         elif isinstance(value, str):
             sources.append((f"data.{key}", value))
     problems = []
@@ -334,7 +334,8 @@ def data_fingerprint(data: Any, known: dict[str, Any] | None = None) -> dict[str
     for key in ("train", "eval"):
         value = getattr(data, key, None)
         split = data.split if key == "train" else (data.eval_split or data.split)
-        for source in value if isinstance(value, list) else [value] if isinstance(value, str) else []:
+        for entry in value if isinstance(value, list) else [value] if isinstance(value, str) else []:
+            source = getattr(entry, "path", entry)  # a mixture's {path, weight, ...} entry: its other keys are in the recipe
             if source.startswith("demo:"):
                 found[f"data.{key} {source}"] = source
             elif is_local(source) or any(ch in source for ch in "*?["):
@@ -342,7 +343,8 @@ def data_fingerprint(data: Any, known: dict[str, Any] | None = None) -> dict[str
                     entry = f"data.{key} {os.path.abspath(name)}"
                     found[entry] = _file_fingerprint(name, known.get(entry) if isinstance(known.get(entry), dict) else {})
             else:
-                found[f"data.{key} {source}"] = {"hub": source, "subset": data.subset, "split": split, "revision": _hub_revision(source)}
+                subset, hub_split = getattr(entry, "subset", None) or data.subset, getattr(entry, "split", None) or split
+                found[f"data.{key} {source}"] = {"hub": source, "subset": subset, "split": hub_split, "revision": _hub_revision(source)}
     return found
 
 

@@ -15,6 +15,8 @@ from dpo_cli.demo import demo_rows
 from dpo_cli.data.encoding import check_messages
 from dpo_cli.core.errors import UserError
 from dpo_cli.core.recipes import DataSection
+from dpo_cli.core.sections import DataSource
+from dpo_cli.data.mixture import is_mixture, load_mixture
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -31,9 +33,11 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    mixture: list[dict[str, Any]] | None = None  # what each source of a weighted mixture gave
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "dropped": self.dropped, "truncated": self.truncated}
+        found = {"rows": self.rows, "dropped": self.dropped, "truncated": self.truncated}
+        return {**found, "mixture": self.mixture} if self.mixture is not None else found
 
 
 def load_source(source: str | list[str], cfg: DataSection, what: str, split: str) -> Dataset:
@@ -45,7 +49,9 @@ def load_source(source: str | list[str], cfg: DataSection, what: str, split: str
     if all(is_local(s) or any(ch in s for ch in "*?[") for s in sources):
         return load_local([f for s in sources for f in local_files(s, what, split)], what)
     if len(sources) > 1:
-        raise UserError(f"{what}: a list may only hold local files; give one hub dataset id")
+        raise UserError(
+            f"{what}: a list of plain paths is one dataset of local files; to mix hub datasets write each entry as {{path: ID, weight: W}}"
+        )
     try:
         return datasets.load_dataset(sources[0], cfg.subset, split=split)
     except Exception as exc:
@@ -110,9 +116,23 @@ def _numbered(ds: Dataset) -> Dataset:
     return ds.add_column(ROW_NUMBER, list(range(1, len(ds) + 1))) if ROW_NUMBER not in ds.column_names else ds
 
 
+def _mixture_source(cfg: DataSection):
+    def load_one(source: DataSource, what: str, split: str) -> Dataset:
+        rows = load_source(source.path, cfg.model_copy(update={"subset": source.subset or cfg.subset}), what, split)
+        rows = rename_columns(rename_columns(rows, cfg.columns, what), source.columns, what, option=f"{what}.columns.{{wanted}}")
+        return _numbered(standard_layout(rows))
+
+    return load_one
+
+
 def load_splits(cfg: DataSection, seed: int, report: DataReport) -> tuple[Dataset, Dataset | None]:
-    """The training rows and the eval rows (given, carved off train, or none)."""
-    train = _numbered(standard_layout(rename_columns(load_source(cfg.train, cfg, "data.train", cfg.split), cfg.columns, "data.train")))
+    """The training rows (one source, or a weighted mixture) and the eval rows (given, carved off train, or none)."""
+    if is_mixture(cfg.train):
+        train, report.mixture = load_mixture(cfg, seed, _mixture_source(cfg))
+        shares = ", ".join(f"{m['source']} {m['rows']} rows ({m['share']:.0%}{', repeated' if m['repeated'] else ''})" for m in report.mixture)
+        report.notes.append(f"data.train mixture: {shares}")
+    else:
+        train = _numbered(standard_layout(rename_columns(load_source(cfg.train, cfg, "data.train", cfg.split), cfg.columns, "data.train")))
     if len(train) == 0:
         raise UserError("data.train: the dataset is empty")
     evaluation: Dataset | None = None

@@ -213,7 +213,7 @@ def load_preference_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_
         raise UserError("rm.margin: data.train has no `margin` column (map yours with data.columns.margin=NAME)")
     tokenizer, notes = build_tokenizer(recipe.model, recipe.tokenizer)
     prompts = list(train_rows["prompt"]) + (list(eval_rows["prompt"]) if eval_rows is not None else [])
-    notes += chat_template_notes(tokenizer, recipe.tokenizer.chat_template, prompts)
+    notes = report.notes + notes + chat_template_notes(tokenizer, recipe.tokenizer.chat_template, prompts)
     encoder = pair_encoder(tokenizer, recipe.data.max_length, max_prompt_length, with_margin=with_margin)
     train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
     eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None

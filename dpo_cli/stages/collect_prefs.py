@@ -154,7 +154,7 @@ def import_prefs(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime, star
     report = DataReport()
     rows, _ = load_splits(recipe.data, recipe.seed, report)
     fmt = detect_format(rows.column_names) if recipe.collect.import_format == "auto" else recipe.collect.import_format
-    source = recipe.data.train if isinstance(recipe.data.train, str) else ",".join(recipe.data.train)
+    source = recipe.data.train if isinstance(recipe.data.train, str) else ",".join(getattr(s, "path", s) for s in recipe.data.train)
     records, problems = convert_rows(rows, fmt, recipe.seed, now(), source)
     check_bad_rows(problems, "data.train", recipe.data)
     if problems:

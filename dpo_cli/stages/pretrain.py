@@ -71,7 +71,7 @@ def run_pretrain(recipe: PretrainRecipe, run: RunDir) -> dict:
 
     # Model: new from model.init, or continued from pretrained weights.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
-    ui.notes(notes + bundle.notes)
+    ui.notes(report.notes + notes + bundle.notes)
 
     # Train: the next-token loss on every block; each checkpoint carries the tokenizer.
     collate = partial(collate_causal, pad_id=tokenizer.pad_token_id)

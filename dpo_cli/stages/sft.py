@@ -69,7 +69,7 @@ def run_sft(recipe: SftRecipe, run: RunDir) -> dict:
     # Model: pretrained weights (or a previous run), full / LoRA / 4-bit + LoRA.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     padding_free, layout_notes = packed_rows_allowed("sft.padding_free", recipe.sft.padding_free and not recipe.sft.packing, [bundle.model], recipe.data.max_length)
-    ui.notes(notes + bundle.notes + layout_notes)
+    ui.notes(report.notes + notes + bundle.notes + layout_notes)
 
     # Train: the next-token loss on the completions.
     collate = partial(collate_padding_free if padding_free else collate_causal, pad_id=tokenizer.pad_token_id)
