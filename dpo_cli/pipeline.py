@@ -23,7 +23,8 @@ from dpo_cli.core import ui
 from dpo_cli.core.errors import UserError
 from dpo_cli.core.recipe_loader import REMOVE, Value, format_validation_error, load_recipe, read_recipe_file, recipe_diff, recipe_to_dict, resolve_path_value, schema_for, with_current_defaults
 from dpo_cli.core.recipes import ALL_STAGES, LocalPath, RecipeBase, Section
-from dpo_cli.core.rundir import RunDir, atomic_write_json
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_json
 from dpo_cli.runner import run_recipe
 
 

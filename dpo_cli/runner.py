@@ -2,7 +2,7 @@
 that a run dir holds this recipe and this data, --fresh, running the stage on every process, and what a
 failure leaves behind (a run holding work is kept and marked failed; one holding nothing is cleared).
 
-    cli.py, pipeline.py  ->  runner.py  ->  stages/  ->  loop, models, data, losses, ...
+    cli/, pipeline.py  ->  runner.py  ->  stages/  ->  loop, models, data, losses, ...
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dpo_cli.data.files import data_fingerprint, fingerprint_changes, with_hub_r
 from dpo_cli.core.errors import RunInterrupted, UserError
 from dpo_cli.core.recipe_loader import load_recipe, recipe_diff, recipe_to_dict, recipe_to_yaml, with_current_defaults
 from dpo_cli.core.recipes import PLANNED_STAGES, RecipeBase
-from dpo_cli.core.rundir import RunDir, disk_full
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import disk_full
 
 
 EVALUATING_STAGES = ("pretrain", "sft", "rm-train", "dpo")  # what `dpo-cli eval` / --eval-only runs

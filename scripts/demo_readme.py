@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dpo_cli.core.rundir import atomic_write_text
+from dpo_cli.core.atomic import atomic_write_text
 from dpo_cli.core.ui import human_count
 from dpo_cli.pipeline import expand, load_pipeline, order
 from dpo_cli.eval.report import HEADERS, _fmt, _interval, _train_time, _markdown_table, _rows, _trajectory_lines

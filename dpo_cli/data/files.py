@@ -14,7 +14,7 @@ import datasets
 from datasets import Dataset
 
 from dpo_cli.core.errors import UserError
-from dpo_cli.core.rundir import sha256_file
+from dpo_cli.core.atomic import sha256_file
 from dpo_cli.models.sources import require_complete
 
 RUN_MARKS = ("summary.json", "labels.jsonl", "candidates.jsonl", "pairs.jsonl", "checkpoints", ".lock")  # beside recipe.yaml: a run dir

@@ -8,7 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dpo_cli.core.rundir import atomic_write_bytes, read_metrics
+from dpo_cli.core.rundir import read_metrics
+from dpo_cli.core.atomic import atomic_write_bytes
 from dpo_cli.eval.comparison import upper_envelope
 from dpo_cli.eval.stats import seed_interval
 

@@ -13,7 +13,8 @@ from rich.text import Text
 from dpo_cli.core import ui
 from dpo_cli.data.labels import LabelLog
 from dpo_cli.eval.stats import excludes_zero
-from dpo_cli.core.rundir import RunDir, atomic_write_json, atomic_write_text
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_json, atomic_write_text
 from dpo_cli.eval.plots import plot_costs, plot_curves, plot_frontier, plot_over_optimisation
 
 

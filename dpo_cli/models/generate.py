@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from dpo_cli.data.encoding import pad
 from dpo_cli.models.build import ModelBundle
 from dpo_cli.core.recipes import GenerationSection
-from dpo_cli.core.rundir import RunDir, atomic_write_jsonl
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_jsonl
 from dpo_cli.core.runtime import Runtime
 
 

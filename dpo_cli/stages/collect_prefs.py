@@ -24,7 +24,8 @@ from dpo_cli.models.build import build_causal_lm, build_tokenizer
 from dpo_cli.data.prefs import Pair, build_records, form_pairs, preference_stats
 from dpo_cli.data.prefs_import import convert_rows, detect_format
 from dpo_cli.core.recipes import CollectPrefsRecipe, TrainSection
-from dpo_cli.core.rundir import RunDir, atomic_write_json, atomic_write_jsonl
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_json, atomic_write_jsonl
 from dpo_cli.core.runtime import Runtime, setup_runtime
 from dpo_cli.train.summary import write_summary
 

@@ -24,7 +24,8 @@ from dpo_cli.models.build import ModelBundle, build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
 from dpo_cli.core.recipes import DpoRecipe, DpoSection
 from dpo_cli.models.roles import Reference, build_reference
-from dpo_cli.core.rundir import RunDir, atomic_write_jsonl
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_jsonl
 from dpo_cli.core.runtime import Runtime, setup_runtime
 from dpo_cli.train.summary import Compute, Trained, write_summary
 

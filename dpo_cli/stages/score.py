@@ -18,7 +18,7 @@ from dpo_cli.eval.judges import RewardModelJudge
 from dpo_cli.models.io import load_reward_model
 from dpo_cli.data.prefs_import import normalize_pair
 from dpo_cli.core.recipes import DataSection
-from dpo_cli.core.rundir import atomic_write_jsonl
+from dpo_cli.core.atomic import atomic_write_jsonl
 
 LAYOUTS = [("prompt", "response"), ("prompt", "completion"), ("chosen", "rejected")]  # chosen/rejected: with or without a prompt
 COLUMN_HINT = "map yours with --column, e.g. --column prompt=question"

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from dpo_cli.core import ui
 from dpo_cli.core.errors import UserError
 from dpo_cli.core.recipes import GenerationSection
-from dpo_cli.core.rundir import atomic_write_jsonl
+from dpo_cli.core.atomic import atomic_write_jsonl
 from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.models.generate import generate, stop_token_ids
 from dpo_cli.models.io import load_policy

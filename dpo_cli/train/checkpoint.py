@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpo_cli.core.errors import UserError
-from dpo_cli.core.rundir import CHECKPOINT_MARKER, sha256_file, writing
+from dpo_cli.core.rundir import CHECKPOINT_MARKER
+from dpo_cli.core.atomic import sha256_file, writing
 
 TRAINABLE_FILE = "trainable.safetensors"
 MANIFEST = "manifest.json"  # sha256 and size of every other file: resume verifies it

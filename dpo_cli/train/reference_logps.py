@@ -24,7 +24,8 @@ from datasets import Dataset
 from safetensors.torch import load_file, save
 
 from dpo_cli.core import distributed, ui
-from dpo_cli.core.rundir import RunDir, atomic_write_bytes
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_bytes
 from dpo_cli.core.runtime import Runtime
 from dpo_cli.models.roles import Reference
 from dpo_cli.train.loop import BatchStream

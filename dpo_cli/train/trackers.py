@@ -12,7 +12,8 @@ import secrets
 from typing import Any, Protocol
 
 from dpo_cli.core.errors import UserError
-from dpo_cli.core.rundir import RunDir, atomic_write_json
+from dpo_cli.core.rundir import RunDir
+from dpo_cli.core.atomic import atomic_write_json
 
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # tracker -> its pip extra
 IDS_FILE = "trackers.json"

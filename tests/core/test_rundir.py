@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dpo_cli.core.errors import UserError
-from dpo_cli.core.rundir import CHECKPOINT_MARKER, RunDir, atomic_write_text, read_metrics
+from dpo_cli.core.rundir import CHECKPOINT_MARKER, RunDir, read_metrics
+from dpo_cli.core.atomic import atomic_write_text
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

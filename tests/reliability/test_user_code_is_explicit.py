@@ -61,7 +61,7 @@ import unittest
 import torch.hub
 from subprocess import getoutput as score
 from torch.hub import load
-from dpo_cli.core.rundir import atomic_write_text
+from dpo_cli.core.atomic import atomic_write_text
 
 run = exec
 later = functools.partial(subprocess.getoutput, "id")
@@ -92,11 +92,11 @@ mine = Mine()
         ("pexpect:run", "is in an installed package"),
         ("pandas:read_pickle", "is in an installed package"),
         ("_pytest.logging:_FileHandler", "is in an installed package"),
-        ("dpo_cli.core.rundir:atomic_write_text", "is in dpo-cli itself"),
+        ("dpo_cli.core.atomic:atomic_write_text", "is in dpo-cli itself"),
         ("dpo_cli.models.io:save_final", "is in dpo-cli itself"),  # every package of it, not only the one user_code lives in
         ("sneaky:score", "resolves to subprocess in the Python installation"),  # a user module re-exporting the stdlib
         ("sneaky:load", "resolves to torch.hub in an installed package"),  # ... or an installed package
-        ("sneaky:atomic_write_text", "resolves to dpo_cli.core.rundir in dpo-cli itself"),  # ... or dpo-cli
+        ("sneaky:atomic_write_text", "resolves to dpo_cli.core.atomic in dpo-cli itself"),  # ... or dpo-cli
         ("sneaky:run", "is builtins.builtin_function_or_method, not a function of yours"),  # a builtin bound in a user module
         ("sneaky:later", "is functools.partial, not a function of yours"),
         ("sneaky:Mine", "is a class"),

@@ -96,7 +96,7 @@ def test_wandb_and_mlflow_get_the_metrics_lines_the_recipe_and_the_run_dir_and_a
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, cli, sft_recipe):
     pytest.importorskip("wandb")
     try:
-        import trackio  # noqa: F401
+        import trackio  # noqa: F401  (only whether it imports)
     except ImportError:
         pass
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,10 +12,12 @@ from typing import Annotated, Optional
 import typer
 
 from dpo_cli import __version__
-
+from dpo_cli.cli import tools
+from dpo_cli.cli.options import (
+    AllowDataOpt, DebugOpt, EvalOnlyOpt, FreshOpt, RecipeArg, ResumeFromOpt, RunDirOpt, SetOpt, SmokeOpt, guarded,
+)  # fmt: skip
 from dpo_cli.core import ui
 from dpo_cli.data.files import check_data_paths
-from dpo_cli.core.errors import RunInterrupted, UserError
 from dpo_cli.core.recipe_loader import load_recipe, read_recipe_file, recipe_to_yaml, schema_for, stage_of
 from dpo_cli.core.recipes import ALL_STAGES
 from dpo_cli.runner import run_stage
@@ -43,29 +44,6 @@ STAGE_HELP = {
     "dpo": "Direct Preference Optimization on preference pairs.",
     "compare": "Compare aligned policies side by side: quality, KL, reward hacking and cost, with a report and plots.",
 }
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
-
-RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="The stage's YAML recipe.", show_default=False)]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir, else runs/RECIPE-NAME).")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key, value parsed as YAML (repeatable): --set train.learning_rate=1e-4"),
-]
-FreshOpt = Annotated[bool, typer.Option("--fresh", help="Start over in an existing run dir (the old run is moved to RUN.prev-TIME).")]
-AllowDataOpt = Annotated[
-    bool, typer.Option("--allow-data-change", help="Resume although data.train/data.eval changed since the run started (said in the run's notes).")
-]
-ResumeFromOpt = Annotated[
-    Optional[str],
-    typer.Option("--resume-from", metavar="step-N", help="Resume from this checkpoint (or its path); later checkpoints and final/ are moved aside, never deleted."),
-]
-EvalOnlyOpt = Annotated[
-    bool, typer.Option("--eval-only", help="Evaluate the recipe's model on its eval data without an update (run dir RUN-eval; pretrain, sft, rm-train, dpo).")
-]
-SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Cap steps, rows and lengths so the recipe runs end to end in seconds (run dir RUN-smoke).")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", envvar="DPO_CLI_DEBUG")]
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dpo-cli {__version__}")
@@ -79,30 +57,6 @@ def _main(
     """dpo-cli."""
     _quiet_libraries()
     ui.only_main_process(os.environ.get("RANK", "0") == "0")  # torchrun / accelerate launch: rank 0 speaks
-
-
-def guarded(debug: bool, action: Callable[[], None]) -> None:
-    """Bad input is one readable line and a non-zero exit; tracebacks only with --debug."""
-    try:
-        action()
-    except UserError as exc:
-        if debug:
-            raise
-        ui.error(str(exc))
-        raise typer.Exit(2 if "not implemented yet" in str(exc) else 1) from None
-    except RunInterrupted as exc:
-        ui.note(f"{exc}. Run the same command again to resume.")
-        raise typer.Exit(EXIT_CODES.get(exc.signal_name, 1)) from None
-    except KeyboardInterrupt:
-        ui.error("interrupted")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except Exception as exc:  # an internal error: still one line unless --debug
-        if debug:
-            raise
-        ui.error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)")
-        raise typer.Exit(1) from None
 
 
 STAGE_EXAMPLES = {
@@ -269,107 +223,8 @@ def score(
     guarded(debug, lambda: score_file(model, data, out, batch_size, max_length, trust_remote_code, parse_columns(column or [])))
 
 
-@app.command()
-def export(
-    run: Annotated[str, typer.Argument(metavar="RUN", help="A run dir, its final/, a checkpoint folder, or any model or LoRA folder.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="The folder to write (default: RUN/export); never overwritten.")] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="Merge a LoRA run into its base (the default for LoRA runs).")] = False,
-    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export a LoRA run as its adapter (with tokenizer and generation config).")] = False,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Precision of the written weights (default: the base model's).")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="step-N", help="Export this checkpoint of the run instead of final/.")] = None,
-    debug: DebugOpt = False,
-) -> None:
-    """Write a run's model as a plain Hugging Face folder any tool loads: a LoRA run merged into its base in
-    float32 (a 4-bit run's base dequantized as it trained), then cast to --dtype; tokenizer, chat template and a
-    generation config that stops at the end of a turn included.
-
-    Example: dpo-cli export runs/demo/dpo --dtype bf16 --out exported/dpo
-
-    Example: dpo-cli export runs/demo/sft --checkpoint step-200      (an earlier state, to RUN/export-step-200)
-
-    Example: dpo-cli export runs/qlora-dpo --adapter-only             (the adapter, over its recorded base)
-    """
-    from dpo_cli.tools.export import export_model
-
-    def action() -> None:
-        written = export_model(run, out, merge, adapter_only, dtype, checkpoint)
-        ui.note(f"exported to {written}")
-
-    guarded(debug, action)
-
-
-ModelArg = Annotated[str, typer.Argument(metavar="RUN_OR_MODEL", help="A run dir, its final/, a LoRA adapter, or a model folder or hub id.")]
-MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Longest response (default: the run's generation section, else 64).")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="0 samples greedily (default: the run's, else 1).")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: the run's, else 1).")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, help="0 disables top-k (default: the run's, else 0).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed: the same seed gives the same responses.")]
-
-
-@app.command()
-def generate(
-    model: ModelArg,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A file of prompts: JSONL/JSON/CSV/Parquet with a prompt (or messages) column, or .txt, one per line.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write prompt/response rows as JSONL here (never overwritten) instead of printing them.")] = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = 0,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Prompts as user turns under the chat template, or as plain text (default: a turn where the model has a template and was not trained on plain text).", show_default=False)] = None,
-    debug: DebugOpt = False,
-) -> None:
-    """Sample responses from a run or any model: batched, seeded, with the run's sampling settings unless flags say otherwise.
-
-    Example: dpo-cli generate runs/demo/dpo --prompt "The movie was" --temperature 0.7
-
-    Example: dpo-cli generate runs/qwen-dpo --prompts questions.jsonl --out answers.jsonl
-    """
-    from dpo_cli.tools.generate import SamplingFlags, read_prompts, run_generate
-
-    flags = SamplingFlags(max_new_tokens, temperature, top_p, top_k, chat)
-    guarded(debug, lambda: run_generate(model, read_prompts(prompt or [], prompts), flags, seed, out))
-
-
-@app.command()
-def chat(
-    model: ModelArg,
-    system: Annotated[Optional[str], typer.Option("--system", help="A system message to start the conversation with.")] = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = 0,
-    debug: DebugOpt = False,
-) -> None:
-    """Talk to a run in the terminal, under its chat template; replies stream as they are sampled.
-    /reset forgets the conversation; /exit or Ctrl-D ends it.
-
-    Example: dpo-cli chat runs/qwen-dpo --temperature 0.7 --system "You answer briefly."
-    """
-    from dpo_cli.tools.generate import SamplingFlags, run_chat
-
-    guarded(debug, lambda: run_chat(model, SamplingFlags(max_new_tokens, temperature, top_p, top_k), seed, system))
-
-
-@app.command()
-def runs(
-    folder: Annotated[Path, typer.Argument(metavar="DIR", help="The folder run dirs are in (searched a few levels down).")] = Path("runs"),
-    archived: Annotated[bool, typer.Option("--all", help="Also list runs set aside by --fresh (NAME.prev-TIME).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list for scripts instead of the table.")] = False,
-    debug: DebugOpt = False,
-) -> None:
-    """List run dirs: stage, status (completed, running, failed, interrupted, stopped), steps, the metrics that
-    matter for the stage, size and when last written.
-
-    Example: dpo-cli runs runs/demo
-
-    Example: dpo-cli runs --json | jq '.[] | select(.status != "completed") | .run'
-    """
-    from dpo_cli.tools.runs import list_runs
-
-    guarded(debug, lambda: list_runs(folder, archived, as_json))
+for _tool in (tools.export, tools.generate, tools.chat, tools.runs):
+    app.command()(_tool)
 
 
 @app.command()
@@ -406,7 +261,3 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-
-if __name__ == "__main__":
-    main()
-    sys.exit(0)
