@@ -111,3 +111,19 @@ def test_a_checkpoint_exports_as_the_model_it_was(sft_recipe, tmp_path, cli):
     assert not torch.allclose(logits["step-2"], logits["long"], atol=1e-4)
     code, _, err = cli("export", tmp_path / "long" / "checkpoints" / "step-2", "--out", tmp_path / "again")
     assert code == 0, err
+
+
+def test_a_lora_reward_model_exports_as_a_classifier_that_scores_as_the_run_does(rm_recipe, tmp_path, cli):
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo_cli.models.io import load_reward_model
+
+    code, _, err = cli("rm-train", rm_recipe(model={"lora": {"r": 4}}), "--run-dir", tmp_path / "rm")
+    assert code == 0, err
+    code, _, err = cli("export", tmp_path / "rm")
+    assert code == 0, err
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "export").eval()
+    run_model, tokenizer = load_reward_model(str(tmp_path / "rm"), torch.device("cpu"))
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, run_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
