@@ -14,7 +14,7 @@ import typer
 from dpo_cli import __version__
 from dpo_cli.cli import tools
 from dpo_cli.cli.options import (
-    AllowDataOpt, DebugOpt, EvalOnlyOpt, FreshOpt, RecipeArg, ResumeFromOpt, RunDirOpt, SetOpt, SmokeOpt, guarded,
+    AllowDataOpt, DebugOpt, EvalOnlyOpt, FreshOpt, RecipeArg, ResumeFromOpt, RunDirOpt, SetOpt, SmokeOpt, StageOpt, guarded,
 )  # fmt: skip
 from dpo_cli.core import ui
 from dpo_cli.data.files import check_data_paths
@@ -118,7 +118,7 @@ def evaluate(
     recipe: RecipeArg,
     run_dir: RunDirOpt = None,
     overrides: SetOpt = None,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="The recipe's stage (default: its `stage:` or its file name).")] = None,
+    stage: StageOpt = None,
     fresh: FreshOpt = False,
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,
@@ -142,7 +142,7 @@ def evaluate(
 @app.command()
 def validate(
     recipe: RecipeArg,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to validate for (default: the recipe's `stage:` or its file name).")] = None,
+    stage: StageOpt = None,
     overrides: SetOpt = None,
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,

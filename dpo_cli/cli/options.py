@@ -32,6 +32,7 @@ EvalOnlyOpt = Annotated[
     bool, typer.Option("--eval-only", help="Evaluate the recipe's model on its eval data without an update (run dir RUN-eval; pretrain, sft, rm-train, dpo).")
 ]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Cap steps, rows and lengths so the recipe runs end to end in seconds (run dir RUN-smoke).")]
+StageOpt = Annotated[Optional[str], typer.Option("--stage", help="The recipe's stage (default: its `stage:` key or its file name).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", envvar="DPO_CLI_DEBUG")]
 
 

@@ -48,6 +48,7 @@ def test_dpo_lora_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, dp
     assert torch.allclose(ref_two, ref_one, atol=1e-5)  # scored in shards, gathered in the data's order
 
 
+@pytest.mark.slow  # 18 s on two processes (CI runs the slow tests)
 def test_fsdp_full_shard_trains_like_one_process_and_resumes_from_its_shards(tmp_path, cli, sft_recipe):
     """FSDP on CPU (gloo): the same steps as one process with the global batch; its checkpoints are the
     engine's shards, and a run killed after one resumes from it to the same final weights."""
@@ -76,6 +77,7 @@ def test_fsdp_full_shard_trains_like_one_process_and_resumes_from_its_shards(tmp
     assert code == 1 and "holds the FSDP/DeepSpeed shards of 2 processes" in err
 
 
+@pytest.mark.slow  # 13 s on two processes (CI runs the slow tests)
 def test_fsdp_with_lora_on_a_bfloat16_base(tmp_path, sft_recipe, tiny_model_dir):
     recipe = sft_recipe(
         model={"name_or_path": str(tiny_model_dir), "dtype": "bfloat16", "lora": {"r": 4}},
