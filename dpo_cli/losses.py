@@ -93,6 +93,7 @@ def ppo_objective(policy_loss: torch.Tensor, value_loss: torch.Tensor, vf_coef: 
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # preference losses without a reference model
 
 
 def dpo_loss(
@@ -127,15 +128,77 @@ def dpo_loss(
         raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(DPO_LOSSES)}")
     chosen_rewards = beta * chosen_logratios.detach()  # (B,)
     rejected_rewards = beta * rejected_logratios.detach()  # (B,)
-    metrics = {
+    return losses.mean(), _preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+
+
+def _preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's metric names for a preference loss's implicit rewards and the policy's log-probs, each (B,)."""
+    return {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "logps/chosen": policy_chosen_logps.detach().mean(),
-        "logps/rejected": policy_rejected_logps.detach().mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
     }
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_counts: torch.Tensor,
+    rejected_counts: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al. 2024): no reference; the reward is the length-normalised log-prob, with a target
+    margin gamma. With r = beta * mean token log-prob of a response:
+
+        -(1 - e) log s(r_w - r_l - gamma) - e log s(-(r_w - r_l - gamma))
+
+    Sequence log-prob sums and token counts, each (B,). Metrics as TRL's CPOTrainer (loss_type simpo):
+    rewards are beta * the mean token log-probs, logps/* the mean token log-probs."""
+    chosen_avg = mean_token_logps(policy_chosen_logps, chosen_counts)  # (B,)
+    rejected_avg = mean_token_logps(policy_rejected_logps, rejected_counts)  # (B,)
+    logits = beta * (chosen_avg - rejected_avg) - gamma  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    metrics = _preference_metrics(beta * chosen_avg.detach(), beta * rejected_avg.detach(), chosen_avg, rejected_avg)
     return losses.mean(), metrics
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_counts: torch.Tensor,
+    rejected_counts: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al. 2024): the chosen responses' NLL plus beta times an odds-ratio term, no reference.
+    With p = exp(mean token log-prob) of a response and odds(p) = p / (1 - p):
+
+        NLL(chosen tokens) - beta * mean log s(log odds(p_w) - log odds(p_l))
+
+    The NLL is the mean over every chosen token of the batch (the SFT loss). Sequence log-prob sums and token
+    counts, each (B,). Metrics as TRL's ORPOTrainer (nll_loss, log_odds_ratio, log_odds_chosen)."""
+    chosen_avg = mean_token_logps(policy_chosen_logps, chosen_counts)  # (B,)
+    rejected_avg = mean_token_logps(policy_rejected_logps, rejected_counts)  # (B,)
+    # log(1 - p) from log p, stable near p = 1: log(-expm1(log p))
+    log_odds = (chosen_avg - rejected_avg) - (torch.log(-torch.expm1(chosen_avg)) - torch.log(-torch.expm1(rejected_avg)))  # (B,)
+    ratio = F.logsigmoid(log_odds)  # (B,)
+    nll, _ = mean_nll(policy_chosen_logps, chosen_counts)
+    metrics = _preference_metrics(beta * chosen_avg.detach(), beta * rejected_avg.detach(), chosen_avg, rejected_avg)
+    metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach().mean(), "log_odds_chosen": log_odds.detach().mean()})
+    return nll - beta * ratio.mean(), metrics
+
+
+def with_chosen_nll(
+    loss: torch.Tensor, metrics: dict[str, torch.Tensor], policy_chosen_logps: torch.Tensor, chosen_counts: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RPO (Pang et al. 2024; TRL's rpo_alpha): a preference loss plus alpha times the NLL of the chosen
+    responses (the mean over their tokens)."""
+    nll, _ = mean_nll(policy_chosen_logps, chosen_counts)
+    return loss + alpha * nll, {**metrics, "nll_loss": nll.detach()}
 
 
 def reward_loss(

@@ -208,3 +208,56 @@ def test_small_estimators_hand_computed():
     assert mean_token_logps(torch.tensor([-6.0, -3.0]), torch.tensor([3, 2])).tolist() == [-2.0, -1.5]
     assert penalize_unfinished(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), 0.5).tolist() == [1.0, 0.5]
     assert ppo_objective(torch.tensor(2.0), torch.tensor(4.0), 0.1).item() == pytest.approx(2.4)
+
+
+# --------------------------------------------------------------------------- reference-free preference losses
+
+from dpo_cli.losses import orpo_loss, simpo_loss, with_chosen_nll  # noqa: E402
+
+
+def test_simpo_hand_computed():
+    # chosen: -4 over 2 tokens (mean -2); rejected: -9 over 3 tokens (mean -3); beta 2, gamma 0.5:
+    # 2 * (-2 - -3) - 0.5 = 1.5, and -log s(1.5) = log(1 + e^-1.5) = 0.2014133
+    loss, metrics = simpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0]), beta=2.0, gamma=0.5)
+    assert loss.item() == pytest.approx(0.2014133, abs=1e-6)
+    assert metrics["rewards/chosen"].item() == pytest.approx(-4.0) and metrics["rewards/margins"].item() == pytest.approx(2.0)
+    assert metrics["logps/chosen"].item() == pytest.approx(-2.0) and metrics["rewards/accuracies"].item() == 1.0
+    smoothed, _ = simpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0]), 2.0, 0.5, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.9 * 0.2014133 + 0.1 * math.log1p(math.exp(1.5)), abs=1e-6)
+
+
+def test_orpo_hand_computed():
+    # the same pair, beta 0.1: log odds = (-2 - -3) - (log(1 - e^-2) - log(1 - e^-3)) = 1.0943443;
+    # log s(1.0943443) = -0.2887508; the chosen NLL is 4 / 2 = 2; loss = 2 + 0.1 * 0.2887508
+    loss, metrics = orpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0]), beta=0.1)
+    assert loss.item() == pytest.approx(2.0288751, abs=1e-6)
+    assert metrics["log_odds_chosen"].item() == pytest.approx(1.0943443, abs=1e-6)
+    assert metrics["log_odds_ratio"].item() == pytest.approx(-0.2887508, abs=1e-6)
+    assert metrics["nll_loss"].item() == pytest.approx(2.0) and metrics["rewards/rejected"].item() == pytest.approx(-0.3)
+
+
+def test_reference_free_losses_and_rpo_match_a_straightforward_computation():
+    """Row by row in float64 with the math module, against the batched functions (the NLLs are token means
+    over the whole batch, as an SFT loss is)."""
+    torch.manual_seed(0)
+    counts_c, counts_r = torch.randint(1, 30, (6,)).double(), torch.randint(1, 30, (6,)).double()
+    chosen, rejected = -torch.rand(6, dtype=torch.float64) * counts_c, -torch.rand(6, dtype=torch.float64) * counts_r * 2
+    beta, gamma = 2.5, 0.8
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    simpo, orpo_terms = [], []
+    for c, r, nc, nr in zip(chosen.tolist(), rejected.tolist(), counts_c.tolist(), counts_r.tolist()):
+        simpo.append(-math.log(sig(beta * (c / nc - r / nr) - gamma)))
+        odds = lambda lp: math.exp(lp) / (1 - math.exp(lp))  # noqa: E731
+        orpo_terms.append(math.log(sig(math.log(odds(c / nc)) - math.log(odds(r / nr)))))
+    nll = -chosen.sum().item() / counts_c.sum().item()
+    assert simpo_loss(chosen, rejected, counts_c, counts_r, beta, gamma)[0].item() == pytest.approx(sum(simpo) / 6, rel=1e-9)
+    assert orpo_loss(chosen, rejected, counts_c, counts_r, 0.2)[0].item() == pytest.approx(nll - 0.2 * sum(orpo_terms) / 6, rel=1e-9)
+    base, metrics = dpo_loss(chosen, rejected, chosen * 0.9, rejected * 0.9, 0.1)
+    total, with_nll = with_chosen_nll(base, metrics, chosen, counts_c, alpha=0.5)
+    assert total.item() == pytest.approx(base.item() + 0.5 * nll, rel=1e-9) and with_nll["nll_loss"].item() == pytest.approx(nll)
+
+
+def test_orpo_is_finite_for_a_response_the_policy_is_sure_of():
+    """log(1 - p) for p near 1 (a mean token log-prob near 0) is computed stably."""
+    loss, _ = orpo_loss(torch.tensor([-1e-6]), torch.tensor([-5.0]), torch.tensor([1.0]), torch.tensor([1.0]), 0.1)
+    assert torch.isfinite(loss)

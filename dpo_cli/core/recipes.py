@@ -142,7 +142,11 @@ class SftRecipe(TrainingRecipe):
 
 class DpoSection(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the KL pull toward the reference (the DPO paper's beta).")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="The preference loss.")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid", description="The preference loss; simpo and orpo need no reference model (none is built)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin gamma (the paper pairs beta 2-2.5 with gamma 0.5-1.5).")
+    rpo_alpha: float | None = Field(None, ge=0.0, description="Add this times the NLL of the chosen responses to the loss (RPO; not with orpo, which has its own).")
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="Assumed fraction of flipped labels: conservative DPO (sigmoid) or robust DPO (robust)."
     )
@@ -165,8 +169,12 @@ class DpoSection(Section):
 
     @model_validator(mode="after")
     def _smoothing(self) -> DpoSection:
-        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust"):
-            raise ValueError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {self.loss}")
+        if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"dpo.label_smoothing applies to the sigmoid, robust and simpo losses, not {self.loss}")
+        if self.loss in ("simpo", "orpo") and (self.ref_model is not None or self.precompute_ref):
+            raise ValueError(f"dpo.loss: {self.loss} has no reference model: drop dpo.ref_model and dpo.precompute_ref")
+        if self.rpo_alpha is not None and self.loss == "orpo":
+            raise ValueError("dpo.rpo_alpha: orpo already adds the chosen responses' NLL (its weight is 1; beta weighs the odds-ratio term)")
         return self
 
 

@@ -18,7 +18,7 @@ from dpo_cli.models.forward import CompletionLogProbs, packed_rows_allowed, pair
 from dpo_cli.models.generate import generate
 from dpo_cli.train.loop import StepFn, batch_streams, train
 from dpo_cli.train.reference_logps import ReferenceCache, attach_reference_logps
-from dpo_cli.losses import dpo_loss, mean_token_logps
+from dpo_cli.losses import REFERENCE_FREE_LOSSES, dpo_loss, mean_token_logps, orpo_loss, simpo_loss, with_chosen_nll
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
@@ -32,14 +32,22 @@ from dpo_cli.train.summary import Compute, Trained, write_summary
 
 def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        policy_logps, counts = pair_logps(model, batch)  # (2B,), (2B,)
+        policy_logps, counts = pair_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
+        pairs = policy_logps.size(0) // 2
+        chosen, rejected, chosen_counts, rejected_counts = policy_logps[:pairs], policy_logps[pairs:], counts[:pairs], counts[pairs:]
+        if cfg.loss == "simpo":
+            return simpo_loss(chosen, rejected, chosen_counts, rejected_counts, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+        if cfg.loss == "orpo":
+            return orpo_loss(chosen, rejected, chosen_counts, rejected_counts, cfg.beta)
         ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
         if cfg.loss == "ipo":  # IPO compares mean per-token log-probs (as TRL does)
-            policy_logps, ref_logps = mean_token_logps(policy_logps, counts), mean_token_logps(ref_logps, counts)
-        pairs = policy_logps.size(0) // 2
-        return dpo_loss(
-            policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], cfg.beta, cfg.loss, cfg.label_smoothing
-        )
+            compared, ref_logps = mean_token_logps(policy_logps, counts), mean_token_logps(ref_logps, counts)
+        else:
+            compared = policy_logps
+        loss, metrics = dpo_loss(compared[:pairs], compared[pairs:], ref_logps[:pairs], ref_logps[pairs:], cfg.beta, cfg.loss, cfg.label_smoothing)
+        if cfg.rpo_alpha is not None:
+            return with_chosen_nll(loss, metrics, chosen, chosen_counts, cfg.rpo_alpha)
+        return loss, metrics
 
     return step
 
@@ -79,7 +87,10 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     # Models: the policy, and the reference it is held close to.
     bundle = build_causal_lm(recipe.model, tokenizer, runtime.device, recipe.seed, cache_dir=run.path)
     policy = CompletionLogProbs(bundle.model)
-    reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
+    if recipe.dpo.loss in REFERENCE_FREE_LOSSES and recipe.policy_eval.every is None:
+        reference, reference_note = Reference(policy, None), f"reference: none ({recipe.dpo.loss} is reference-free)"
+    else:  # a reference-free loss still measures its KL to the initial policy in policy_eval
+        reference, reference_note = build_reference(recipe, bundle, policy, runtime, run)
     models = [bundle.model] + ([reference.separate.model] if reference.separate is not None else [])
     shared, layout_notes = packed_rows_allowed("dpo.share_prompt", recipe.dpo.share_prompt, models, recipe.data.max_length)
     collate = partial(collate_shared_pairs if shared else collate_pairs, pad_id=tokenizer.pad_token_id)
@@ -128,6 +139,8 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     pairs_per_sec = result.state.items / max(result.state.train_seconds, 1e-9)
     reference_tokens = sum(len(ids) for column in ("chosen_input_ids", "rejected_input_ids") for ids in train_set[column])
     forward_tokens = reference_tokens if recipe.dpo.precompute_ref else result.state.tokens  # the reference's passes
+    if recipe.dpo.loss in REFERENCE_FREE_LOSSES:
+        forward_tokens = 0
     summary = write_summary(
         stage="dpo", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result, Compute(forward_tokens=forward_tokens)),
         data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds}, highlights={"pairs/s": pairs_per_sec},

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpo_cli.stages.dpo
-from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, write_jsonl
+from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, write_jsonl, write_recipe
 from dpo_cli.models.forward import CompletionLogProbs
 from dpo_cli.models.build import build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, pair_encoder
@@ -333,3 +333,60 @@ def test_a_second_run_on_the_same_reference_and_pairs_takes_its_reference_logps_
     code, _, err = cli("dpo", off, "--run-dir", tmp_path / "d")
     assert code == 0, err
     assert calls["n"] > 0 and "taken from the cache" not in err
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "sigmoid+rpo"])
+def test_reference_free_losses_and_rpo_train_from_the_policys_own_logps(loss, tmp_path, cli, tiny_model_dir):
+    """One step over all 8 pairs at once: the logged loss equals the loss of per-sequence log-probs from a
+    plain transformers forward of each tokenised pair (no reference model is built for simpo and orpo)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_cli.data.preference_pairs import pair_encoder
+    from dpo_cli.losses import IGNORE_INDEX, dpo_loss, orpo_loss, simpo_loss, with_chosen_nll
+
+    rows = preference_rows(8, seed=3)
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    name, _, rpo = loss.partition("+")
+    dpo = {"loss": name, "beta": 2.0 if name == "simpo" else 0.1, "show_samples": 0, **({"rpo_alpha": 0.5} if rpo else {})}
+    recipe = write_recipe(tmp_path / "dpo.yaml", {
+        "stage": "dpo", "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": "pairs.jsonl", "max_length": 96},
+        "train": {"max_steps": 1, "batch_size": 8, "learning_rate": 1e-3, "log_every": 1}, "dpo": dpo,
+    })  # fmt: skip
+    code, _, err = cli("dpo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert ("reference: none" in err) == (name != "sigmoid")
+    logged = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    encode = pair_encoder(tokenizer, 96, None)
+    sums: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    counts: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    for row in rows:
+        encoded = encode(row)
+        for side in ("chosen", "rejected"):
+            ids, labels = torch.tensor([encoded[f"{side}_input_ids"]]), torch.tensor(encoded[f"{side}_labels"][1:])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            kept = labels != IGNORE_INDEX
+            sums[side].append(logps[kept].gather(-1, labels[kept].unsqueeze(-1)).sum().item())
+            counts[side].append(float(kept.sum()))
+    c, r = torch.tensor(sums["chosen"]), torch.tensor(sums["rejected"])
+    nc, nr = torch.tensor(counts["chosen"]), torch.tensor(counts["rejected"])
+    if name == "simpo":
+        expected, _ = simpo_loss(c, r, nc, nr, 2.0, 0.5)
+    elif name == "orpo":
+        expected, _ = orpo_loss(c, r, nc, nr, 0.1)
+        assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(logged)
+    else:
+        expected, _ = with_chosen_nll(*dpo_loss(c, r, c, r, 0.1), c, nc, 0.5)  # the reference is the initial policy
+        assert "nll_loss" in logged
+    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_reference_free_losses_refuse_a_reference(cli, dpo_recipe):
+    for dpo, message in [
+        ({"loss": "simpo", "precompute_ref": True}, "simpo has no reference model"),
+        ({"loss": "orpo", "rpo_alpha": 1.0}, "orpo already adds"),
+    ]:
+        code, _, err = cli("validate", dpo_recipe(dpo=dpo))
+        assert code == 1 and message in err, err
