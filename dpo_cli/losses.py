@@ -303,6 +303,28 @@ def ppo_policy_loss(
     return loss, metrics
 
 
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): each sample's reward minus the mean reward of the other samples of its
+    prompt. rewards: (B,), a prompt's group_size samples next to each other -> (B,)."""
+    grouped = rewards.view(-1, group_size)  # (P, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each sample's reward normalised within its prompt's group, (r - mean) / (std
+    + eps), the sample standard deviation (as TRL). rewards: (B,), groups next to each other -> (B,)."""
+    grouped = rewards.view(-1, group_size)  # (P, k)
+    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)).reshape(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """The per-token k3 estimate of KL(pi || pi_ref) that GRPO's loss adds: exp(d) - d - 1 with d = log pi_ref
+    - log pi (unbiased, never negative). (B, T), (B, T) -> (B, T)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
 def ppo_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

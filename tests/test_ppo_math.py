@@ -115,3 +115,34 @@ def test_explained_variance():
     returns, mask = torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3)
     assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
     assert explained_variance(torch.zeros(1, 3), returns, mask).item() == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------- critic-free advantages
+
+from dpo_cli.losses import grpo_advantages, k3_kl, rloo_advantages  # noqa: E402
+
+
+def test_rloo_and_grpo_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, three samples each
+    # prompt 1: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; prompt 2: -1.5, -1.5, 3
+    assert rloo_advantages(rewards, 3).tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+    # prompt 1: mean 3, sample std sqrt(((-2)^2 + 1 + 9) / 2) = sqrt(7)
+    expected = [(x - 3) / (7**0.5 + 1e-4) for x in (1.0, 2.0, 6.0)] + [(x - 1) / (3**0.5 + 1e-4) for x in (0.0, 0.0, 3.0)]
+    assert grpo_advantages(rewards, 3).tolist() == pytest.approx(expected, rel=1e-6)
+    assert k3_kl(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -1.0]]))[0].tolist() == pytest.approx([0.0, math.e - 2], rel=1e-6)  # d = 0 and d = 1
+
+
+def test_critic_free_advantages_match_explicit_loops():
+    torch.manual_seed(0)
+    rewards, k = torch.randn(20, dtype=torch.float64), 4
+    loo, normalised = [], []
+    for start in range(0, 20, k):
+        group = rewards[start : start + k].tolist()
+        mean = sum(group) / k
+        std = (sum((g - mean) ** 2 for g in group) / (k - 1)) ** 0.5
+        for i, r in enumerate(group):
+            loo.append(r - sum(g for j, g in enumerate(group) if j != i) / (k - 1))
+            normalised.append((r - mean) / (std + 1e-4))
+    assert rloo_advantages(rewards, k).tolist() == pytest.approx(loo, rel=1e-12)
+    assert grpo_advantages(rewards, k).tolist() == pytest.approx(normalised, rel=1e-12)
+    assert rloo_advantages(rewards, k).view(-1, k).sum(dim=1).abs().max() < 1e-12  # leave-one-out advantages sum to 0 per prompt

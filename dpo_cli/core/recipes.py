@@ -245,6 +245,12 @@ class PpoSection(Section):
     value_model: PathOrHubId | None = Field(
         None, description="Separate models only: the critic's starting point (default: the reward model). With LoRA the critic is an adapter on the policy's base."
     )
+    advantage: Literal["gae", "rloo", "grpo"] = Field(
+        "gae",
+        description="gae: PPO with a critic; rloo: each response's reward minus the mean of its prompt's other samples (RLOO); grpo: rewards "
+        "normalised within each prompt's samples, the KL in the loss (GRPO). rloo and grpo build no critic.",
+    )
+    samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt, k (rloo and grpo: at least 2); must divide train.batch_size.")
     mini_batch_size: int = Field(8, ge=1, description="Rollouts per optimizer step; must divide train.batch_size (rollouts per iteration).")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
     kl_coef: float = Field(0.05, ge=0.0, description="beta_KL: per-token penalty on log pi - log pi_ref (the starting value when adaptive).")
@@ -302,6 +308,13 @@ class PpoRecipe(TrainingRecipe):
             )
         if self.train.grad_accum != 1:
             raise ValueError("ppo updates per mini-batch: leave train.grad_accum at 1 and size ppo.mini_batch_size instead")
+        if self.train.batch_size % self.ppo.samples_per_prompt:
+            raise ValueError(f"ppo.samples_per_prompt ({self.ppo.samples_per_prompt}) must divide train.batch_size ({self.train.batch_size}), the rollouts per iteration")
+        if self.ppo.advantage != "gae":
+            if self.ppo.samples_per_prompt < 2:
+                raise ValueError(f"ppo.advantage: {self.ppo.advantage} compares each prompt's samples: set ppo.samples_per_prompt to 2 or more (e.g. 4)")
+            if self.ppo.value_model is not None or self.ppo.whiten_rewards:
+                raise ValueError(f"ppo.advantage: {self.ppo.advantage} has no critic and no GAE: drop ppo.value_model and ppo.whiten_rewards")
         if self.model.lora is not None and self.ppo.value_model is not None:
             raise ValueError("with model.lora the critic is a second adapter on the policy's base: drop ppo.value_model")
         if self.data.eval is not None:

@@ -111,7 +111,8 @@ class ActorCritic(torch.nn.Module):
         self.critic = critic  # separate mode: a sequence classifier whose score head gives per-token values
         self.value_head = value_head  # shared mode
         self._reference = [reference] if reference is not None else []  # not a submodule: never trained or saved
-        self.shared = critic is None
+        self.shared = value_head is not None  # one base, a policy and a critic adapter
+        self.has_critic = critic is not None or value_head is not None  # rloo / grpo: none
         self.is_loaded_in_4bit = getattr(policy, "is_loaded_in_4bit", False)
         for model in (policy, critic, reference):
             if model is not None:
@@ -150,7 +151,7 @@ class ActorCritic(torch.nn.Module):
         sees every trainable parameter used in one forward and one backward. -> (B, T), (B, T)."""
         part = Rollout([], query_response, attention_mask, context_length, response_mask=attention_mask[:, context_length:], texts=[], finished=None)
         logps, _ = self.policy_logps(part, temperature)
-        return logps, self.values(part)
+        return logps, self.values(part) if self.has_critic else None
 
     def policy_logps(self, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.adapter("default"):
@@ -174,8 +175,13 @@ class ActorCritic(torch.nn.Module):
 
 def build_actor_critic(recipe: PpoRecipe, bundle: ModelBundle, runtime: Runtime, run: RunDir, reward_vocab: dict) -> tuple[ActorCritic, list[str]]:
     """PPO's policy, critic and reference: with model.lora one base carrying a policy and a critic adapter (the
-    reference is the base with both off); else the policy, a frozen reference copy and a critic model."""
+    reference is the base with both off); else the policy, a frozen reference copy and a critic model. RLOO and
+    GRPO (ppo.advantage) build no critic."""
     notes = []
+    critic_free = recipe.ppo.advantage != "gae"
+    if recipe.model.lora is not None and critic_free:
+        notes.append(f"{recipe.ppo.advantage}: no critic; the policy is a LoRA adapter and the reference its base with the adapter off")
+        return ActorCritic(bundle.model, None, None, None), notes
     if recipe.model.lora is not None:  # single-GPU mode: one base, two adapters
         from peft import LoraConfig
 
@@ -194,6 +200,9 @@ def build_actor_critic(recipe: PpoRecipe, bundle: ModelBundle, runtime: Runtime,
         return ActorCritic(bundle.model, None, value_head, None), notes
     reference = build_causal_lm(recipe.model, bundle.tokenizer, runtime.device, recipe.seed, cache_dir=run.path / "reference").model
     reference.requires_grad_(False)
+    if critic_free:
+        notes.append(f"{recipe.ppo.advantage}: no critic; the policy and a frozen reference copy")
+        return ActorCritic(bundle.model, None, None, reference), notes
     critic_source = recipe.ppo.value_model or recipe.ppo.reward_model or recipe.model.name_or_path  # a judge as the reward: from the policy
     if recipe.ppo.value_model is None and reward_vocab != bundle.tokenizer.get_vocab():
         critic_source = recipe.model.name_or_path  # the critic reads the policy's tokens: it needs its vocabulary

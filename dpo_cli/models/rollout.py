@@ -1,5 +1,6 @@
-"""RLHF's experience: a batch of rollouts (prompt, sampled response and what PPO computes on it) and the
-per-token log-probs of a response under a model. The models themselves are built in roles.py.
+"""RLHF's experience: the prompts each iteration samples (PromptBatches), a batch of rollouts (prompt, sampled
+response and what PPO computes on it), its mini-batches, and the per-token log-probs of a response under a
+model. The models themselves are built in roles.py.
 
 Shapes: B rollouts; a rollout is P prompt tokens (left-padded) followed by T response tokens.
 """
@@ -7,7 +8,9 @@ Shapes: B rollouts; a rollout is P prompt tokens (left-padded) followed by T res
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,6 +18,8 @@ from dpo_cli.data.layout import OWN, PARTS, Piece, pack, segment_id
 from dpo_cli.models.forward import _plain_linear_head, model_segment_mask, segment_positions
 from dpo_cli.losses import tempered_token_logps
 from dpo_cli.models.build import base_model
+from dpo_cli.core.errors import UserError
+from dpo_cli.core.runtime import Runtime
 
 
 @dataclass
@@ -198,3 +203,29 @@ def response_logps(
     targets = rollout.query_response[:, rollout.context_length :] if rollout.packed is None else rollout.packed.targets
     logps, entropy = tempered_token_logps(logits, targets, temperature, with_entropy)
     return on_response_grid(rollout, logps), None if entropy is None else on_response_grid(rollout, entropy)
+
+
+def minibatches(size: int, mini_batch_size: int, seed: int, iteration: int, epoch: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
+    order = torch.randperm(size, generator=generator)
+    return [order[start : start + mini_batch_size] for start in range(0, size, mini_batch_size)]
+
+
+class PromptBatches:
+    """Each process samples batch_size prompts of a global batch of batch_size x processes, in a seeded order per
+    epoch (an incomplete global batch at an epoch's end is left out with several processes, so all sample alike)."""
+
+    def __init__(self, prompts: list[Any], batch_size: int, seed: int, runtime: Runtime):
+        self.prompts, self.batch_size, self.seed, self.rank = prompts, batch_size, seed, runtime.rank
+        self.global_batch = batch_size * runtime.world_size
+        world = runtime.world_size
+        self.per_epoch = math.ceil(len(prompts) / self.global_batch) if world == 1 else len(prompts) // self.global_batch
+        if self.per_epoch == 0:
+            raise UserError(f"data.train: {len(prompts)} prompts cannot fill one batch of {batch_size} on each of {world} processes; lower train.batch_size or use fewer processes")
+        self._order = torch.Generator()
+
+    def __getitem__(self, iteration: int) -> list[Any]:
+        epoch, within = divmod(iteration, self.per_epoch)
+        permutation = torch.randperm(len(self.prompts), generator=self._order.manual_seed(self.seed * 7919 + epoch)).tolist()
+        start = within * self.global_batch + self.rank * self.batch_size
+        return [self.prompts[i] for i in permutation[start : start + self.batch_size]]

@@ -1,11 +1,12 @@
 """`dpo-cli ppo`: RLHF's phase 4. Each iteration runs named phases:
 rollout (sample responses) -> score (reward model) -> experience (log-probs, reference, values) ->
 advantages (KL-penalised rewards, GAE) -> update (clipped PPO epochs) -> KL control.
+With ppo.advantage rloo or grpo there is no critic: k samples per prompt, and each one's advantage comes from
+its prompt's other samples (RLOO's leave-one-out baseline; GRPO's group normalisation, its KL in the loss).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from dpo_cli.losses import (
     adaptive_kl_coef,
     explained_variance,
     gae,
+    grpo_advantages,
+    k3_kl,
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
@@ -33,12 +36,13 @@ from dpo_cli.losses import (
     ppo_objective,
     ppo_policy_loss,
     ppo_value_loss,
+    rloo_advantages,
 )
 from dpo_cli.models.build import build_causal_lm, build_tokenizer
 from dpo_cli.train.optim import build_optimizer, build_scheduler
 from dpo_cli.models.io import save_final_model
 from dpo_cli.core.recipes import PpoRecipe
-from dpo_cli.models.rollout import Rollout, make_rollout
+from dpo_cli.models.rollout import PromptBatches, Rollout, make_rollout, minibatches
 from dpo_cli.models.roles import ActorCritic, build_actor_critic
 from dpo_cli.core.rundir import RunDir
 from dpo_cli.core.runtime import Runtime, setup_runtime
@@ -104,12 +108,6 @@ def score_phase(rollout: Rollout, reward: Judge, recipe: PpoRecipe) -> torch.Ten
     return scores
 
 
-def minibatches(size: int, mini_batch_size: int, seed: int, iteration: int, epoch: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
-    order = torch.randperm(size, generator=generator)
-    return [order[start : start + mini_batch_size] for start in range(0, size, mini_batch_size)]
-
-
 @torch.no_grad()
 def experience_phase(actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRecipe, iteration: int) -> None:
     """pi_old log-probs, entropy and values, computed in the first epoch's mini-batches (so that the first
@@ -122,15 +120,26 @@ def experience_phase(actor_critic: ActorCritic, rollout: Rollout, recipe: PpoRec
         part = rollout.rows(index)
         index = index.to(logps.device)
         logps[index], entropy[index] = actor_critic.policy_logps(part, temperature, with_entropy=True)
-        values[index] = actor_critic.values(part)
-    rollout.logps, rollout.entropy, rollout.values = logps, entropy, values
+        if actor_critic.has_critic:
+            values[index] = actor_critic.values(part)
+    rollout.logps, rollout.entropy, rollout.values = logps, entropy, values if actor_critic.has_critic else None
     rollout.ref_logps = actor_critic.reference_logps(rollout, temperature)
 
 
 def advantage_phase(rollout: Rollout, recipe: PpoRecipe, kl_coef: float) -> torch.Tensor:
-    """KL-penalised rewards, GAE; whitened with the mean and std of every process's rollouts."""
+    """KL-penalised rewards, GAE; whitened with the mean and std of every process's rollouts. RLOO: the
+    sequence reward (score minus the KL penalty) against the mean of its prompt's other samples; GRPO: the
+    score normalised within its prompt's samples (the KL goes into the loss). Either is every token's advantage."""
     mask = rollout.response_mask
     rewards, kl = kl_penalized_rewards(rollout.scores, rollout.logps, rollout.ref_logps, mask, kl_coef)
+    if recipe.ppo.advantage != "gae":
+        k = recipe.ppo.samples_per_prompt
+        if recipe.ppo.advantage == "rloo":
+            per_sequence = rloo_advantages(rewards.sum(dim=1), k)  # (B,): the score and every token's KL penalty
+        else:
+            per_sequence = grpo_advantages(rollout.scores, k)
+        rollout.rewards, rollout.advantages = rewards, per_sequence.unsqueeze(1) * mask  # (B, T)
+        return kl
     total = distributed.sum_tensor if distributed.world_size() > 1 else None
     if recipe.ppo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, sum_over_processes=total)
@@ -148,6 +157,7 @@ def update_phase(
     runtime: Runtime,
     iteration: int,
     combined: bool = False,
+    kl_coef: float = 0.0,
 ) -> dict[str, float]:
     """ppo_epochs passes of clipped policy and value updates over shuffled mini-batches. `model` is the
     ActorCritic, or its DDP wrapper; `combined` (needed by DDP) runs policy and critic as one forward and
@@ -161,7 +171,16 @@ def update_phase(
         stop = False
         for index in minibatches(rollout.query_response.size(0), cfg.mini_batch_size, recipe.seed, iteration, epoch):
             part = rollout.rows(index)
-            if combined:
+            if not actor_critic.has_critic:  # rloo / grpo: the policy alone (one DDP forward either way)
+                with runtime.accelerator.autocast():
+                    logps = model(part.query_response, part.attention_mask, part.context_length, temperature)[0] if combined else actor_critic.policy_logps(part, temperature)[0]
+                    policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
+                    if cfg.advantage == "grpo":  # GRPO's KL to the reference, in the loss (k3, per token)
+                        kl_term = masked_mean(k3_kl(logps, part.ref_logps), part.response_mask)
+                        policy_loss, policy_metrics = policy_loss + kl_coef * kl_term, {**policy_metrics, "kl_loss": kl_term.detach()}
+                value_loss, value_metrics = torch.zeros((), device=logps.device), {}
+                runtime.accelerator.backward(policy_loss)
+            elif combined:
                 with runtime.accelerator.autocast():
                     logps, values = model(part.query_response, part.attention_mask, part.context_length, temperature)
                     policy_loss, policy_metrics = ppo_policy_loss(logps, part.logps, part.advantages, part.response_mask, cfg.cliprange)
@@ -191,8 +210,10 @@ def update_phase(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step = {"policy_loss": policy_loss, "value_loss": value_loss, "grad_norm": grad_norm, **policy_metrics, **value_metrics}
-            trained += 2 * int(part.attention_mask.sum())  # the policy's pass and the critic's
+            step = {"policy_loss": policy_loss, "grad_norm": grad_norm, **policy_metrics, **value_metrics}
+            if actor_critic.has_critic:
+                step["value_loss"] = value_loss
+            trained += (2 if actor_critic.has_critic else 1) * int(part.attention_mask.sum())  # the policy's pass (and the critic's)
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach() if isinstance(value, torch.Tensor) else value)
             count += 1
@@ -216,26 +237,6 @@ def update_phase(
 # ----------------------------------------------------------------------------- the stage
 
 
-class PromptBatches:
-    """Each process samples batch_size prompts of a global batch of batch_size x processes, in a seeded order per
-    epoch (an incomplete global batch at an epoch's end is left out with several processes, so all sample alike)."""
-
-    def __init__(self, prompts: list[Any], batch_size: int, seed: int, runtime: Runtime):
-        self.prompts, self.batch_size, self.seed, self.rank = prompts, batch_size, seed, runtime.rank
-        self.global_batch = batch_size * runtime.world_size
-        world = runtime.world_size
-        self.per_epoch = math.ceil(len(prompts) / self.global_batch) if world == 1 else len(prompts) // self.global_batch
-        if self.per_epoch == 0:
-            raise UserError(f"data.train: {len(prompts)} prompts cannot fill one batch of {batch_size} on each of {world} processes; lower train.batch_size or use fewer processes")
-        self._order = torch.Generator()
-
-    def __getitem__(self, iteration: int) -> list[Any]:
-        epoch, within = divmod(iteration, self.per_epoch)
-        permutation = torch.randperm(len(self.prompts), generator=self._order.manual_seed(self.seed * 7919 + epoch)).tolist()
-        start = within * self.global_batch + self.rank * self.batch_size
-        return [self.prompts[i] for i in permutation[start : start + self.batch_size]]
-
-
 def iteration_record(state: PpoState, rollout: Rollout, kl: torch.Tensor, update: dict[str, float], lr: float, seconds: tuple[float, float]) -> dict[str, Any]:
     """The metrics line of an iteration, over every process's episodes (each holds batch_size of them, so
     means of means are exact)."""
@@ -249,7 +250,7 @@ def iteration_record(state: PpoState, rollout: Rollout, kl: torch.Tensor, update
         "kl_coef": state.kl_coef,
         "entropy": distributed.mean(float(masked_mean(rollout.entropy, mask))),
         **update,
-        "value/explained_variance": distributed.mean(float(explained_variance(rollout.values, rollout.returns, mask))),
+        **({"value/explained_variance": distributed.mean(float(explained_variance(rollout.values, rollout.returns, mask)))} if rollout.values is not None else {}),
         "response_length": distributed.mean(float(mask.sum(dim=1).mean())),
         "finished_rate": distributed.mean(float(rollout.finished.float().mean())),
         "lr": lr,
@@ -288,7 +289,8 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     # The optimizer and the session around the iterations. Several processes: DDP averages the gradients
     # (policy and critic in one forward, see update_phase); one: the optimizer alone goes through
     # accelerate, whose wrapper unscales fp16-scaled gradients before a step.
-    batches = PromptBatches(raw, recipe.train.batch_size, recipe.seed, runtime)
+    samples = recipe.ppo.samples_per_prompt  # each prompt's samples next to each other in a rollout batch
+    batches = PromptBatches(raw, recipe.train.batch_size // samples, recipe.seed, runtime)
     iterations = total_steps_for(recipe.train, batches.per_epoch)
     updates_per_iteration = recipe.ppo.ppo_epochs * (recipe.train.batch_size // recipe.ppo.mini_batch_size)
     optimizer = build_optimizer(actor_critic, recipe.train, runtime.device)
@@ -318,7 +320,8 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         while session.unfinished:
             iteration = state.iteration
             began = time.perf_counter()
-            rollout = rollout_phase(actor_critic, tokenizer, batches[iteration], recipe, runtime, iteration, padding_free)
+            prompts = [prompt for prompt in batches[iteration] for _ in range(samples)]
+            rollout = rollout_phase(actor_critic, tokenizer, prompts, recipe, runtime, iteration, padding_free)
             rollout.scores = score_phase(rollout, reward, recipe)
             generated = time.perf_counter()
             state.iteration += 1
@@ -331,7 +334,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
                 experience_phase(actor_critic, rollout, recipe, iteration)
             kl = advantage_phase(rollout, recipe, state.kl_coef)
             lr = scheduler.get_last_lr()[0]
-            update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=runtime.world_size > 1)
+            update = update_phase(trained, rollout, recipe, optimizer, scheduler, runtime, iteration, combined=runtime.world_size > 1, kl_coef=state.kl_coef)
             state.skipped_updates += update["skipped_updates"]
             if state.skipped_updates > recipe.train.max_skipped_steps:
                 raise UserError(
@@ -375,7 +378,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
     seconds = state.time_generate + state.time_train
     # sampling, then the policy's, reference's and critic's passes over every rollout; the reward model's
     compute = Compute(
-        train_tokens=state.trained_tokens, forward_tokens=4 * state.tokens,
+        train_tokens=state.trained_tokens, forward_tokens=(4 if actor_critic.has_critic else 3) * state.tokens,
         other_models=[{**model_shape(scorer.model), "context": state.tokens / max(state.episodes, 1), "tokens": state.tokens} for scorer in [getattr(reward, "scorer", None)] if scorer is not None],
     )  # fmt: skip
     trained_totals = Trained(
@@ -389,7 +392,8 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         "time_train_s": round(state.time_train, 3),
         "skipped_iterations": state.skipped,
         "skipped_updates": state.skipped_updates,
-        "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models",
+        "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models" if actor_critic.has_critic else f"{recipe.ppo.advantage}, no critic",
+        "advantage": recipe.ppo.advantage,
     }
     highlights = {"episodes/s": results["episodes_per_sec"], "skipped iterations": state.skipped}
     return write_summary(stage="ppo", run=run, runtime=runtime, started=started, trained=trained_totals, data=report, results=results, highlights=highlights)

@@ -4,6 +4,7 @@ correctness points, resume, a learnable toy reward, and bad input."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -289,3 +290,80 @@ def test_padding_free_iterations_equal_padded_ones(ppo_recipe, tiny_model_dir, t
     assert metrics_packed["policy_loss"] == pytest.approx(metrics_padded["policy_loss"], rel=1e-4, abs=1e-6)
     for name in padded:
         assert torch.allclose(packed[name], padded[name], atol=1e-5), name
+
+
+# --------------------------------------------------------------------------- critic-free: RLOO and GRPO
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_critic_free_runs_build_no_critic_and_resume_exactly(advantage, lora, tmp_path, cli, ppo_recipe, tiny_model_dir, monkeypatch):
+    import dpo_cli.stages.ppo
+
+    recipe = ppo_recipe(
+        model={"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "dropout": 0.0} if lora else None},
+        train={"max_steps": 3, "batch_size": 4, "save_every": 1}, ppo={"advantage": advantage, "samples_per_prompt": 2},
+    )  # fmt: skip
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "reference")
+    assert code == 0, err
+    assert f"{advantage}: no critic" in err
+    summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    assert summary["mode"] == f"{advantage}, no critic" and summary["episodes"] == 12
+    lines = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    assert "value_loss" not in lines[0] and "value/explained_variance" not in lines[0]
+    assert ("kl_loss" in lines[0]) == (advantage == "grpo")
+    weights = load_file(str(tmp_path / "reference" / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert weights and not any("value" in name for name in weights)  # no critic adapter, no value head
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, dpo_cli.stages.ppo, "update_phase", call=2, signum=signal.SIGTERM)
+        assert cli("ppo", recipe, "--run-dir", tmp_path / "run")[0] == 143
+    assert cli("ppo", recipe, "--run-dir", tmp_path / "run")[0] == 0
+    assert [r["reward"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [r["reward"] for r in lines]
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_reward_rises_on_a_learnable_toy(advantage, tmp_path, cli, ppo_recipe, tiny_model_dir, toy_reward_model_dir):
+    write_jsonl(tmp_path / "short.jsonl", [{"prompt": letter} for letter in "ABCDEFGHIJKLMNOP"])
+    recipe = ppo_recipe(
+        model={"name_or_path": str(tiny_model_dir), "lora": None},
+        data={"train": "short.jsonl", "max_length": 16},
+        train={"max_steps": 20, "batch_size": 16, "learning_rate": 1e-2, "save_every": None},
+        generation={"max_new_tokens": 8, "temperature": 1.0},
+        ppo={"reward_model": str(toy_reward_model_dir), "mini_batch_size": 8, "ppo_epochs": 4, "kl_coef": 0.0, "sample_every": 100,
+             "advantage": advantage, "samples_per_prompt": 4},
+    )  # fmt: skip
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    rewards = [m["reward"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 3.0, rewards
+
+
+def test_the_advantage_phase_gives_each_token_its_samples_group_advantage():
+    from dpo_cli.core.recipes import PpoRecipe
+    from dpo_cli.losses import grpo_advantages, rloo_advantages
+    from dpo_cli.models.rollout import Rollout
+    from dpo_cli.stages.ppo import advantage_phase
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logps, ref = -torch.rand(4, 3), -torch.rand(4, 3)
+    scores = torch.tensor([1.0, 3.0, -2.0, 0.5])
+    for advantage in ("rloo", "grpo"):
+        recipe = PpoRecipe.model_validate({
+            "model": {"name_or_path": "org/model"}, "data": {"train": "demo:prompts"}, "train": {"batch_size": 4},
+            "ppo": {"reward_model": "org/rm", "advantage": advantage, "samples_per_prompt": 2, "mini_batch_size": 2},
+        })  # fmt: skip
+        rollout = Rollout(["a", "a", "b", "b"], torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5), 2, mask, ["x"] * 4, torch.ones(4, dtype=torch.bool), scores, logps, ref)
+        advantage_phase(rollout, recipe, kl_coef=0.1)
+        penalised = scores - 0.1 * ((logps - ref) * mask).sum(dim=1)
+        per_sequence = rloo_advantages(penalised, 2) if advantage == "rloo" else grpo_advantages(scores, 2)
+        torch.testing.assert_close(rollout.advantages, per_sequence.unsqueeze(1) * mask)
+
+
+def test_critic_free_settings_are_checked(cli, ppo_recipe):
+    for ppo, train, message in [
+        ({"advantage": "rloo"}, {}, "set ppo.samples_per_prompt to 2 or more"),
+        ({"advantage": "grpo", "samples_per_prompt": 3}, {"batch_size": 4}, "must divide train.batch_size"),
+        ({"advantage": "rloo", "samples_per_prompt": 2, "whiten_rewards": True}, {}, "no critic and no GAE"),
+    ]:
+        code, _, err = cli("validate", ppo_recipe(ppo=ppo, train=train))
+        assert code == 1 and message in err, err
