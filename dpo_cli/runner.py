@@ -102,11 +102,8 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
                 f"run dir {run.path} holds a run of a different recipe ({'; '.join(changed)}): "
                 "use --fresh to start over (the old run is kept as RUN.prev-TIME) or choose another --run-dir"
             )
-        if resume_from is not None:
-            step = run.checkpoint_step(resume_from)
-            aside = run.set_aside_after(step)
-            ui.note(f"--resume-from: going on from step {step}" + (f"; later checkpoints, final/ and the summary moved to {aside}" if aside else ""))
-        if run.is_complete() and not recipe.reopens_complete_run():
+        resume_step = _sound_checkpoint(run, resume_from) if resume_from is not None else None
+        if resume_step is None and run.is_complete() and not recipe.reopens_complete_run():
             ui.note(f"{run.path} is already complete (use --fresh to train again)")
             ui.summary_table(run.summary())
             return False
@@ -129,9 +126,24 @@ def _prepare(run: RunDir, recipe: RecipeBase, fresh: bool, allow_data_change: bo
         if changes:
             ui.note(f"--allow-data-change: going on with changed data ({'; '.join(changes[:3])})")
         run.write_data_fingerprint(current)
+    if resume_from is not None:  # every check passed: only now is anything moved
+        aside = run.set_aside_after(resume_step)
+        ui.note(f"--resume-from: going on from step {resume_step}" + (f"; later checkpoints, final/ and the summary moved to {aside}" if aside else ""))
     run.write_recipe(recipe_to_yaml(recipe))
     run.clean_partial()
     return saved
+
+
+def _sound_checkpoint(run: RunDir, wanted: str) -> int:
+    """The step of --resume-from's checkpoint, checked against its manifest before anything is moved: a
+    resume never silently falls back to an earlier step than the one asked for."""
+    from dpo_cli.train.checkpoint import verify_manifest
+
+    step = run.checkpoint_step(wanted)
+    problem = verify_manifest(run.checkpoints_dir / f"step-{step}")
+    if problem:
+        raise UserError(f"--resume-from {wanted}: that checkpoint is damaged ({problem}); nothing was moved")
+    return step
 
 
 def _pin_hub_revisions(run: RunDir) -> None:

@@ -127,7 +127,7 @@ def evaluate(
     reward accuracy and margins for rm-train, DPO's metrics (TRL's names) for dpo. summary.json holds the same
     eval fields a training run writes; no final/ is written. The run dir is the recipe's with -eval.
 
-    Example: dpo-cli eval recipes/demo/dpo.yaml --set model.name_or_path=runs/demo/dpo-beta-0.3-seed1
+    Example: dpo-cli eval recipes/demo/dpo.yaml --set model.name_or_path=runs/demo/dpo-beta-0.3-seed1 --set dpo.ref_model=runs/demo/sft
 
     Example: dpo-cli eval recipes/demo/sft.yaml --set data.eval=held-out.jsonl
     """

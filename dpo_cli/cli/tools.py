@@ -17,6 +17,7 @@ def export(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export a LoRA run as its adapter (with tokenizer and generation config).")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Precision of the written weights (default: the base model's).")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="step-N", help="Export this checkpoint of the run instead of final/.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="A checkpoint's model needs code from the hub: run it (the run's recipe alone never decides).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write a run's model as a plain Hugging Face folder any tool loads: a LoRA run merged into its base in
@@ -32,7 +33,7 @@ def export(
     from dpo_cli.tools.export import export_model
 
     def action() -> None:
-        written = export_model(run, out, merge, adapter_only, dtype, checkpoint)
+        written = export_model(run, out, merge, adapter_only, dtype, checkpoint, trust_remote_code)
         ui.note(f"exported to {written}")
 
     guarded(debug, action)

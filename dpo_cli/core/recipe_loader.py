@@ -238,6 +238,9 @@ def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
         if section is not None and "max_prompt_length" in section.model_fields and isinstance(raw.get(name), dict):
             if raw[name].get("max_prompt_length") is not None:
                 caps.setdefault(name, {})["max_prompt_length"] = 64  # below the capped max_length
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("train"), list) and any(isinstance(e, dict) for e in data["train"]):
+        caps["data"]["mixture_rows"] = 32  # a weighted mixture: no more rows drawn (or streamed) than a smoke run reads
     for section_name, limits in caps.items():
         if section_name in schema.model_fields:
             for key, limit in limits.items():

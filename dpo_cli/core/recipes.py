@@ -115,6 +115,12 @@ class TrainingRecipe(RecipeBase):
     generation: GenerationSection = Field(default_factory=GenerationSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
 
+    @model_validator(mode="after")
+    def _evaluates_a_trained_model(self) -> TrainingRecipe:
+        if self.train.max_steps == 0 and self.model.init is not None:
+            raise ValueError("train.max_steps: 0 evaluates a trained model: set model.name_or_path (e.g. a pretrain run) instead of model.init")
+        return self
+
 
 class PretrainRecipe(TrainingRecipe):
     stage: Literal["pretrain"] | None = "pretrain"
@@ -189,6 +195,11 @@ class DpoRecipe(TrainingRecipe):
             raise ValueError("dpo starts from a trained policy: set model.name_or_path (e.g. an sft run)")
         if self.dpo.max_prompt_length is not None and self.dpo.max_prompt_length >= self.data.max_length:
             raise ValueError("dpo.max_prompt_length must be below data.max_length, or no completion token would fit")
+        if self.train.max_steps == 0 and self.dpo.ref_model is None and self.dpo.loss not in ("simpo", "orpo"):
+            raise ValueError(
+                "evaluation only (train.max_steps: 0): set dpo.ref_model to the model the policy started from (e.g. the sft run); "
+                "without it the policy is its own reference and every margin is 0"
+            )
         return self
 
 

@@ -116,6 +116,19 @@ class RunDir:
         finally:
             run._release()
 
+    def is_locked(self) -> bool:
+        """Whether a stage holds this run dir's lock now (a shared probe, never kept)."""
+        try:
+            with open(self.path / ".lock", encoding="utf-8") as handle:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        except OSError:
+            return False
+        return False
+
     def _release(self) -> None:
         if self._lock_handle is not None:
             self._lock_handle.close()
@@ -246,10 +259,14 @@ class RunDir:
         """Make checkpoint `step` the newest: later checkpoints, final/ and summary.json move (never deleted) to
         RUN/superseded-after-step-N-TIME/, with a copy of the JSONL logs whose later lines the resume drops."""
         later = [folder for n, folder in self.checkpoints() if n > step]
-        moved = later + [p for p in (self.final_dir, self.summary_path) if p.exists()]
+        # trackers.json too: the trackers' runs already hold the later steps, so the resumed steps start new ones
+        moved = later + [p for p in (self.final_dir, self.summary_path, self.path / "trackers.json") if p.exists()]
         if not moved:
             return None
-        aside = self.path / f"superseded-after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = f"superseded-after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside, suffix = self.path / base, 1
+        while aside.exists():  # two resumes within a second
+            aside, suffix = self.path / f"{base}.{suffix}", suffix + 1
         (aside / "checkpoints").mkdir(parents=True)
         for log in self.path.glob("*.jsonl"):
             shutil.copy2(log, aside / log.name)

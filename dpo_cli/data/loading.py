@@ -16,7 +16,7 @@ from dpo_cli.data.encoding import check_messages
 from dpo_cli.core.errors import UserError
 from dpo_cli.core.recipes import DataSection
 from dpo_cli.core.sections import DataSource
-from dpo_cli.data.mixture import is_mixture, load_mixture
+from dpo_cli.data.mixture import SOURCE, is_mixture, load_mixture
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -116,19 +116,24 @@ def _numbered(ds: Dataset) -> Dataset:
     return ds.add_column(ROW_NUMBER, list(range(1, len(ds) + 1))) if ROW_NUMBER not in ds.column_names else ds
 
 
-def _mixture_source(cfg: DataSection):
-    def load_one(source: DataSource, what: str, split: str) -> Dataset:
-        rows = load_source(source.path, cfg.model_copy(update={"subset": source.subset or cfg.subset}), what, split)
+def _mixture_source(cfg: DataSection) -> tuple[Callable[[DataSource, str, str], Dataset], Callable[[Dataset, DataSource, str], Dataset]]:
+    """How a mixture's source is read (a whole one) and prepared (every one, streamed ones too): the column
+    mappings (data.columns, then the source's own), the standard layout, row numbers."""
+
+    def prepare(rows: Dataset, source: DataSource, what: str) -> Dataset:
         rows = rename_columns(rename_columns(rows, cfg.columns, what), source.columns, what, option=f"{what}.columns.{{wanted}}")
         return _numbered(standard_layout(rows))
 
-    return load_one
+    def load_one(source: DataSource, what: str, split: str) -> Dataset:
+        return prepare(load_source(source.path, cfg.model_copy(update={"subset": source.subset or cfg.subset}), what, split), source, what)
+
+    return load_one, prepare
 
 
 def load_splits(cfg: DataSection, seed: int, report: DataReport) -> tuple[Dataset, Dataset | None]:
     """The training rows (one source, or a weighted mixture) and the eval rows (given, carved off train, or none)."""
     if is_mixture(cfg.train):
-        train, report.mixture = load_mixture(cfg, seed, _mixture_source(cfg))
+        train, report.mixture = load_mixture(cfg, seed, *_mixture_source(cfg))
         shares = ", ".join(f"{m['source']} {m['rows']} rows ({m['share']:.0%}{', repeated' if m['repeated'] else ''})" for m in report.mixture)
         report.notes.append(f"data.train mixture: {shares}")
     else:
@@ -148,6 +153,9 @@ def load_splits(cfg: DataSection, seed: int, report: DataReport) -> tuple[Datase
             raise UserError(f"data.eval: carving {count} eval rows off {len(train)} training rows leaves none to train on")
         parts = train.train_test_split(test_size=count, shuffle=True, seed=seed)
         train, evaluation = parts["train"], parts["test"]
+        if report.mixture is not None:  # a repeated source's copies of an eval row never train
+            held_out = set(zip(evaluation[SOURCE], evaluation[ROW_NUMBER]))
+            train = train.filter(lambda row: (row[SOURCE], row[ROW_NUMBER]) not in held_out)
     if cfg.max_rows is not None and len(train) > cfg.max_rows:
         train = train.select(range(cfg.max_rows))
     if evaluation is not None and cfg.max_eval_rows is not None and len(evaluation) > cfg.max_eval_rows:

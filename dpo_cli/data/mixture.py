@@ -15,6 +15,9 @@ from dpo_cli.core.errors import UserError
 from dpo_cli.core.sections import DataSection, DataSource
 
 
+SOURCE = "__source__"  # which source a mixed row came from (with its row number: the row's identity)
+
+
 def is_mixture(train: Any) -> bool:
     """A list with a mapping in it is a mixture; a list of plain paths is one dataset, its files concatenated."""
     return isinstance(train, list) and any(isinstance(entry, DataSource) for entry in train)
@@ -50,9 +53,10 @@ def draw(available: int, count: int, generator: torch.Generator) -> list[int]:
     return indices + torch.randperm(available, generator=generator)[: count - len(indices)].tolist()
 
 
-def load_mixture(cfg: DataSection, seed: int, load_one) -> tuple[Dataset, list[dict[str, Any]]]:
+def load_mixture(cfg: DataSection, seed: int, load_one, prepare) -> tuple[Dataset, list[dict[str, Any]]]:
     """The mixed training rows, shuffled, and what each source gave (for the summary). `load_one(source,
-    what, split)` loads a non-streamed source as a Dataset with the recipe's column mapping applied."""
+    what, split)` loads a whole source as a Dataset ready to mix; `prepare(rows, source, what)` makes the rows
+    of a streamed one so (the column mappings, the standard layout, row numbers)."""
     sources = sources_of(cfg.train)
     loaded: list[Dataset | None] = []
     for index, source in enumerate(sources):
@@ -74,9 +78,11 @@ def load_mixture(cfg: DataSection, seed: int, load_one) -> tuple[Dataset, list[d
     parts, record = [], []
     for index, (source, rows, count) in enumerate(zip(sources, loaded, counts)):
         if rows is None:
-            rows = _stream(source, cfg, seed, count if source.max_rows is None else min(count, source.max_rows), f"data.train[{index}]")
+            what = f"data.train[{index}]"
+            rows = prepare(_stream(source, cfg, seed, count if source.max_rows is None else min(count, source.max_rows), what), source, what)
         if count:
-            parts.append(rows.select(draw(len(rows), count, generator)))
+            drawn = rows.select(draw(len(rows), count, generator))
+            parts.append(drawn.add_column(SOURCE, [index] * len(drawn)))
         record.append({
             "source": source.path, "weight": source.weight, "share": round(count / max(sum(counts), 1), 4), "rows": count,
             "available": len(rows), "repeated": count > len(rows), "streamed": source.streaming,
@@ -109,6 +115,9 @@ def _stream(source: DataSource, cfg: DataSection, seed: int, count: int, what: s
 def _concatenate(parts: list[Dataset]) -> Dataset:
     """Sources must agree on their columns (after each one's column mapping): the columns all of them have are kept."""
     common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+    if not [c for c in common if not c.startswith("__")]:
+        have = "; ".join(f"data.train[{p[0][SOURCE]}]: {', '.join(c for c in p.column_names if not c.startswith('__'))}" for p in parts)
+        raise UserError(f"data.train: the mixture's sources share no column ({have}); map them to the same names with each source's `columns:`")
     parts = [p.select_columns(common) for p in parts]
     try:
         return datasets.concatenate_datasets([p.cast(parts[0].features) if p.features != parts[0].features else p for p in parts])

@@ -45,6 +45,16 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
     return sorted(i for i in ids if i is not None)
 
 
+def sampling_options(cfg: GenerationSection, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> dict:
+    """model.generate's sampling arguments for a generation section (temperature 0: greedy)."""
+    sampling = cfg.temperature > 0
+    return {
+        "max_new_tokens": cfg.max_new_tokens, "do_sample": sampling, "temperature": cfg.temperature if sampling else None,
+        "top_p": cfg.top_p if sampling else None, "top_k": cfg.top_k if sampling else None,
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop_ids, "use_cache": True,
+    }  # fmt: skip
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -75,18 +85,8 @@ def generate(
             chunk = [prompts[i] for i in members]
             input_ids, attention_mask = pad(chunk, pad_id, left=True)  # (B, P): generation continues on the right
             longest = input_ids.size(1)
-            sampling = cfg.temperature > 0
             output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=sampling,
-                temperature=cfg.temperature if sampling else None,
-                top_p=cfg.top_p if sampling else None,
-                top_k=cfg.top_k if sampling else None,
-                pad_token_id=pad_id,
-                eos_token_id=stop_ids,
-                use_cache=True,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **sampling_options(cfg, tokenizer, stop_ids)
             )
             for i, (index, ids) in enumerate(zip(members, chunk)):
                 new = output[i, longest:].tolist()

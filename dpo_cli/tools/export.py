@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from dpo_cli.core.errors import UserError
+from dpo_cli.core.rundir import CHECKPOINT_MARKER
 from dpo_cli.core.recipes import ModelSection, QuantizationSection
 from dpo_cli.models.build import load_4bit, load_unquantized, merge_adapter
 from dpo_cli.models.io import trained_quantization
@@ -37,7 +38,9 @@ class Exportable:
     reward: bool  # a sequence classifier (rm-train) rather than a causal LM
 
 
-def export_model(target: str, out: Path | None, merge: bool, adapter_only: bool, dtype: str | None, checkpoint: str | None) -> Path:
+def export_model(
+    target: str, out: Path | None, merge: bool, adapter_only: bool, dtype: str | None, checkpoint: str | None, trust_remote_code: bool = False
+) -> Path:
     """Export `target` (a run dir, its final/, a checkpoint folder, or any model / adapter folder) to `out`."""
     if merge and adapter_only:
         raise UserError("--merge and --adapter-only exclude each other: a LoRA run is exported merged (the default) or as its adapter")
@@ -50,11 +53,11 @@ def export_model(target: str, out: Path | None, merge: bool, adapter_only: bool,
     if out.exists():
         raise UserError(f"export: {out} already exists; nothing was overwritten (choose another --out or remove it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    tmp = out.with_name(f".exporting-{out.name}-{os.getpid()}")  # not .tmp-*: a stage starting in RUN clears those
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with tempfile.TemporaryDirectory(prefix="dpo-cli-export-") as scratch:
-            exportable = _from_checkpoint(folder, Path(scratch)) if folder is not None else _from_folder(where)
+            exportable = _from_checkpoint(folder, Path(scratch), trust_remote_code) if folder is not None else _from_folder(where)
             _write(exportable, tmp, adapter_only, wanted_dtype)
         os.replace(tmp, out)
     finally:
@@ -79,14 +82,23 @@ def _default_out(where: Path, checkpoint: Path | None, adapter_only: bool) -> Pa
 def _checkpoint_folder(where: Path, checkpoint: str | None) -> Path | None:
     """checkpoints/step-N of a run, given as --checkpoint step-N (or a path) or as the target itself."""
     if checkpoint is None:
-        return where if where.parent.name == "checkpoints" else None
+        if where.parent.name != "checkpoints":
+            return None
+        checkpoint, where = str(where), where.parent.parent
     folder = Path(checkpoint).expanduser()
     if not folder.is_absolute() and not folder.exists():
         folder = where / "checkpoints" / checkpoint
     folder = folder.resolve()
-    if not (folder / "trainable.safetensors").is_file():
+    if (folder / "engine").is_dir():
+        raise UserError(f"export: {folder} holds the FSDP/DeepSpeed shards of several processes; export the run's final/ (gathered whole)")
+    if not (folder / "trainable.safetensors").is_file() or not (folder / CHECKPOINT_MARKER).is_file():
         steps = sorted(p.name for p in (where / "checkpoints").glob("step-*")) if (where / "checkpoints").is_dir() else []
-        raise UserError(f"--checkpoint {checkpoint}: {folder} is not a checkpoint of {where} (it has: {', '.join(steps) or 'none'})")
+        raise UserError(f"--checkpoint {checkpoint}: {folder} is not a complete checkpoint of {where} (it has: {', '.join(steps) or 'none'})")
+    from dpo_cli.train.checkpoint import verify_manifest
+
+    problem = verify_manifest(folder)
+    if problem:
+        raise UserError(f"export: checkpoint {folder} is damaged ({problem})")
     return folder
 
 
@@ -100,7 +112,7 @@ def _from_folder(where: Path) -> Exportable:
     return Exportable(source, None, reward=any(a.endswith("ForSequenceClassification") for a in architectures))
 
 
-def _from_checkpoint(folder: Path, scratch: Path) -> Exportable:
+def _from_checkpoint(folder: Path, scratch: Path, trust_remote_code: bool) -> Exportable:
     """A checkpoint holds only the trainable weights: the model is rebuilt from the run's recipe as the stage
     built it, they are put back, and the result is saved as the stage would have saved final/."""
     from safetensors.torch import load_file
@@ -115,6 +127,7 @@ def _from_checkpoint(folder: Path, scratch: Path) -> Exportable:
         raise UserError(f"export: {run} holds no recipe.yaml, so its checkpoint cannot be rebuilt into a model")
     stage = (run.joinpath("summary.json").is_file() and json.loads((run / "summary.json").read_text()).get("stage")) or None
     recipe = load_recipe(recipe_path, stage)
+    recipe.model.trust_remote_code = trust_remote_code  # a run dir from elsewhere does not get to run code by itself
     if recipe.stage not in ("pretrain", "sft", "dpo", "rm-train") or getattr(recipe.model, "init", None) is not None:
         raise UserError(
             f"export: checkpoints of a {recipe.stage} run{' from scratch' if recipe.stage == 'pretrain' else ''} cannot be exported "

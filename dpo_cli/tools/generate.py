@@ -22,7 +22,7 @@ from dpo_cli.core.errors import UserError
 from dpo_cli.core.recipes import GenerationSection
 from dpo_cli.core.atomic import atomic_write_jsonl
 from dpo_cli.data.encoding import prompt_ids_for_generation
-from dpo_cli.models.generate import generate, stop_token_ids
+from dpo_cli.models.generate import generate, sampling_options, stop_token_ids
 from dpo_cli.models.io import load_policy
 
 
@@ -129,6 +129,8 @@ def _as_input(sampler: Sampler, prompt: str | list[dict]) -> str | list[dict]:
 def run_generate(target: str, prompts: list[str | list[dict]], flags: SamplingFlags, seed: int, out: Path | None) -> list[dict]:
     if out is not None and out.exists():
         raise UserError(f"--out {out} exists; choose another file (nothing is overwritten)")
+    if out is not None and not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix="dpo-cli-generate-") as scratch:
         sampler = load_sampler(target, flags, Path(scratch))
         ids = [prompt_ids_for_generation(sampler.tokenizer, _as_input(sampler, p)) for p in prompts]
@@ -175,14 +177,9 @@ def run_chat(target: str, flags: SamplingFlags, seed: int, system: str | None) -
             ids = torch.tensor([prompt_ids_for_generation(sampler.tokenizer, history)], device=sampler.device)
             print("model> ", end="", flush=True)
             streamer = TextStreamer(sampler.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            settings = sampler.settings
-            sampling = settings.temperature > 0
             with torch.no_grad():
                 output = sampler.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-                    temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-                    top_k=settings.top_k if sampling else None, pad_token_id=sampler.tokenizer.pad_token_id, eos_token_id=stops,
-                    streamer=streamer,
-                )  # fmt: skip
+                    input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **sampling_options(sampler.settings, sampler.tokenizer, stops)
+                )
             reply = output[0, ids.size(1) :].tolist()
             history.append({"role": "assistant", "content": sampler.tokenizer.decode(reply, skip_special_tokens=True).strip()})

@@ -52,10 +52,20 @@ def find_runs(root: Path, archived: bool = False, depth: int = 4) -> list[Path]:
 
 
 def describe(path: Path) -> dict[str, Any]:
+    """One run dir's line; a run dir that cannot be read is listed as unreadable, never stopping the list."""
+    try:
+        return _describe(path)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        return {"run": str(path), "stage": None, "status": f"unreadable ({type(exc).__name__})", "steps": None, "metrics": {}, "size_bytes": 0, "modified": 0.0}
+
+
+def _describe(path: Path) -> dict[str, Any]:
     run = RunDir(path)
     try:
         summary = run.summary() or {}
     except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
         summary = {}
     stage = summary.get("stage") or _recipe_stage(path)
     checkpoints = run.checkpoints()
@@ -63,7 +73,7 @@ def describe(path: Path) -> dict[str, Any]:
     return {
         "run": str(path),
         "stage": stage,
-        "status": _status(path, summary, checkpoints),
+        "status": _status(run, summary, checkpoints),
         "steps": steps,
         "metrics": {label: value for label, keys in KEY_METRICS.get(stage or "", ()) if (value := _dig(summary, keys)) is not None},
         "size_bytes": _size(path),
@@ -79,29 +89,12 @@ def _recipe_stage(path: Path) -> str | None:
     return stage if isinstance(stage, str) else None
 
 
-def _status(path: Path, summary: dict[str, Any], checkpoints: list) -> str:
-    if _lock_holder_alive(path):
+def _status(run: RunDir, summary: dict[str, Any], checkpoints: list) -> str:
+    if run.is_locked():
         return "running"
     if summary.get("status"):
         return str(summary["status"])
     return "stopped (resumable)" if checkpoints else "not started"
-
-
-def _lock_holder_alive(path: Path) -> bool:
-    """The lock file names the process that last took it ("pid N on HOST"); alive on this host means running."""
-    try:
-        words = (path / ".lock").read_text(encoding="utf-8").split()
-    except OSError:
-        return False
-    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != os.uname().nodename:
-        return False
-    try:
-        os.kill(int(words[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return int(words[1]) != os.getpid()
 
 
 def _dig(summary: dict[str, Any], keys: tuple[str, ...]) -> Any:

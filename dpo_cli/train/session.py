@@ -107,7 +107,8 @@ class TrainingSession:
         for log in self._logs:
             log.close()
         if self._trackers is not None:
-            self._trackers.close()
+            failure = exc[0] if exc else None
+            self._trackers.close("completed" if failure is None else "interrupted" if issubclass(failure, RunInterrupted) else "failed")
 
     def release_signals(self) -> None:
         """After the last step, signals act as they would without the session again: work past it (a final

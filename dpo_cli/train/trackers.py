@@ -22,7 +22,7 @@ IDS_FILE = "trackers.json"
 class Tracker(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str) -> None: ...  # "completed", "interrupted" (resumable) or "failed"
 
 
 def scalars(record: dict[str, Any], split: str) -> dict[str, float]:
@@ -62,7 +62,7 @@ class TensorBoardTracker:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()
 
 
@@ -89,8 +89,8 @@ class WandbTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "completed" else 1)
 
 
 class MlflowTracker:
@@ -123,28 +123,31 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[self.metric(key, value, now, step) for key, value in metrics.items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status={"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
 
 
 class TrackioTracker:
-    def __init__(self, run: RunDir, project: str, config: dict[str, Any]):
+    def __init__(self, run: RunDir, project: str, config: dict[str, Any], ids: dict[str, str]):
         try:
             import trackio
         except ImportError:
             raise _missing("trackio") from None
         self.trackio = trackio
-        trackio.init(project=project, name=run.path.name, config={**config, "run_dir": str(run.path)}, resume="allow")
+        ids.setdefault("trackio", f"{run.path.name}-{secrets.token_hex(3)}")  # two run dirs of one name stay two runs
+        trackio.init(project=project, name=ids["trackio"], config={**config, "run_dir": str(run.path)}, resume="allow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.trackio.log(metrics, step=step)
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
         self.trackio.finish()
 
 
 class Trackers:
-    """The recipe's trackers as one: `log(record, split)` sends a metrics line to each of them."""
+    """The recipe's trackers as one: `log(record, split)` sends a metrics line to each of them. A tracker is a
+    side channel: one that fails after it started (a network error, a full quota) is named once and dropped,
+    and training goes on (metrics.jsonl has every line)."""
 
     def __init__(self, trackers: list[Tracker]):
         self.trackers = trackers
@@ -165,7 +168,7 @@ class Trackers:
                 elif name == "mlflow":
                     opened.append(MlflowTracker(run, project, config, ids))
                 elif name == "trackio":
-                    opened.append(TrackioTracker(run, project, config))
+                    opened.append(TrackioTracker(run, project, config, ids))
         except BaseException:
             cls(opened).close()
             raise
@@ -176,12 +179,23 @@ class Trackers:
     def log(self, record: dict[str, Any], split: str) -> None:
         metrics = scalars(record, split)
         if metrics:
-            for tracker in self.trackers:
-                tracker.log(metrics, int(record["step"]))
+            for tracker in list(self.trackers):
+                self._guarded(tracker, lambda: tracker.log(metrics, int(record["step"])))
 
-    def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+    def close(self, status: str = "completed") -> None:
+        for tracker in list(self.trackers):
+            self._guarded(tracker, lambda: tracker.close(status))
+        self.trackers = []
+
+    def _guarded(self, tracker: Tracker, call) -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - any failure of a side channel
+            from dpo_cli.core.ui import note
+
+            self.trackers.remove(tracker)
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            note(f"train.report_to: {type(tracker).__name__.removesuffix('Tracker').lower()} failed ({first}); it gets no more lines (metrics.jsonl has them all)")
 
 
 def tracker_names(report_to: list[str], tensorboard: bool) -> list[str]:

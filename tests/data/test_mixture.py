@@ -96,3 +96,20 @@ def test_bad_mixtures_are_one_line(tmp_path, cli, sft_recipe):
         code, _, err = cli("sft", sft_recipe(data={**data, "eval": None}), "--run-dir", tmp_path / "run")
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (data, err)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_streamed_source_gets_its_column_mapping_and_repeats_never_leak_into_eval(tmp_path):
+    from dpo_cli.core.sections import DataSection
+    from dpo_cli.data.loading import DataReport, load_splits
+    from dpo_cli.data.mixture import SOURCE
+    from dpo_cli.data.loading import ROW_NUMBER
+
+    write_jsonl(tmp_path / "plain.jsonl", rows("plain", 10))
+    write_jsonl(tmp_path / "other.jsonl", [{"question": f"q{i}", "answer": f"a{i}", "origin": "other"} for i in range(4)])
+    streamed = {"path": str(tmp_path / "other.jsonl"), "streaming": True, "max_rows": 4, "columns": {"prompt": "question", "completion": "answer"}}
+    cfg = DataSection(train=[str(tmp_path / "plain.jsonl"), streamed], mixture_rows=16, eval=4)
+    train, evaluation = load_splits(cfg, 0, DataReport())
+    assert {"prompt", "completion"} <= set(train.column_names)
+    assert any(p.startswith("q") for p in list(train["prompt"]) + list(evaluation["prompt"]))
+    held_out = set(zip(evaluation[SOURCE], evaluation[ROW_NUMBER]))
+    assert not held_out & set(zip(train[SOURCE], train[ROW_NUMBER]))  # "other" gave 8 rows from 4: each twice

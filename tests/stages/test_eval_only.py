@@ -40,7 +40,7 @@ def test_evaluating_a_trained_run_gives_the_metrics_its_training_reported(stage,
     assert [r["split"] for r in read_jsonl(tmp_path / "evaluated" / "metrics.jsonl")] == ["eval"]
 
 
-def test_eval_only_flag_run_dir_and_bad_input(tmp_path, cli, sft_recipe, ppo_recipe, monkeypatch):
+def test_eval_only_flag_run_dir_and_bad_input(tmp_path, cli, sft_recipe, ppo_recipe, dpo_recipe, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = sft_recipe()
     code, _, err = cli("sft", recipe, "--eval-only")
@@ -51,3 +51,7 @@ def test_eval_only_flag_run_dir_and_bad_input(tmp_path, cli, sft_recipe, ppo_rec
     assert not (tmp_path / "no-eval").exists()
     code, _, err = cli("eval", ppo_recipe())
     assert code == 1 and "no evaluation-only mode" in err
+    code, _, err = cli("eval", dpo_recipe(), "--run-dir", tmp_path / "dpo-eval")
+    assert code == 1 and "set dpo.ref_model to the model the policy started from" in err
+    code, _, err = cli("eval", dpo_recipe(dpo={"loss": "simpo"}), "--run-dir", tmp_path / "simpo-eval")
+    assert code == 0, err  # reference-free: nothing to compare against

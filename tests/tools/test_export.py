@@ -80,7 +80,7 @@ def test_adapter_only_dtype_and_nothing_overwritten(zoo, tmp_path, cli):
         (("--out", tmp_path / "taken"), "already exists"),
         (("--dtype", "int3"), "--dtype int3"),
         (("--merge", "--adapter-only"), "exclude each other"),
-        (("--checkpoint", "step-9"), "not a checkpoint"),
+        (("--checkpoint", "step-9"), "not a complete checkpoint"),
     ]:
         code, _, err = cli("export", run, *args)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
@@ -111,6 +111,10 @@ def test_a_checkpoint_exports_as_the_model_it_was(sft_recipe, tmp_path, cli):
     assert not torch.allclose(logits["step-2"], logits["long"], atol=1e-4)
     code, _, err = cli("export", tmp_path / "long" / "checkpoints" / "step-2", "--out", tmp_path / "again")
     assert code == 0, err
+    weights = tmp_path / "long" / "checkpoints" / "step-2" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    code, _, err = cli("export", tmp_path / "long", "--checkpoint", "step-2", "--out", tmp_path / "damaged")
+    assert code == 1 and "is damaged" in err and not (tmp_path / "damaged").exists()
 
 
 def test_a_lora_reward_model_exports_as_a_classifier_that_scores_as_the_run_does(rm_recipe, tmp_path, cli):

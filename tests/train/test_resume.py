@@ -184,3 +184,10 @@ def test_resume_from_an_earlier_checkpoint_sets_later_work_aside_and_retrains_ex
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "new", "--resume-from", "step-3")
     assert code == 1 and "holds no run to resume" in err
+    weights = run / "checkpoints" / "step-3" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, _, err = cli("sft", recipe, "--run-dir", run, "--resume-from", "step-3")
+    assert code == 1 and "that checkpoint is damaged" in err and "nothing was moved" in err, err
+    assert (run / "checkpoints" / "step-6").is_dir() and (run / "final").is_dir()

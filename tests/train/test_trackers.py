@@ -82,6 +82,7 @@ def test_wandb_and_mlflow_get_the_metrics_lines_the_recipe_and_the_run_dir_and_a
     history = {key: sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], key)) for key in ("train/loss", "eval/loss")}
     assert dict(history["train/loss"]) == pytest.approx(dict(train)) and dict(history["eval/loss"]) == pytest.approx(dict(evals))
     assert "train/grad_norm" in mlflow_run.data.metrics and "train/lr" in mlflow_run.data.metrics
+    assert mlflow_run.info.status == "FINISHED"  # KILLED after the interrupted attempt, then resumed to the end
 
     runs = {r.run.run_id for r in wandb_records(run) if r.WhichOneof("record_type") == "run"}
     assert runs == {ids["wandb"]}  # the resumed attempt went on in the same W&B run
@@ -105,3 +106,20 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, cli, s
     assert code == 1 and "pip install 'dpo-cli[trackio]'" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = cli("validate", sft_recipe(train={"report_to": ["neptune"]}))
     assert code == 1 and "report_to" in err
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_note_and_training_goes_on(tmp_path, cli, sft_recipe, monkeypatch, offline):
+    import dpo_cli.train.trackers as trackers
+
+    calls = []
+
+    def flaky(self, metrics, step):
+        calls.append(step)
+        if len(calls) == 2:
+            raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(trackers.MlflowTracker, "log", flaky)
+    code, _, err = cli("sft", sft_recipe(train={"max_steps": 4, "report_to": ["mlflow"]}), "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    assert err.count("train.report_to: mlflow failed (the tracking server went away)") == 1 and calls == [1, 2]
+    assert (tmp_path / "run" / "final").is_dir() and len([r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "split" not in r]) == 4
