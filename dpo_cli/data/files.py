@@ -344,7 +344,8 @@ def data_fingerprint(data: Any, known: dict[str, Any] | None = None) -> dict[str
                     found[entry] = _file_fingerprint(name, known.get(entry) if isinstance(known.get(entry), dict) else {})
             else:
                 subset, hub_split = getattr(entry, "subset", None) or data.subset, getattr(entry, "split", None) or split
-                found[f"data.{key} {source}"] = {"hub": source, "subset": subset, "split": hub_split, "revision": _hub_revision(source)}
+                name = f"data.{key} {source}" + (f" ({subset or ''}:{hub_split})" if entry is not source else "")  # a mixture may take two splits of one id
+                found[name] = {"hub": source, "subset": subset, "split": hub_split, "revision": _hub_revision(source)}
     return found
 
 
