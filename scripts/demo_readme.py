@@ -49,8 +49,13 @@ def section(run_dir: Path) -> str:
         lines.append(f"- {pair['conclusion']}; KL {_interval(pair.get('kl'), True)}")
     lines += [""] + [line for line in _trajectory_lines(result) if not line.startswith("- Evaluated while")]
     if result["costs"]:
-        rows = [[name, ", ".join(cost["runs"]), _train_time(cost), f"{cost['flops']:.3g}", human_count(cost["tokens"])] for name, cost in result["costs"].items()]
-        lines += ["", _markdown_table(["path", "runs (one training of each)", "train time (s)", "est. FLOPs", "tokens"], rows)]
+        rows = [
+            [name, ", ".join(cost["runs"]), _train_time(cost), f"{cost['flops']:.3g}", human_count(cost["tokens"]), ", ".join(cost.get("models", [])) or "-",
+             human_count(cost.get("samples", 0))]
+            for name, cost in result["costs"].items()
+        ]  # fmt: skip
+        headers = ["path", "runs (one training of each)", "train time (s)", "est. FLOPs", "tokens", "models held while training", "samples generated"]
+        lines += ["", _markdown_table(headers, rows)]
     warnings = result.get("confounds") or []
     lines += [""] + [f"Not like for like: {w}." for w in warnings] + ([""] if warnings else [])
     lines += [f"![{Path(target).stem}](docs/images/{target})" for source, target in PLOTS.items() if (run_dir / "compare" / source).is_file()]

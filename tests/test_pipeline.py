@@ -193,7 +193,7 @@ def test_bad_pipelines(tmp_path, cli, pipeline_file):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
-DEMO_POLICIES = {"sft", "ppo", "ppo-overoptimised", "ppo-gt", "dpo-beta-0.03", "dpo-beta-0.1", "dpo-beta-0.3"}
+DEMO_POLICIES = {"sft", "ppo", "ppo-overoptimised", "ppo-gt", "dpo-beta-0.03", "dpo-beta-0.1", "dpo-beta-0.3", "rloo", "simpo"}
 
 
 def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
@@ -213,7 +213,8 @@ def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
     written = readme.read_text()
     assert "old" not in written and "| ppo | 2 |" in written and written.endswith("<!-- end of demo results -->\nrest\n")
     assert (tmp_path / "demo-frontier.png").read_bytes().startswith(b"\x89PNG")
-    assert set(report["costs"]) == {"rlhf", "dpo"} and all(c["flops"] > 0 for c in report["costs"].values())
+    assert set(report["costs"]) == {"rlhf", "dpo", "rloo", "simpo"} and all(c["flops"] > 0 for c in report["costs"].values())
+    assert report["costs"]["rloo"]["models"] == ["policy", "reference", "reward model"] and report["costs"]["simpo"]["models"] == ["policy"]
     assert "report:" in out
 
 

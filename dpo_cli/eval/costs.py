@@ -59,7 +59,8 @@ def path_cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_cost(summary: dict[str, Any]) -> dict[str, Any]:
-    """One stage run's cost, from its summary.json."""
+    """One stage run's cost, from its summary.json: also the models it held while training (its `models`:
+    policy, reference, critic, reward model) and the responses it sampled to learn from (PPO's episodes)."""
     return {
         "wall_time_s": summary.get("wall_time_s", 0.0),
         "train_time_s": summary.get("train_time_s", 0.0),
@@ -67,17 +68,25 @@ def run_cost(summary: dict[str, Any]) -> dict[str, Any]:
         "tokens": summary.get("tokens", 0),
         "flops": estimate_flops(summary["compute"]) if summary.get("compute") else 0.0,
         "devices": [summary["device"]] if summary.get("device") else [],
+        "models": list(summary.get("models", [])),
+        "samples": summary.get("episodes", 0),
     }
 
 
+SUMMED = ("wall_time_s", "train_time_s", "tokens", "flops", "samples")
+
+
 def add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stages run one after the other: times, tokens and FLOPs add up; peak memory is the largest."""
-    total: dict[str, Any] = {"wall_time_s": 0.0, "train_time_s": 0.0, "peak_memory_bytes": 0, "tokens": 0, "flops": 0.0, "devices": []}
+    """Stages run one after the other: times, tokens, FLOPs and samples add up; peak memory and the models
+    held at once are those of the largest stage."""
+    total: dict[str, Any] = {"wall_time_s": 0.0, "train_time_s": 0.0, "peak_memory_bytes": 0, "tokens": 0, "flops": 0.0, "devices": [], "models": [], "samples": 0}
     for cost in costs:
-        for key in ("wall_time_s", "train_time_s", "tokens", "flops"):
-            total[key] += cost[key]
+        for key in SUMMED:
+            total[key] += cost.get(key, 0)
         total["peak_memory_bytes"] = max(total["peak_memory_bytes"], cost["peak_memory_bytes"])
         total["devices"] += [d for d in cost["devices"] if d not in total["devices"]]
+        if len(cost.get("models", [])) > len(total["models"]):
+            total["models"] = list(cost["models"])
     return total
 
 
@@ -86,4 +95,4 @@ def mean_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
     total = add_costs(costs)
     times = [cost["train_time_s"] for cost in costs]
     # the spread shows how noisy one run's timing is (the same workload has taken 2-3x as long on a busy machine)
-    return {**total, **{key: total[key] / len(costs) for key in ("wall_time_s", "train_time_s", "tokens", "flops")}, "train_time_s_range": [min(times), max(times)]}
+    return {**total, **{key: total[key] / len(costs) for key in SUMMED}, "train_time_s_range": [min(times), max(times)]}

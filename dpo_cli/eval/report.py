@@ -180,10 +180,11 @@ def render_report(run: RunDir, result: dict[str, Any], policies: dict[str, list[
     if result["costs"]:
         cost_rows = [
             [name, ", ".join(cost["runs"]), _fmt(cost["wall_time_s"], 1), _train_time(cost),
-             f"{cost['flops']:.3g}", ui.human_bytes(cost["peak_memory_bytes"]), ui.human_count(cost["tokens"]), "; ".join(cost["devices"])]
+             f"{cost['flops']:.3g}", ui.human_bytes(cost["peak_memory_bytes"]), ui.human_count(cost["tokens"]),
+             ", ".join(cost.get("models", [])) or "-", ui.human_count(cost.get("samples", 0)), "; ".join(cost["devices"])]
             for name, cost in result["costs"].items()
         ]  # fmt: skip
-        lines += ["", "## Cost", "", _markdown_table(["path", "runs", "wall time (s)", "train time (s)", "est. FLOPs", "peak memory", "tokens", "device"], cost_rows)]
+        lines += ["", "## Cost", "", _markdown_table(["path", "runs", "wall time (s)", "train time (s)", "est. FLOPs", "peak memory", "tokens", "models held", "samples generated", "device"], cost_rows)]
         lines += ["", "FLOPs: 6N + 6LTd per token trained (4N + 2N_trained + 6LTd over a frozen LoRA base, whose weights get no gradients), forward-only passes 2N + 2LTd (N non-embedding parameters)."]
     if result.get("human"):
         human = result["human"]

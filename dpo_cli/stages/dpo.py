@@ -143,7 +143,8 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         forward_tokens = 0
     summary = write_summary(
         stage="dpo", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result, Compute(forward_tokens=forward_tokens)),
-        data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds}, highlights={"pairs/s": pairs_per_sec},
+        data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds,
+                 "models": ["policy"] if recipe.dpo.loss in REFERENCE_FREE_LOSSES else ["policy", "reference"]}, highlights={"pairs/s": pairs_per_sec},
     )  # fmt: skip
     ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))
     return summary

@@ -394,6 +394,7 @@ def run_ppo(recipe: PpoRecipe, run: RunDir) -> dict:
         "skipped_updates": state.skipped_updates,
         "mode": "single-GPU (shared base, LoRA adapters)" if actor_critic.shared else "separate models" if actor_critic.has_critic else f"{recipe.ppo.advantage}, no critic",
         "advantage": recipe.ppo.advantage,
+        "models": ["policy", "reference", *(["critic"] if actor_critic.has_critic else []), "reward model" if recipe.ppo.reward_model else "reward judge"],
     }
     highlights = {"episodes/s": results["episodes_per_sec"], "skipped iterations": state.skipped}
     return write_summary(stage="ppo", run=run, runtime=runtime, started=started, trained=trained_totals, data=report, results=results, highlights=highlights)

@@ -68,7 +68,7 @@ def run_rm_train(recipe: RmRecipe, run: RunDir) -> dict:
     if result.trained:  # an evaluation-only run changed nothing to save
         save_final_model(run, runtime, bundle, prepared=result.model)
 
-    results: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9)}
+    results: dict[str, Any] = {"pairs": result.state.items, "pairs_per_sec": result.state.items / max(result.state.train_seconds, 1e-9), "models": ["reward model"]}
     highlights: dict[str, Any] = {"pairs/s": results["pairs_per_sec"]}
     if result.eval_metrics:
         results["eval_accuracy"] = highlights["held-out accuracy"] = result.eval_metrics["accuracy"]

@@ -27,9 +27,13 @@ def test_flops_hand_computed():
     assert estimate_flops(extra) == pytest.approx(estimate_flops(compute) + (2e5 + 2 * 1 * 10 * 32) * 100)
     frozen = {**compute, "trained": 1e4}  # LoRA: no weight gradients for the frozen base
     assert estimate_flops(frozen) == pytest.approx((4e6 + 2e4 + 6 * 2 * 100 * 64) * 1000 + per_token * 500)
-    cost = path_cost([{"wall_time_s": 1.0, "train_time_s": 0.5, "peak_memory_bytes": 10, "tokens": 3, "compute": compute, "device": "cpu"},
-                      {"wall_time_s": 2.0, "train_time_s": 1.5, "peak_memory_bytes": 20, "tokens": 4, "device": "cpu"}])  # fmt: skip
-    assert cost == {"wall_time_s": 3.0, "train_time_s": 2.0, "peak_memory_bytes": 20, "tokens": 7, "flops": estimate_flops(compute), "devices": ["cpu"]}
+    cost = path_cost([{"wall_time_s": 1.0, "train_time_s": 0.5, "peak_memory_bytes": 10, "tokens": 3, "compute": compute, "device": "cpu", "models": ["reward model"]},
+                      {"wall_time_s": 2.0, "train_time_s": 1.5, "peak_memory_bytes": 20, "tokens": 4, "device": "cpu", "episodes": 48,
+                       "models": ["policy", "reference", "critic", "reward model"]}])  # fmt: skip
+    assert cost == {
+        "wall_time_s": 3.0, "train_time_s": 2.0, "peak_memory_bytes": 20, "tokens": 7, "flops": estimate_flops(compute), "devices": ["cpu"],
+        "models": ["policy", "reference", "critic", "reward model"], "samples": 48,
+    }  # fmt: skip
 
 
 def test_a_lora_runs_frozen_base_is_not_counted_as_trained(tiny_model_dir, tiny_tokenizer):

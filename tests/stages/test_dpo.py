@@ -390,3 +390,18 @@ def test_reference_free_losses_refuse_a_reference(cli, dpo_recipe):
     ]:
         code, _, err = cli("validate", dpo_recipe(dpo=dpo))
         assert code == 1 and message in err, err
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_learn_the_preference(loss, tmp_path, cli, dpo_recipe):
+    """Over a few dozen steps the chosen responses pull ahead of the rejected ones (the margin of the mean
+    token log-probs grows) and the loss falls."""
+    dpo = {"loss": loss, "beta": 2.0 if loss == "simpo" else 0.5, "show_samples": 0}
+    recipe = dpo_recipe(dpo=dpo, data={"train": "prefs.jsonl", "eval": None, "max_length": 96}, train={"max_steps": 30, "learning_rate": 3e-3, "save_every": None})
+    code, _, err = cli("dpo", recipe, "--run-dir", tmp_path / loss)
+    assert code == 0, err
+    lines = read_jsonl(tmp_path / loss / "metrics.jsonl")
+    early, late = lines[:5], lines[-5:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(late, "rewards/margins") > mean(early, "rewards/margins") + 0.1, [r["rewards/margins"] for r in lines]
+    assert mean(late, "loss") < mean(early, "loss")
