@@ -48,7 +48,10 @@ class SamplingFlags:
 
 def load_sampler(target: str, flags: SamplingFlags, scratch: Path) -> Sampler:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_policy(target, device, scratch, what="RUN_OR_MODEL")
+    try:
+        model, tokenizer = load_policy(target, device, scratch, what="RUN_OR_MODEL")
+    except UserError as exc:  # the loaders name the recipe key; here the model is the command's argument
+        raise UserError(str(exc).replace("model.name_or_path", "RUN_OR_MODEL")) from None
     run = _run_dir(target)
     settings = dict(_recipe_generation(run))
     settings.update({k: v for k, v in vars(flags).items() if k != "chat" and v is not None})

@@ -57,6 +57,8 @@ def test_a_4bit_run_generates_and_plain_text_prompts_print(zoo, tmp_path, cli):
     assert ">>> The film was" in out
     code, _, err = cli("generate", run)
     assert code == 1 and "--prompt" in err
+    code, _, err = cli("generate", "org/not-here", "--prompt", "x")
+    assert code == 1 and err.startswith("error: RUN_OR_MODEL:") and len(err.strip().splitlines()) == 1, err
 
 
 def test_chat_streams_replies_under_the_template_and_resets(zoo):
