@@ -238,6 +238,9 @@ def apply_smoke(raw: dict[str, Any], schema: type[BaseModel]) -> None:
         if section is not None and "max_prompt_length" in section.model_fields and isinstance(raw.get(name), dict):
             if raw[name].get("max_prompt_length") is not None:
                 caps.setdefault(name, {})["max_prompt_length"] = 64  # below the capped max_length
+    ppo = raw.get("ppo")
+    if isinstance(ppo, dict) and isinstance(ppo.get("samples_per_prompt"), int) and ppo["samples_per_prompt"] > 1 and 4 % ppo["samples_per_prompt"]:
+        ppo["samples_per_prompt"] = 2  # divides the capped batch of 4 (rloo and grpo need 2 at least)
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("train"), list) and any(isinstance(e, dict) for e in data["train"]):
         caps["data"]["mixture_rows"] = 32  # a weighted mixture: no more rows drawn (or streamed) than a smoke run reads

@@ -221,7 +221,10 @@ class PromptBatches:
         world = runtime.world_size
         self.per_epoch = math.ceil(len(prompts) / self.global_batch) if world == 1 else len(prompts) // self.global_batch
         if self.per_epoch == 0:
-            raise UserError(f"data.train: {len(prompts)} prompts cannot fill one batch of {batch_size} on each of {world} processes; lower train.batch_size or use fewer processes")
+            raise UserError(
+                f"data.train: {len(prompts)} prompts cannot fill one batch of {batch_size} prompts (train.batch_size / ppo.samples_per_prompt) on "
+                f"each of {world} processes; lower train.batch_size or use fewer processes"
+            )
         self._order = torch.Generator()
 
     def __getitem__(self, iteration: int) -> list[Any]:

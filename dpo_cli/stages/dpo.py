@@ -35,17 +35,18 @@ def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
         policy_logps, counts = pair_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
         pairs = policy_logps.size(0) // 2
         chosen, rejected, chosen_counts, rejected_counts = policy_logps[:pairs], policy_logps[pairs:], counts[:pairs], counts[pairs:]
-        if cfg.loss == "simpo":
-            return simpo_loss(chosen, rejected, chosen_counts, rejected_counts, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
         if cfg.loss == "orpo":
             return orpo_loss(chosen, rejected, chosen_counts, rejected_counts, cfg.beta)
-        ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
-        if cfg.loss == "ipo":  # IPO compares mean per-token log-probs (as TRL does)
-            compared, ref_logps = mean_token_logps(policy_logps, counts), mean_token_logps(ref_logps, counts)
+        if cfg.loss == "simpo":
+            loss, metrics = simpo_loss(chosen, rejected, chosen_counts, rejected_counts, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
         else:
-            compared = policy_logps
-        loss, metrics = dpo_loss(compared[:pairs], compared[pairs:], ref_logps[:pairs], ref_logps[pairs:], cfg.beta, cfg.loss, cfg.label_smoothing)
-        if cfg.rpo_alpha is not None:
+            ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
+            if cfg.loss == "ipo":  # IPO compares mean per-token log-probs (as TRL does)
+                compared, ref_logps = mean_token_logps(policy_logps, counts), mean_token_logps(ref_logps, counts)
+            else:
+                compared = policy_logps
+            loss, metrics = dpo_loss(compared[:pairs], compared[pairs:], ref_logps[:pairs], ref_logps[pairs:], cfg.beta, cfg.loss, cfg.label_smoothing)
+        if cfg.rpo_alpha is not None:  # with simpo: CPO-SimPO (TRL's cpo_alpha)
             return with_chosen_nll(loss, metrics, chosen, chosen_counts, cfg.rpo_alpha)
         return loss, metrics
 
@@ -144,7 +145,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     summary = write_summary(
         stage="dpo", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result, Compute(forward_tokens=forward_tokens)),
         data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds,
-                 "models": ["policy"] if recipe.dpo.loss in REFERENCE_FREE_LOSSES else ["policy", "reference"]}, highlights={"pairs/s": pairs_per_sec},
+                 "models": ["policy"] if recipe.dpo.loss in REFERENCE_FREE_LOSSES and reference.separate is None else ["policy", "reference"]}, highlights={"pairs/s": pairs_per_sec},
     )  # fmt: skip
     ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))
     return summary

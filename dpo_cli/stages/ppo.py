@@ -135,7 +135,7 @@ def advantage_phase(rollout: Rollout, recipe: PpoRecipe, kl_coef: float) -> torc
     if recipe.ppo.advantage != "gae":
         k = recipe.ppo.samples_per_prompt
         if recipe.ppo.advantage == "rloo":
-            per_sequence = rloo_advantages(rewards.sum(dim=1), k)  # (B,): the score and every token's KL penalty
+            per_sequence = rloo_advantages(rollout.scores - kl_coef * kl.sum(dim=1), k)  # (B,): the score minus the KL penalty
         else:
             per_sequence = grpo_advantages(rollout.scores, k)
         rollout.rewards, rollout.advantages = rewards, per_sequence.unsqueeze(1) * mask  # (B, T)
@@ -156,8 +156,8 @@ def update_phase(
     scheduler: Any,
     runtime: Runtime,
     iteration: int,
-    combined: bool = False,
-    kl_coef: float = 0.0,
+    combined: bool,
+    kl_coef: float,
 ) -> dict[str, float]:
     """ppo_epochs passes of clipped policy and value updates over shuffled mini-batches. `model` is the
     ActorCritic, or its DDP wrapper; `combined` (needed by DDP) runs policy and critic as one forward and

@@ -272,3 +272,19 @@ def test_process_shards_of_a_global_batch_are_the_one_process_batch():
         assert ranks[0][index] + ranks[1][index] == one[epoch * one.per_epoch + within]
     with pytest.raises(UserError, match="data.train: 21 rows cannot fill one batch of 8 rows on each of 4 processes; lower train.batch_size"):
         BatchStream(data, 8, seed=3, collate=rows, world_size=4)
+
+
+@pytest.mark.slow  # 12 s on two processes (CI runs the slow tests)
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_ppo_on_two_processes(advantage, tmp_path, ppo_recipe):
+    """RLOO / GRPO through the DDP path (the policy alone in the combined forward): each process keeps its
+    prompts' groups of samples."""
+    recipe = ppo_recipe(
+        train={"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant", "log_every": 1, "save_every": 1},
+        ppo={"advantage": advantage, "samples_per_prompt": 2},
+    )  # fmt: skip
+    done = torchrun("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["episodes"] for m in records] == [8, 16] and all(m["ratio/first_minibatch"] == pytest.approx(1.0) for m in records)
+    assert "value_loss" not in records[0] and (tmp_path / "run" / "final" / "adapter_config.json").exists()

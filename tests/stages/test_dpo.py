@@ -335,7 +335,7 @@ def test_a_second_run_on_the_same_reference_and_pairs_takes_its_reference_logps_
     assert calls["n"] > 0 and "taken from the cache" not in err
 
 
-@pytest.mark.parametrize("loss", ["simpo", "orpo", "sigmoid+rpo"])
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "sigmoid+rpo", "simpo+rpo"])
 def test_reference_free_losses_and_rpo_train_from_the_policys_own_logps(loss, tmp_path, cli, tiny_model_dir):
     """One step over all 8 pairs at once: the logged loss equals the loss of per-sequence log-probs from a
     plain transformers forward of each tokenised pair (no reference model is built for simpo and orpo)."""
@@ -373,12 +373,14 @@ def test_reference_free_losses_and_rpo_train_from_the_policys_own_logps(loss, tm
     c, r = torch.tensor(sums["chosen"]), torch.tensor(sums["rejected"])
     nc, nr = torch.tensor(counts["chosen"]), torch.tensor(counts["rejected"])
     if name == "simpo":
-        expected, _ = simpo_loss(c, r, nc, nr, 2.0, 0.5)
+        expected, metrics = simpo_loss(c, r, nc, nr, 2.0, 0.5)
     elif name == "orpo":
-        expected, _ = orpo_loss(c, r, nc, nr, 0.1)
+        expected, metrics = orpo_loss(c, r, nc, nr, 0.1)
         assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(logged)
     else:
-        expected, _ = with_chosen_nll(*dpo_loss(c, r, c, r, 0.1), c, nc, 0.5)  # the reference is the initial policy
+        expected, metrics = dpo_loss(c, r, c, r, 0.1)  # the reference is the initial policy
+    if rpo:  # with simpo: CPO-SimPO
+        expected, _ = with_chosen_nll(expected, metrics, c, nc, 0.5)
         assert "nll_loss" in logged
     assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
 

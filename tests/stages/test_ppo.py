@@ -259,7 +259,7 @@ def one_iteration(ppo_recipe, tiny_model_dir, tiny_tokenizer, optimizer_class, l
     advantage_phase(rollout, recipe, 0.05)
     optimizer = optimizer_class(actor_critic._trainable, lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0, combined=combined)
+    metrics = update_phase(actor_critic, rollout, recipe, optimizer, scheduler, runtime, 0, combined=combined, kl_coef=recipe.ppo.kl_coef)
     return {n: p.detach().clone() for n, p in actor_critic.named_parameters() if p.requires_grad}, metrics, rollout
 
 
@@ -313,7 +313,7 @@ def test_critic_free_runs_build_no_critic_and_resume_exactly(advantage, lora, tm
     assert "value_loss" not in lines[0] and "value/explained_variance" not in lines[0]
     assert ("kl_loss" in lines[0]) == (advantage == "grpo")
     weights = load_file(str(tmp_path / "reference" / "checkpoints" / "step-2" / "trainable.safetensors"))
-    assert weights and not any("value" in name for name in weights)  # no critic adapter, no value head
+    assert weights and not any("value" in name or name.startswith("critic.") for name in weights)  # no critic adapter, value head or critic model
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, dpo_cli.stages.ppo, "update_phase", call=2, signum=signal.SIGTERM)
         assert cli("ppo", recipe, "--run-dir", tmp_path / "run")[0] == 143
@@ -367,3 +367,26 @@ def test_critic_free_settings_are_checked(cli, ppo_recipe):
     ]:
         code, _, err = cli("validate", ppo_recipe(ppo=ppo, train=train))
         assert code == 1 and message in err, err
+
+
+def test_a_prompts_samples_are_adjacent_and_each_group_of_rloo_advantages_sums_to_zero(tmp_path, cli, ppo_recipe, monkeypatch):
+    """In a real run: the rollout holds each prompt k times in a row, and the leave-one-out advantages of a
+    group add up to 0 (the grouping the estimators assume)."""
+    import dpo_cli.stages.ppo as ppo
+
+    seen = []
+    real = ppo.advantage_phase
+
+    def spy(rollout, recipe, kl_coef):
+        kl = real(rollout, recipe, kl_coef)
+        seen.append((list(rollout.prompts), rollout.advantages.clone(), rollout.response_mask.clone()))
+        return kl
+
+    monkeypatch.setattr(ppo, "advantage_phase", spy)
+    recipe = ppo_recipe(train={"max_steps": 2, "batch_size": 6, "save_every": None}, ppo={"advantage": "rloo", "samples_per_prompt": 3, "mini_batch_size": 3})
+    code, _, err = cli("ppo", recipe, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    for prompts, advantages, mask in seen:
+        assert prompts[0] == prompts[1] == prompts[2] and prompts[3] == prompts[4] == prompts[5] and prompts[0] != prompts[3]
+        per_sequence = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        assert per_sequence.view(2, 3).sum(dim=1).abs().max() < 1e-4
