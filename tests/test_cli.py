@@ -73,6 +73,15 @@ def test_bad_input_is_one_line_without_traceback_in_a_real_process(tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_malformed_json_line_is_one_line_in_a_real_process(tmp_path, sft_recipe):
+    """datasets logs its parser's failure itself; only dpo-cli's line, which names the line, reaches stderr."""
+    recipe = sft_recipe()
+    (tmp_path / "data" / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{bad\n')
+    result = subprocess.run([sys.executable, "-m", "dpo_cli", "sft", str(recipe), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "line 2: invalid JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_missing_data_leaves_no_run_dir_behind(cli, sft_recipe, tmp_path):
     recipe = sft_recipe(data={"train": "nope.jsonl"})
     code, _, err = cli("sft", recipe, "--run-dir", tmp_path / "run")

@@ -19,7 +19,7 @@ from dpo_cli.core.sections import DataSource
 from dpo_cli.data.mixture import SOURCE, is_mixture, load_mixture
 
 datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors come back as exceptions, said in our one line
 
 ROW_NUMBER = "__row__"  # the row's number in its file (from 1), kept through splits so errors point at the file
 
