@@ -94,6 +94,7 @@ def ppo_objective(policy_loss: torch.Tensor, value_loss: torch.Tensor, vf_coef: 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # preference losses without a reference model
+UNPAIRED_LOSSES = ("kto",)  # losses on single completions labelled desirable or not
 
 
 def dpo_loss(
@@ -199,6 +200,49 @@ def with_chosen_nll(
     responses (the mean over their tokens)."""
     nll, _ = mean_nll(policy_chosen_logps, chosen_counts)
     return loss + alpha * nll, {**metrics, "nll_loss": nll.detach()}
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z_ref: the batch mean of log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs
+    (each prompt with another example's completion), detached. (B,), (B,) -> (). Clamp it at 0 after
+    averaging over processes (kto_loss's `kl`), as TRL does."""
+    return (policy_kl_logps - ref_kl_logps).detach().mean()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    kl: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) on unpaired examples: with r = log pi(y|x) - log pi_ref(y|x) and
+    the reference point z = max(0, kl),
+
+        desirable    w_d * (1 - s(beta (r - z)))
+        undesirable  w_u * (1 - s(beta (z - r)))
+
+    averaged over the batch. policy_logps, ref_logps: (B,) sequence log-probs; desirable: (B,) bool; kl: ()
+    from kto_kl. Metrics are TRL's KTOTrainer names; a class absent from the batch gives 0 for its means."""
+    z = kl.clamp(min=0)
+    logratios = policy_logps - ref_logps  # (B,)
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - z)))  # (B,)
+    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z - logratios)))  # (B,)
+    losses = torch.where(desirable, desirable_losses, undesirable_losses)
+    rewards = beta * logratios.detach()  # (B,)
+    chosen, rejected = desirable.float(), (~desirable).float()
+    mean_of = lambda values, which: (values.detach() * which).sum() / which.sum().clamp(min=1)  # noqa: E731
+    metrics = {
+        "kl": z,
+        "rewards/chosen": mean_of(rewards, chosen),
+        "rewards/rejected": mean_of(rewards, rejected),
+        "logps/chosen": mean_of(policy_logps, chosen),
+        "logps/rejected": mean_of(policy_logps, rejected),
+    }
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return losses.mean(), metrics
 
 
 def reward_loss(

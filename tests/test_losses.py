@@ -261,3 +261,52 @@ def test_orpo_is_finite_for_a_response_the_policy_is_sure_of():
     """log(1 - p) for p near 1 (a mean token log-prob near 0) is computed stably."""
     loss, _ = orpo_loss(torch.tensor([-1e-6]), torch.tensor([-5.0]), torch.tensor([1.0]), torch.tensor([1.0]), 0.1)
     assert torch.isfinite(loss)
+
+
+from dpo_cli.losses import kto_kl, kto_loss  # noqa: E402
+
+
+def test_kto_hand_computed():
+    """beta 0.5; log-ratios +1 (desirable) and -1 (undesirable); z = mean KL on the mismatched pairs = 0.3."""
+    kl = kto_kl(torch.tensor([-3.0, -7.0]), torch.tensor([-3.5, -7.1]))
+    assert kl.item() == pytest.approx(0.3)
+    loss, metrics = kto_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.0]), kl, torch.tensor([True, False]), beta=0.5)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert loss.item() == pytest.approx(((1 - sig(0.5 * 0.7)) + (1 - sig(0.5 * 1.3))) / 2)
+    assert metrics["kl"].item() == pytest.approx(0.3)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.5) and metrics["rewards/rejected"].item() == pytest.approx(-0.5)
+    assert metrics["rewards/margins"].item() == pytest.approx(1.0)
+    assert metrics["logps/chosen"].item() == -4.0 and metrics["logps/rejected"].item() == -6.0
+    # a negative KL estimate is clamped to 0; the weights scale each kind's losses
+    weighted, metrics = kto_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.0]), torch.tensor(-2.0), torch.tensor([True, False]), 0.5, 2.0, 0.5)
+    assert metrics["kl"].item() == 0.0
+    assert weighted.item() == pytest.approx((2.0 * (1 - sig(0.5)) + 0.5 * (1 - sig(0.5))) / 2)
+
+
+def test_kto_against_a_loop_over_examples():
+    torch.manual_seed(5)
+    policy, ref, policy_kl, ref_kl = (torch.randn(7, dtype=torch.float64) * 3 - 10 for _ in range(4))
+    desirable = torch.tensor([True, False, True, True, False, False, True])
+    beta, wd, wu = 0.3, 1.2, 0.8
+    z = max(0.0, sum(float(p - r) for p, r in zip(policy_kl, ref_kl)) / 7)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    total = 0.0
+    for i in range(7):
+        r = float(policy[i] - ref[i])
+        total += wd * (1 - sig(beta * (r - z))) if desirable[i] else wu * (1 - sig(beta * (z - r)))
+    loss, metrics = kto_loss(policy, ref, kto_kl(policy_kl, ref_kl), desirable, beta, wd, wu)
+    assert loss.item() == pytest.approx(total / 7, rel=1e-12)
+    chosen = [beta * float(policy[i] - ref[i]) for i in range(7) if desirable[i]]
+    assert metrics["rewards/chosen"].item() == pytest.approx(sum(chosen) / len(chosen), rel=1e-12)
+    # a batch without undesirable examples: their means are 0, not NaN
+    _, only = kto_loss(policy[:1], ref[:1], torch.tensor(0.0), desirable[:1], beta)
+    assert only["rewards/rejected"].item() == 0.0 and math.isfinite(only["rewards/margins"].item())
+
+
+def test_kto_gradient_reaches_the_policy_only_through_its_own_completions():
+    policy = torch.tensor([-4.0, -6.0], requires_grad=True)
+    policy_kl = torch.tensor([-3.0, -7.0], requires_grad=True)
+    loss, _ = kto_loss(policy, torch.tensor([-5.0, -5.0]), kto_kl(policy_kl, torch.tensor([-3.5, -7.1])), torch.tensor([True, False]), 0.5)
+    loss.backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # desirable pushed up, undesirable down
+    assert policy_kl.grad is None  # the reference point is detached (KTO's z_ref)

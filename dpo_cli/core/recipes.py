@@ -58,7 +58,11 @@ class CollectSection(Section):
     source: Literal["generate", "import"] = Field(
         "generate", description="generate: sample the policy and label pairs; import: convert an existing preference dataset."
     )
-    samples_per_prompt: int = Field(2, ge=2, description="Responses sampled per prompt.")
+    mode: Literal["pairs", "thumbs"] = Field(
+        "pairs", description="pairs: which of two responses is better (prefs.jsonl of pairs); thumbs: each response up or down on its own "
+        "(prefs.jsonl of KTO's unpaired prompt/completion/label examples, for dpo.loss: kto).",
+    )
+    samples_per_prompt: int = Field(2, ge=1, description="Responses sampled per prompt (at least 2 to form pairs).")
     pairs_per_prompt: int | None = Field(None, ge=1, description="Pairs formed per prompt (seeded choice); null: every pair of samples.")
     import_format: Literal["auto", "trl", "hh", "ultrafeedback"] = Field(
         "auto", description="Format of an imported dataset; auto detects it from the columns."
@@ -74,6 +78,9 @@ class LabelSection(Section):
         None, gt=0, description="Bradley-Terry temperature T: sample A with probability sigmoid((s_A - s_B) / T) (simulated noisy raters)."
     )
     tie_margin: float = Field(0.0, ge=0.0, description="Scores closer than this are a tie.")
+    threshold: float | None = Field(
+        None, description="collect.mode thumbs with a judge or reward model: a score at or above it is a thumbs up; default: the median score of the run's responses."
+    )
     ties: Literal["drop", "keep"] = Field("drop", description="Ties are left out of prefs.jsonl, or kept with tie: true.")
     aggregate: Literal["majority", "all"] = Field(
         "majority", description="Several annotators on one pair: one record with the majority choice, or one record per label."
@@ -148,9 +155,13 @@ class SftRecipe(TrainingRecipe):
 
 class DpoSection(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the KL pull toward the reference (the DPO paper's beta).")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
-        "sigmoid", description="The preference loss; simpo and orpo need no reference model (none is built)."
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = Field(
+        "sigmoid",
+        description="The preference loss; simpo and orpo need no reference model (none is built); kto learns from unpaired examples "
+        "(prompt/completion/label rows, or pairs split into a desirable and an undesirable example).",
     )
+    desirable_weight: float = Field(1.0, gt=0, description="kto: the weight of the desirable examples' loss (TRL's desirable_weight).")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: the weight of the undesirable examples' loss.")
     simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin gamma (the paper pairs beta 2-2.5 with gamma 0.5-1.5).")
     rpo_alpha: float | None = Field(None, ge=0.0, description="Add this times the NLL of the chosen responses to the loss (RPO; not with orpo, which has its own).")
     label_smoothing: float = Field(
@@ -179,6 +190,10 @@ class DpoSection(Section):
             raise ValueError(f"dpo.label_smoothing applies to the sigmoid, robust and simpo losses, not {self.loss}")
         if self.loss in ("simpo", "orpo") and (self.ref_model is not None or self.precompute_ref):
             raise ValueError(f"dpo.loss: {self.loss} has no reference model: drop dpo.ref_model and dpo.precompute_ref")
+        if self.loss != "kto" and (self.desirable_weight != 1.0 or self.undesirable_weight != 1.0):
+            raise ValueError("dpo.desirable_weight and dpo.undesirable_weight weigh the kto loss's two kinds of example; set dpo.loss: kto")
+        if self.rpo_alpha is not None and self.loss == "kto":
+            raise ValueError("dpo.rpo_alpha adds the chosen responses' NLL; kto has no chosen responses (its desirable ones are unpaired)")
         if self.rpo_alpha is not None and self.loss == "orpo":
             raise ValueError("dpo.rpo_alpha: orpo already adds the chosen responses' NLL (its weight is 1; beta weighs the odds-ratio term)")
         return self
@@ -398,6 +413,10 @@ class CollectPrefsRecipe(RecipeBase):
             raise ValueError("collect.source: generate samples a policy: set model.name_or_path (e.g. an sft run)")
         if self.data.eval is not None:
             raise ValueError("data.eval: collect-prefs labels every prompt of data.train; it has no eval split")
+        if self.collect.mode == "pairs" and self.collect.samples_per_prompt < 2:
+            raise ValueError("collect.samples_per_prompt: pairs need at least 2 responses per prompt (or set collect.mode: thumbs)")
+        if self.collect.mode == "thumbs" and self.collect.source == "import":
+            raise ValueError("collect.mode: thumbs labels sampled responses; an imported dataset is converted as it is (collect.source: generate)")
         return self
 
     def reopens_complete_run(self) -> bool:

@@ -78,7 +78,7 @@ def sequence_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int
     return full_ids, divergence(prompt_ids, full_ids)
 
 
-def _fit(ids: list[int], start: int, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], bool]:
+def fit_to_length(ids: list[int], start: int, max_length: int, max_prompt_length: int | None) -> tuple[list[int], list[int], bool]:
     """Cut the prompt from the left, then the completion from the right; labels ignore the prompt."""
     prompt, completion = ids[:start], ids[start:]
     cut = False
@@ -107,15 +107,20 @@ def pair_encoder(tokenizer: Any, max_length: int, max_prompt_length: int | None,
         if problem:
             out["problem"] = problem
             return out
-        for side in ("chosen", "rejected"):
-            ids, start = sequence_ids(tokenizer, row["prompt"], row[side])
-            ids, labels, cut = _fit(ids, start, max_length, max_prompt_length)
-            out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
-            out["truncated"] |= cut
-            out["emptied"] |= all(label == IGNORE_INDEX for label in labels[1:])
-        return out
+        return encode_sides(out, tokenizer, row["prompt"], {"chosen": row["chosen"], "rejected": row["rejected"]}, max_length, max_prompt_length)
 
     return encode
+
+
+def encode_sides(out: dict, tokenizer: Any, prompt: Any, completions: dict[str, Any], max_length: int, max_prompt_length: int | None) -> dict:
+    """`out` with SIDE_input_ids / SIDE_labels of prompt + each completion, and its truncated / emptied flags."""
+    for side, completion in completions.items():
+        ids, start = sequence_ids(tokenizer, prompt, completion)
+        ids, labels, cut = fit_to_length(ids, start, max_length, max_prompt_length)
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+        out["truncated"] |= cut
+        out["emptied"] |= all(label == IGNORE_INDEX for label in labels[1:])
+    return out
 
 
 def drop_ties(ds: Dataset) -> tuple[Dataset, int]:
@@ -135,16 +140,25 @@ def prepare_pairs(rows: Dataset, what: str, report: DataReport, key: str) -> Dat
     return normalize_pairs(rows)
 
 
+def _per_pair(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """What rides along with the pairs' tokens: reward margins (B,), KTO's desirable flags (B,), precomputed
+    reference log-probs (2B,), chosen first."""
+    extra: dict[str, torch.Tensor] = {}
+    if "margin" in rows[0]:
+        extra["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
+    if "desirable" in rows[0]:
+        extra["desirable"] = torch.tensor([r["desirable"] for r in rows], dtype=torch.bool)
+    if "ref_chosen_logps" in rows[0]:
+        extra["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    return extra
+
+
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
     """B pairs -> 2B right-padded sequences, all chosen first, then all rejected (one forward pass).
     `num_items` is the number of pairs; precomputed reference log-probs ride along when present."""
     input_ids, attention_mask = pad([r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows], pad_id)  # (2B, T)
     labels, _ = pad([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], IGNORE_INDEX)  # (2B, T)
-    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if "margin" in rows[0]:
-        batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)
-    if "ref_chosen_logps" in rows[0]:
-        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **_per_pair(rows)}
     batch["num_items"] = len(rows)
     batch["num_tokens"] = int(attention_mask.sum())
     return batch
@@ -182,11 +196,7 @@ def collate_shared_pairs(rows: list[dict], pad_id: int) -> dict[str, Any]:
             segments=[segment_id(item, OWN)] * length + [segment_id(item, CHOSEN)] * (len(chosen) - length)
             + [segment_id(item, REJECTED)] * (len(rejected) - length),
         ))  # fmt: skip
-    batch: dict[str, Any] = pack(pieces, pad_id, sequences=2 * len(rows))
-    if "margin" in rows[0]:
-        batch["margins"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)  # (B,)
-    if "ref_chosen_logps" in rows[0]:
-        batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    batch: dict[str, Any] = {**pack(pieces, pad_id, sequences=2 * len(rows)), **_per_pair(rows)}
     batch["num_items"] = len(rows)
     batch["num_tokens"] = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
     return batch

@@ -179,11 +179,11 @@ def agreement(standing: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_or_none(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _text(value: Any) -> str:
+def response_text(value: Any) -> str:
     return value[-1]["content"] if isinstance(value, list) else value
 
 
@@ -198,8 +198,8 @@ def preference_stats(
     # Position bias: how often the response shown on the left (or generated first, for machine labels) wins.
     left_wins = [(label["choice"] == "A") != bool(label["swapped"]) for label in decided]
     first_wins = [label["choice"] == "A" for label in decided]
-    chosen_text = [_text(r["chosen"]) for r in records if not r["tie"]]
-    rejected_text = [_text(r["rejected"]) for r in records if not r["tie"]]
+    chosen_text = [response_text(r["chosen"]) for r in records if not r["tie"]]
+    rejected_text = [response_text(r["rejected"]) for r in records if not r["tie"]]
     return {
         "pairs": len(pairs),
         "labels": len(standing),
@@ -210,15 +210,15 @@ def preference_stats(
         "per_annotator": {name: dict(counts) for name, counts in sorted(per_annotator.items())},
         "agreement": agreement(standing),
         "position_bias": {
-            "shown_left_chosen_rate": _mean([float(x) for x in left_wins]),
-            "first_sample_chosen_rate": _mean([float(x) for x in first_wins]),
+            "shown_left_chosen_rate": mean_or_none([float(x) for x in left_wins]),
+            "first_sample_chosen_rate": mean_or_none([float(x) for x in first_wins]),
             "decided_labels": len(decided),
         },
         "length_bias": {
-            "chosen_mean_chars": _mean([len(t) for t in chosen_text]),
-            "rejected_mean_chars": _mean([len(t) for t in rejected_text]),
-            "chosen_mean_words": _mean([len(t.split()) for t in chosen_text]),
-            "rejected_mean_words": _mean([len(t.split()) for t in rejected_text]),
-            "chosen_longer_rate": _mean([float(len(c) > len(r)) for c, r in zip(chosen_text, rejected_text)]),
+            "chosen_mean_chars": mean_or_none([len(t) for t in chosen_text]),
+            "rejected_mean_chars": mean_or_none([len(t) for t in rejected_text]),
+            "chosen_mean_words": mean_or_none([len(t.split()) for t in chosen_text]),
+            "rejected_mean_words": mean_or_none([len(t.split()) for t in rejected_text]),
+            "chosen_longer_rate": mean_or_none([float(len(c) > len(r)) for c, r in zip(chosen_text, rejected_text)]),
         },
     }

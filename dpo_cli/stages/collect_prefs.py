@@ -16,12 +16,13 @@ from dpo_cli.data.loading import DataReport, check_bad_rows, load_prompts, load_
 from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.core.errors import UserError
 from dpo_cli.models.generate import generate
-from dpo_cli.data.human import label_by_hand, require_terminal, resolve_annotator
+from dpo_cli.data.human import label_by_hand, label_thumbs_by_hand, require_terminal, resolve_annotator
 from dpo_cli.eval.judges import Judge, bradley_terry_choice, build_judge, reward_model_judge, score_in_shards
 from dpo_cli.data.labels import LabelLog, now
 from dpo_cli.data.tokenization import chat_template_notes
 from dpo_cli.models.build import build_causal_lm, build_tokenizer
 from dpo_cli.data.prefs import Pair, build_records, form_pairs, preference_stats
+from dpo_cli.data.thumbs import Item, build_thumb_records, form_items, median_threshold, thumb_choice, thumb_stats
 from dpo_cli.data.prefs_import import convert_rows, detect_format
 from dpo_cli.core.recipes import CollectPrefsRecipe, TrainSection
 from dpo_cli.core.rundir import RunDir
@@ -86,24 +87,31 @@ def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime, judge: Judge | N
     return reward_model_judge(recipe.label.reward_model, runtime.device, "label.reward_model", recipe.label.batch_size)
 
 
+def score_once(judge: Judge, wanted: list[tuple[Any, str]], runtime: Runtime) -> tuple[dict[tuple[str, str], int], Any]:
+    """Each distinct (prompt, response) scored once, the processes sharing the work (the main process's list
+    is everyone's): where each one's score is, and the scores."""
+    keys: dict[tuple[str, str], int] = {}
+    prompts, responses = [], []
+    for prompt, response in wanted:
+        key = (json.dumps(prompt), response)
+        if key not in keys:
+            keys[key] = len(responses)
+            prompts.append(prompt)
+            responses.append(response)
+    prompts, responses = distributed.broadcast((prompts, responses))
+    with ui.TaskProgress("scoring", len(responses), runtime.is_main) as progress:
+        scores = score_in_shards(judge, prompts, responses)
+        progress.advance(len(responses))
+    return keys, scores
+
+
 def label_by_scores(recipe: CollectPrefsRecipe, judge: Judge, pairs: list[Pair], log: LabelLog | None, runtime: Runtime) -> dict[str, int]:
     """Score each response once, then choose per pair (Bradley-Terry noise seeded per pair). A pair whose
     score failed is reported and skipped, never labelled. With several processes all score a share of what
     the main process has left to label; only it (`log` elsewhere None) writes labels."""
     standing = log.active() if log is not None else set()
     pending = [p for p in pairs if (p.pair_id, judge.name) not in standing]
-    keys, prompts, responses = {}, [], []
-    for pair in pending:
-        for response in (pair.a, pair.b):
-            key = (json.dumps(pair.prompt), response)
-            if key not in keys:
-                keys[key] = len(responses)
-                prompts.append(pair.prompt)
-                responses.append(response)
-    prompts, responses = distributed.broadcast((prompts, responses))
-    with ui.TaskProgress("scoring", len(responses), runtime.is_main) as progress:
-        scores = score_in_shards(judge, prompts, responses)
-        progress.advance(len(responses))
+    keys, scores = score_once(judge, [(pair.prompt, response) for pair in pending for response in (pair.a, pair.b)], runtime)
     if log is None:
         return {}
     failed = 0
@@ -129,8 +137,8 @@ def write_outputs(run: RunDir, records: list[dict[str, Any]], stats: dict[str, A
     atomic_write_json(run.path / "stats.json", stats)
 
 
-def finish(run: RunDir, recipe: CollectPrefsRecipe, status: str, started: float, stats: dict, report: DataReport, runtime: Runtime) -> dict:
-    highlights = {
+def pair_highlights(stats: dict[str, Any]) -> dict[str, Any]:
+    return {
         "pairs": stats["pairs"],
         "labels": stats["labels"],
         "records written": stats["records"],
@@ -140,12 +148,32 @@ def finish(run: RunDir, recipe: CollectPrefsRecipe, status: str, started: float,
         "chosen mean words": stats["length_bias"]["chosen_mean_words"],
         "rejected mean words": stats["length_bias"]["rejected_mean_words"],
     }
-    results = {"pairs": stats["pairs"], "records": stats["records"], "prefs": str(run.path / "prefs.jsonl"), "stats": str(run.path / "stats.json")}
+
+
+def thumb_highlights(stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "responses": stats["items"],
+        "labels": stats["labels"],
+        "records written": stats["records"],
+        "thumbs up": stats["desirable"],
+        "thumbs down": stats["undesirable"],
+        "skips": stats["skips"],
+        **{f"left out: {k}": v for k, v in stats["left_out"].items()},
+        "up mean words": stats["length_bias"]["desirable_mean_words"],
+        "down mean words": stats["length_bias"]["undesirable_mean_words"],
+    }
+
+
+def finish(run: RunDir, status: str, started: float, stats: dict, report: DataReport, runtime: Runtime) -> dict:
+    thumbs = "items" in stats
+    highlights = thumb_highlights(stats) if thumbs else pair_highlights(stats)
+    counted = {"examples": stats["records"], "desirable": stats["desirable"]} if thumbs else {"pairs": stats["pairs"]}
+    results = {**counted, "records": stats["records"], "prefs": str(run.path / "prefs.jsonl"), "stats": str(run.path / "stats.json")}
     summary = write_summary(stage="collect-prefs", run=run, runtime=runtime, started=started, status=status, data=report, results=results, highlights=highlights)
     for row in stats["agreement"]:
         kappa = row["cohen_kappa"]
         ui.note(
-            f"agreement {row['annotators'][0]} vs {row['annotators'][1]} on {row['overlap']} pairs: "
+            f"agreement {row['annotators'][0]} vs {row['annotators'][1]} on {row['overlap']} {'responses' if thumbs else 'pairs'}: "
             f"{row['percent_agreement']:.1f}%, Cohen's kappa {'n/a' if kappa is None else f'{kappa:.3f}'}"
         )
     return summary
@@ -166,7 +194,7 @@ def import_prefs(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime, star
     stats = preference_stats([], [], records, {"malformed": len(problems)} if problems else {})
     stats["pairs"] = len(rows)
     write_outputs(run, records, stats)
-    return finish(run, recipe, "completed", started, stats, report, runtime)
+    return finish(run, "completed", started, stats, report, runtime)
 
 
 def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
@@ -183,14 +211,20 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         require_terminal()  # refuse before sampling, not after
     judge = build_judge(recipe.label.chosen_judge()) if recipe.label.by == "judge" else None  # user code: said before sampling
     candidates = sample_candidates(recipe, run, runtime, prompts, report)
+    thumbs = recipe.collect.mode == "thumbs"
+    if thumbs:
+        units, left_out = form_items(candidates)
+        units_file = "items.jsonl"
+    else:
+        units, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
+        left_out, units_file = ({"identical_responses": identical} if identical else {}), "pairs.jsonl"
+    label_by_machine = label_thumbs_by_scores if thumbs else label_by_scores
     if not runtime.is_main:  # the others helped sample, and score with a machine judge; the main process writes
         if recipe.label.by != "human":
-            label_by_scores(recipe, machine_judge(recipe, runtime, judge), form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)[0], None, runtime)
+            label_by_machine(recipe, machine_judge(recipe, runtime, judge), units, None, runtime)
         return {}
-    pairs, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
-    if not (run.path / "pairs.jsonl").exists():
-        atomic_write_jsonl(run.path / "pairs.jsonl", [p.as_dict() for p in pairs])
-    left_out = {"identical_responses": identical} if identical else {}
+    if not (run.path / units_file).exists():
+        atomic_write_jsonl(run.path / units_file, [u.as_dict() for u in units])
 
     log = LabelLog(run.path / "labels.jsonl")
     for problem in log.problems():
@@ -198,12 +232,16 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
     try:
         if recipe.label.by == "human":
             annotator = resolve_annotator(recipe.label.annotator)
-            outcome = label_by_hand(pairs, log, annotator, recipe.seed, ui.console)
-            done = sum(1 for p in pairs if (p.pair_id, annotator) in log.active())
+            if thumbs:
+                outcome = label_thumbs_by_hand(units, log, annotator, ui.console)
+            else:
+                outcome = label_by_hand(units, log, annotator, recipe.seed, ui.console)
+            labelled = log.active()
+            done = sum(1 for unit in units if (unit_key(unit), annotator) in labelled)
             status = "completed" if outcome == "done" else "partial"
-            ui.note(f"{annotator}: {done} / {len(pairs)} labelled" + ("" if status == "completed" else "; run the same command to continue"))
+            ui.note(f"{annotator}: {done} / {len(units)} labelled" + ("" if status == "completed" else "; run the same command to continue"))
         else:
-            left_out.update(label_by_scores(recipe, machine_judge(recipe, runtime, judge), pairs, log, runtime))
+            left_out.update(label_by_machine(recipe, machine_judge(recipe, runtime, judge), units, log, runtime))
             status = "completed"
         standing = log.active_events()
     finally:
@@ -216,7 +254,41 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
             "seed": recipe.seed,
         }
     }
-    records, counts = build_records(pairs, standing, recipe.label.aggregate, recipe.label.ties, provenance)
-    stats = preference_stats(pairs, standing, records, {**left_out, **counts})
+    if thumbs:
+        records, counts = build_thumb_records(units, standing, recipe.label.aggregate, provenance)
+        stats = thumb_stats(units, standing, records, {**left_out, **counts})
+    else:
+        records, counts = build_records(units, standing, recipe.label.aggregate, recipe.label.ties, provenance)
+        stats = preference_stats(units, standing, records, {**left_out, **counts})
     write_outputs(run, records, stats)
-    return finish(run, recipe, status, started, stats, report, runtime)
+    return finish(run, status, started, stats, report, runtime)
+
+
+def unit_key(unit: Pair | Item) -> str:
+    return unit.item_id if isinstance(unit, Item) else unit.pair_id
+
+
+def label_thumbs_by_scores(recipe: CollectPrefsRecipe, judge: Judge, items: list[Item], log: LabelLog | None, runtime: Runtime) -> dict[str, int]:
+    """Score each response once; a thumbs up at or above label.threshold (default: the median score of all
+    the run's responses), with label.noise seeded per item. As label_by_scores otherwise."""
+    standing = log.active() if log is not None else set()
+    keys, all_scores = score_once(judge, [(item.prompt, item.response) for item in items], runtime)  # the median needs them all
+    threshold = recipe.label.threshold if recipe.label.threshold is not None else median_threshold(all_scores.values)
+    if log is None:
+        return {}
+    failed = 0
+    for item in items:
+        if (item.item_id, judge.name) in standing:
+            continue
+        index = keys[(json.dumps(item.prompt), item.response)]
+        score = all_scores.values[index]
+        if score is None:
+            failed += 1
+            if failed <= 3:
+                ui.note(f"response {item.item_id} skipped: {all_scores.errors.get(index)}")
+            continue
+        choice = thumb_choice(score, threshold, recipe.label.noise, random.Random(f"{recipe.seed}:thumb:{item.item_id}"))
+        log.label(item.item_id, judge.name, choice, judge.name, scores=(score,), sync=False)
+    log.sync()
+    ui.note(f"thumbs up at a score of {threshold:.4g} or more" + (" (the median score)" if recipe.label.threshold is None else " (label.threshold)"))
+    return {"judge_failed": failed} if failed else {}

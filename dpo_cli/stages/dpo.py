@@ -18,10 +18,11 @@ from dpo_cli.models.forward import CompletionLogProbs, packed_rows_allowed, pair
 from dpo_cli.models.generate import generate
 from dpo_cli.train.loop import StepFn, batch_streams, train
 from dpo_cli.train.reference_logps import ReferenceCache, attach_reference_logps
-from dpo_cli.losses import REFERENCE_FREE_LOSSES, dpo_loss, mean_token_logps, orpo_loss, simpo_loss, with_chosen_nll
+from dpo_cli.losses import REFERENCE_FREE_LOSSES, dpo_loss, kto_kl, kto_loss, mean_token_logps, orpo_loss, simpo_loss, with_chosen_nll
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
+from dpo_cli.data.unpaired import class_counts, load_example_sets, weight_note
 from dpo_cli.core.recipes import DpoRecipe, DpoSection
 from dpo_cli.models.roles import Reference, build_reference
 from dpo_cli.core.rundir import RunDir
@@ -35,6 +36,12 @@ def make_step(cfg: DpoSection, reference: Reference) -> StepFn:
         policy_logps, counts = pair_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
         pairs = policy_logps.size(0) // 2
         chosen, rejected, chosen_counts, rejected_counts = policy_logps[:pairs], policy_logps[pairs:], counts[:pairs], counts[pairs:]
+        if cfg.loss == "kto":  # the rows' own completions as `chosen`, the mismatched ones as `rejected` (data.unpaired)
+            ref_logps = batch["ref_logps"].to(policy_logps.dtype) if "ref_logps" in batch else reference(batch)[0]
+            kl = kto_kl(rejected, ref_logps[pairs:])
+            if model.training and distributed.world_size() > 1:  # one reference point for the whole batch, as TRL
+                kl = distributed.sum_tensor(kl) / distributed.world_size()
+            return kto_loss(chosen, ref_logps[:pairs], kl, batch["desirable"], cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
         if cfg.loss == "orpo":
             return orpo_loss(chosen, rejected, chosen_counts, rejected_counts, cfg.beta)
         if cfg.loss == "simpo":
@@ -82,7 +89,11 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
 
     # Data: preference records -> chosen/rejected token ids with labels on the completions only.
     report = DataReport()
-    data = load_preference_sets(recipe, report, recipe.dpo.max_prompt_length)
+    if recipe.dpo.loss == "kto":  # unpaired examples, each with another's completion for the KL estimate
+        data = load_example_sets(recipe, report, recipe.dpo.max_prompt_length)
+        data.notes += weight_note(*class_counts(data.train_set, "data.train"), recipe.dpo.desirable_weight, recipe.dpo.undesirable_weight)
+    else:
+        data = load_preference_sets(recipe, report, recipe.dpo.max_prompt_length)
     train_rows, eval_rows, train_set, eval_set, tokenizer = data.train_rows, data.eval_rows, data.train_set, data.eval_set, data.tokenizer
 
     # Models: the policy, and the reference it is held close to.
@@ -144,7 +155,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
         forward_tokens = 0
     summary = write_summary(
         stage="dpo", run=run, runtime=runtime, started=started, trained=Trained.from_loop(bundle.model, result, Compute(forward_tokens=forward_tokens)),
-        data=report, results={"pairs": result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds,
+        data=report, results={("examples" if recipe.dpo.loss == "kto" else "pairs"): result.state.items, "pairs_per_sec": pairs_per_sec, "reference_logps_seconds": reference_seconds,
                  "models": ["policy"] if recipe.dpo.loss in REFERENCE_FREE_LOSSES and reference.separate is None else ["policy", "reference"]}, highlights={"pairs/s": pairs_per_sec},
     )  # fmt: skip
     ui.samples_table(samples, "dpo samples: the initial policy (before) and the trained one (after)", ("prompt", "before", "after"))

@@ -84,3 +84,39 @@ def test_label_undo_kill_resume_quit_and_a_second_annotator(tmp_path, human_reci
     assert stats["per_annotator"]["bob"]["A"] + stats["per_annotator"]["bob"].get("B", 0) == total
     assert stats["agreement"][0]["annotators"] == ["alice", "bob"] and stats["agreement"][0]["overlap"] == 2
     assert len(read_jsonl(run / "labels.jsonl")) == 5 + total  # alice 4 + her skip, bob: the torn line cut, nothing lost
+
+
+def test_thumbs_up_and_down_by_hand_undo_kill_resume(tmp_path, human_recipe):
+    """collect.mode thumbs at the terminal: one response at a time, y / n / s / u, every label fsynced (a
+    kill -9 loses nothing), the next run resumes, and prefs.jsonl holds the unpaired examples."""
+    text = human_recipe.read_text().replace("label:", "collect:\n  mode: thumbs\n  samples_per_prompt: 1\nlabel:")
+    recipe = tmp_path / "thumbs.yaml"
+    recipe.write_text(text)
+    run = tmp_path / "run"
+    child = spawn(recipe, run, "alice")
+    child.expect(r"0 / (\d+) labelled")
+    total = int(child.match.group(1))
+    assert 1 < total <= 4
+    child.expect("Is this a good response")
+    child.send("y")
+    child.expect(f"1 / {total} labelled")
+    child.send("n")
+    child.expect(f"2 / {total} labelled")
+    child.send("u")
+    child.expect("undid your label of item")
+    child.kill(signal.SIGKILL)
+    child.close(force=True)
+    events = read_jsonl(run / "labels.jsonl")
+    assert [(e["event"], e.get("choice")) for e in events] == [("label", "up"), ("label", "down"), ("undo", None)]
+
+    child = spawn(recipe, run, "alice")
+    child.expect(f"1 / {total} labelled")
+    for count in range(2, total + 1):
+        child.send("-" if count % 2 else "+")
+        child.expect(f"{count} / {total} labelled" if count < total else pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    records = read_jsonl(run / "prefs.jsonl")
+    assert len(records) == total and records[0]["label"] is True and {"prompt", "completion", "label"} <= set(records[0])
+    assert [r["label"] for r in records] == [True] + [count % 2 == 0 for count in range(2, total + 1)]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

@@ -125,7 +125,7 @@ def test_bad_prompt_data(tmp_path, cli, prefs_recipe):
     code, _, err = cli("collect-prefs", prefs_recipe(data={"train": "questions.jsonl"}), "--run-dir", tmp_path / "b")
     assert code == 1 and "expected columns prompt or messages, found question" in err
     code, _, err = cli("collect-prefs", prefs_recipe(collect={"samples_per_prompt": 1}), "--run-dir", tmp_path / "c")
-    assert code == 1 and "collect.samples_per_prompt: must be >= 2, got 1" in err
+    assert code == 1 and "collect.samples_per_prompt: pairs need at least 2 responses per prompt" in err
 
 
 def test_conversational_prompts(tmp_path, cli, prefs_recipe):
@@ -174,3 +174,41 @@ def test_two_processes_sample_and_score_their_shares(tmp_path, prefs_recipe, tin
     assert len(labels) == stats["pairs"] == len({label["pair_id"] for label in labels})
     assert all(label["scores"] is not None for label in labels)
     assert done.stdout.count("collect-prefs · completed") == 1
+
+
+def test_thumbs_by_a_judge_write_kto_examples_that_dpo_trains_on(tmp_path, cli, prefs_recipe, dpo_recipe):
+    """collect.mode thumbs: every response judged alone against the median score; prefs.jsonl holds TRL's
+    unpaired examples, which a kto run reads from the run dir as they are (and datasets loads as is)."""
+    recipe = prefs_recipe(collect={"mode": "thumbs", "samples_per_prompt": 3})
+    code, out, err = cli("collect-prefs", recipe, "--run-dir", tmp_path / "thumbs")
+    assert code == 0, err
+    run = tmp_path / "thumbs"
+    records, items = read_jsonl(run / "prefs.jsonl"), read_jsonl(run / "items.jsonl")
+    stats = json.loads((run / "stats.json").read_text())
+    assert {"prompt", "completion", "label", "score", "labeler"} <= set(records[0]) and isinstance(records[0]["label"], bool)
+    scores = sorted(r["score"] for r in records)
+    median = (scores[len(scores) // 2] + scores[(len(scores) - 1) // 2]) / 2
+    assert all(r["label"] == (r["score"] >= median) for r in records)  # the length judge against the median
+    assert stats["records"] == len(records) == len(items) == stats["items"] and stats["left_out"].get("empty_responses")  # left out, counted
+    assert stats["desirable"] + stats["undesirable"] == len(records) and stats["desirable"] >= len(records) / 2
+    assert "thumbs up at a score of" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["examples"] == len(records)
+    assert len(datasets.load_dataset("json", data_files=str(run / "prefs.jsonl"), split="train")) == len(records)
+    # labelled again with a fixed bar: already-labelled responses stand (the log is append-only and kept)
+    code, _, err = cli("collect-prefs", recipe, "--run-dir", run)
+    assert code == 0 and read_jsonl(run / "prefs.jsonl") == records
+
+    dpo = dpo_recipe(data={"train": str(run), "eval": None, "max_length": 64}, dpo={"loss": "kto", "show_samples": 0}, train={"max_steps": 2})
+    code, _, err = cli("dpo", dpo, "--run-dir", tmp_path / "kto")
+    assert code == 0, err
+    assert json.loads((tmp_path / "kto" / "summary.json").read_text())["examples"] == 2 * 4
+
+
+def test_thumbs_options_are_checked(cli, prefs_recipe):
+    for sections, message in [
+        ({"collect": {"samples_per_prompt": 1}}, "pairs need at least 2 responses per prompt"),
+        ({"collect": {"mode": "thumbs", "source": "import"}, "data": {"train": "x.jsonl"}}, "collect.mode: thumbs labels sampled responses"),
+    ]:
+        code, _, err = cli("validate", prefs_recipe(**sections))
+        assert code == 1 and message in err, err
