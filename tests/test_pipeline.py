@@ -264,3 +264,80 @@ def test_a_command_line_override_of_a_wired_input_must_name_its_stage(tmp_path, 
     assert code == 1 and "model.name_or_path is another stage's output" in err and "--set STAGE:model.name_or_path=x" in err
     code, _, err = cli("pipeline", REPO / "recipes" / "demo" / "pipeline.yaml", "--dry-run", "--run-dir", tmp_path, "--set", "train.lerning_rate=1")
     assert code == 1 and "lerning_rate" in err and not (tmp_path / "sft").exists()  # a bad key fails before anything runs
+
+
+def online_stages(tmp_path, rounds: dict) -> dict:
+    """sft, offline pairs (imported), and an online dpo stage whose rounds sample with the length judge."""
+    write_recipe(tmp_path / "collect.yaml", {
+        "stage": "collect-prefs", "model": {"name_or_path": "placeholder"}, "data": {"train": "demo:prompts?n=6", "max_length": 64},
+        "generation": {"max_new_tokens": 8, "batch_size": 12}, "collect": {"samples_per_prompt": 2}, "label": {"by": "judge", "judge": "length"},
+    })  # fmt: skip
+    write_recipe(tmp_path / "import.yaml", {"stage": "collect-prefs", "data": {"train": "prefs.jsonl"}, "collect": {"source": "import"}})
+    return {
+        "sft": {"recipe": "sft.yaml"},
+        "prefs": {"recipe": "import.yaml", "stage": "collect-prefs"},
+        "online": {"recipe": "dpo.yaml", "stage": "dpo", "inputs": {"model.name_or_path": "sft"}, "rounds": {"collect": "collect.yaml", **rounds}},
+    }
+
+
+def test_online_rounds_expand_to_collect_and_dpo_runs_each_starting_from_the_last(tmp_path, pipeline_file):
+    from dpo_cli.pipeline import load_pipeline, plan
+
+    write_recipe(tmp_path / "compare.yaml", {
+        "stage": "compare", "policies": {"sft": "placeholder"}, "data": {"train": "demo:prompts?n=4"}, "judges": {"function": "sentiment"},
+    })  # fmt: skip
+    stages = online_stages(tmp_path, {"count": 2, "offline": "prefs", "offline_weight": 0.25, "reference": "initial"})
+    stages["online"]["per_seed"] = True
+    stages["compare"] = {"recipe": "compare.yaml", "inputs": {"policies.online": "online", "costs.online": ["online"]}}
+    path = pipeline_file(stages=stages)
+    write_recipe(path, {**yaml.safe_load(path.read_text()), "seeds": [1, 2]})
+    steps = {step.name: step for step in plan(load_pipeline(path), None, None, smoke=False)}
+    runs = tmp_path / "runs"
+    seed1 = ["online-seed1-round1-prefs", "online-seed1-round1", "online-seed1-round2-prefs", "online-seed1-round2"]
+    assert list(steps) == ["sft", "prefs", *seed1, *(n.replace("seed1", "seed2") for n in seed1), "compare"]
+    first, second = steps["online-seed1-round1-prefs"].recipe_object, steps["online-seed1-round2-prefs"].recipe_object
+    assert first.model.name_or_path == str(runs / "sft") and second.model.name_or_path == str(runs / "online-seed1-round1")
+    assert first.stage == "collect-prefs" and first.seed == 1
+    trained = steps["online-seed1-round2"].recipe_object
+    assert trained.model.name_or_path == str(runs / "online-seed1-round1") and trained.seed == 1
+    assert trained.dpo.ref_model == str(runs / "sft")  # reference: initial
+    mixture = [(source.path, source.weight) for source in trained.data.train]
+    assert mixture == [(str(runs / "online-seed1-round2-prefs"), 0.75), (str(runs / "prefs"), 0.25)]
+    assert set(steps["online-seed1-round2"].inputs) == {"sft", "prefs", "online-seed1-round1", "online-seed1-round2-prefs"}
+    compare = steps["compare"].recipe_object
+    assert compare.policies == {"sft": "placeholder", "online": [str(runs / "online-seed1-round2"), str(runs / "online-seed2-round2")]}
+    assert compare.costs == {"online": [[str(runs / n), str(runs / n.replace("seed1", "seed2"))] for n in seed1]}  # every round counted
+
+
+def test_online_dpo_runs_its_rounds_and_resumes_mid_round(tmp_path, cli, pipeline_file, monkeypatch):
+    path = pipeline_file(stages=online_stages(tmp_path, {"count": 2}))
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, dpo_cli.stages.dpo, "dpo_loss", 4 + 2)  # round 2, its second step
+        code, _, err = cli("pipeline", path)
+    assert code == 143, err
+    runs = tmp_path / "runs"
+    code, out, _ = cli("pipeline", path, "--dry-run")
+    assert actions(out) == {"sft": "skip", "prefs": "skip", "online-round1-prefs": "skip", "online-round1": "skip", "online-round2-prefs": "skip", "online-round2": "resume"}
+    code, out, err = cli("pipeline", path)
+    assert code == 0 and "resuming from" in err, err
+    for r in (1, 2):
+        assert json.loads((runs / f"online-round{r}" / "summary.json").read_text())["status"] == "completed"
+        assert json.loads((runs / f"online-round{r}-prefs" / "summary.json").read_text())["pairs"] > 0
+    assert yaml.safe_load((runs / "online-round2" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(runs / "online-round1")
+    assert yaml.safe_load((runs / "online-round2-prefs" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(runs / "online-round1")
+    assert len([line for line in (runs / "online-round2" / "metrics.jsonl").read_text().splitlines() if '"split"' not in line]) == 4
+
+
+def test_bad_rounds(tmp_path, cli, pipeline_file):
+    stages = online_stages(tmp_path, {"count": 2})
+    for change, message in [
+        (lambda s: s["online"]["rounds"].update(offline="nowhere"), "stages.online.rounds.offline: no stage named 'nowhere'"),
+        (lambda s: s["online"].update(stage="sft", recipe="sft.yaml"), "rounds are online DPO; online is a sft stage"),
+        (lambda s: s["online"].update(inputs={}), "wire the starting policy with inputs"),
+        (lambda s: s["online"]["rounds"].update(collect="missing.yaml"), "rounds.collect: "),
+        (lambda s: s["online"]["rounds"].update(count=0), "rounds.count"),
+    ]:
+        broken = json.loads(json.dumps(stages))
+        change(broken)
+        code, _, err = cli("pipeline", pipeline_file(stages=broken), "--dry-run")
+        assert code == 1 and message in err, err

@@ -66,6 +66,9 @@ def _clean_loc(schema: type[BaseModel], loc: tuple) -> tuple[list[str | int], ty
             path.append(part)
         elif section is not None and part not in section.model_fields and _is_union_tag(part, section):
             continue  # e.g. 'str' or 'list[union[str,DataSource]]' of a field such as data.train
+        elif section is not None and leaf_is_mapping and part not in section.model_fields:
+            path.append(part)  # a key of a mapping of sections, such as a pipeline's stages.NAME: go on inside it
+            leaf_is_mapping = False
         elif section is not None:
             path.append(part)
             owner = section

@@ -25,22 +25,25 @@ class Pair:
         return asdict(self)
 
 
-def form_pairs(candidates: list[dict[str, Any]], pairs_per_prompt: int | None, seed: int) -> tuple[list[Pair], int]:
+def form_pairs(candidates: list[dict[str, Any]], pairs_per_prompt: int | None, seed: int) -> tuple[list[Pair], dict[str, int]]:
     """Pairs of different responses to the same prompt: all of them, or a seeded choice of `pairs_per_prompt`.
-    Returns the pairs and how many were left out because both responses were the same text."""
+    Returns the pairs and what was left out: pairs of the same text twice, and pairs with an empty response
+    (no completion to train on: dpo and rm-train would refuse the record)."""
     pairs: list[Pair] = []
-    identical = 0
+    left_out: Counter = Counter()
     for candidate in candidates:
         responses = candidate["responses"]
         combos = list(itertools.combinations(range(len(responses)), 2))
         if pairs_per_prompt is not None and pairs_per_prompt < len(combos):
             combos = sorted(random.Random(f"{seed}:pairs:{candidate['prompt_index']}").sample(combos, pairs_per_prompt))
         for i, j in combos:
-            if responses[i].strip() == responses[j].strip():
-                identical += 1
-                continue
-            pairs.append(Pair(f"{candidate['prompt_index']}-{i}-{j}", candidate["prompt"], responses[i], responses[j]))
-    return pairs, identical
+            if not responses[i].strip() or not responses[j].strip():
+                left_out["empty_responses"] += 1
+            elif responses[i].strip() == responses[j].strip():
+                left_out["identical_responses"] += 1
+            else:
+                pairs.append(Pair(f"{candidate['prompt_index']}-{i}-{j}", candidate["prompt"], responses[i], responses[j]))
+    return pairs, dict(left_out)
 
 
 def shown_swapped(seed: int, pair_id: str, annotator: str) -> bool:

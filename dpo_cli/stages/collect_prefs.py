@@ -216,8 +216,8 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         units, left_out = form_items(candidates)
         units_file = "items.jsonl"
     else:
-        units, identical = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
-        left_out, units_file = ({"identical_responses": identical} if identical else {}), "pairs.jsonl"
+        units, left_out = form_pairs(candidates, recipe.collect.pairs_per_prompt, recipe.seed)
+        units_file = "pairs.jsonl"
     label_by_machine = label_thumbs_by_scores if thumbs else label_by_scores
     if not runtime.is_main:  # the others helped sample, and score with a machine judge; the main process writes
         if recipe.label.by != "human":

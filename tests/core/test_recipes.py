@@ -210,7 +210,7 @@ def test_docs_cover_every_recipe_key():
 
 def test_dpo_recipe_errors(tmp_path):
     assert "dpo.beta: must be > 0.0, got 0" in errors_of(tmp_path, minimal(dpo={"beta": 0}), stage="dpo")
-    assert "dpo.loss: expected one of 'sigmoid', 'ipo', 'hinge', 'robust', 'simpo' or 'orpo', got 'kto'" in errors_of(tmp_path, minimal(dpo={"loss": "kto"}), stage="dpo")
+    assert "dpo.loss: expected one of 'sigmoid', 'ipo', 'hinge', 'robust', 'simpo', 'orpo' or 'kto', got 'dro'" in errors_of(tmp_path, minimal(dpo={"loss": "dro"}), stage="dpo")
     assert "applies to the sigmoid, robust and simpo losses" in errors_of(tmp_path, minimal(dpo={"loss": "hinge", "label_smoothing": 0.1}), stage="dpo")
     long_prompt = minimal(dpo={"max_prompt_length": 600}, data={"train": "d.jsonl", "max_length": 512})
     assert "dpo.max_prompt_length must be below data.max_length" in errors_of(tmp_path, long_prompt, stage="dpo")

@@ -14,13 +14,14 @@ def label(pair_id, annotator, choice, swapped=False, scores=None):
 CANDIDATES = [
     {"prompt_index": 0, "prompt": "p0", "responses": [" a", " b", " c"]},
     {"prompt_index": 1, "prompt": "p1", "responses": [" same", " same ", " other"]},
+    {"prompt_index": 2, "prompt": "p2", "responses": [" ", " fine"]},
 ]
 
 
-def test_all_pairs_and_identical_responses_left_out():
-    pairs, identical = form_pairs(CANDIDATES, None, seed=0)
+def test_all_pairs_and_identical_or_empty_responses_left_out():
+    pairs, left_out = form_pairs(CANDIDATES, None, seed=0)
     assert [p.pair_id for p in pairs] == ["0-0-1", "0-0-2", "0-1-2", "1-0-2", "1-1-2"]
-    assert identical == 1
+    assert left_out == {"identical_responses": 1, "empty_responses": 1}
     assert (pairs[0].a, pairs[0].b) == (" a", " b")
 
 

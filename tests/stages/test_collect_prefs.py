@@ -41,7 +41,7 @@ def test_judge_labels_end_to_end(tmp_path, cli, prefs_recipe):
     assert len(candidates) == 10 and all(len(c["responses"]) == 3 for c in candidates)
     records = read_jsonl(run / "prefs.jsonl")
     stats = json.loads((run / "stats.json").read_text())
-    assert stats["pairs"] == 30 - stats["left_out"].get("identical_responses", 0)
+    assert stats["pairs"] == 30 - stats["left_out"].get("identical_responses", 0) - stats["left_out"].get("empty_responses", 0)
     assert stats["records"] == len(records) > 0
     for record in records:
         assert len(record["chosen"].split()) >= len(record["rejected"].split())  # the length judge, no noise
