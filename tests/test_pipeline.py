@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import dpo_cli.stages.dpo
-from helpers import REPO, interrupt_at_call, preference_rows, torchrun, write_jsonl, write_recipe
+from helpers import REPO, assert_same_run, interrupt_at_call, preference_rows, torchrun, write_jsonl, write_recipe
 
 
 @pytest.fixture()
@@ -193,7 +193,7 @@ def test_bad_pipelines(tmp_path, cli, pipeline_file):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
-DEMO_POLICIES = {"sft", "ppo", "ppo-overoptimised", "ppo-gt", "dpo-beta-0.03", "dpo-beta-0.1", "dpo-beta-0.3", "rloo", "simpo"}
+DEMO_POLICIES = {"sft", "ppo", "ppo-overoptimised", "ppo-gt", "dpo-beta-0.03", "dpo-beta-0.1", "dpo-beta-0.3", "rloo", "simpo", "online-dpo"}
 
 
 def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
@@ -213,8 +213,11 @@ def test_the_demo_pipeline_runs_end_to_end_under_smoke(tmp_path, cli):
     written = readme.read_text()
     assert "old" not in written and "| ppo | 2 |" in written and written.endswith("<!-- end of demo results -->\nrest\n")
     assert (tmp_path / "demo-frontier.png").read_bytes().startswith(b"\x89PNG")
-    assert set(report["costs"]) == {"rlhf", "dpo", "rloo", "simpo"} and all(c["flops"] > 0 for c in report["costs"].values())
+    assert set(report["costs"]) == {"rlhf", "dpo", "rloo", "simpo", "online-dpo"} and all(c["flops"] > 0 for c in report["costs"].values())
     assert report["costs"]["rloo"]["models"] == ["policy", "reference", "reward model"] and report["costs"]["simpo"]["models"] == ["policy"]
+    online, offline = report["costs"]["online-dpo"], report["costs"]["dpo"]
+    assert online["samples"] > 0 == offline["samples"] and online["flops"] > offline["flops"]  # it samples its own pairs, every round
+    assert report["policies"]["online-dpo"]["seeds"] == 2
     assert "report:" in out
 
 
@@ -326,6 +329,12 @@ def test_online_dpo_runs_its_rounds_and_resumes_mid_round(tmp_path, cli, pipelin
     assert yaml.safe_load((runs / "online-round2" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(runs / "online-round1")
     assert yaml.safe_load((runs / "online-round2-prefs" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(runs / "online-round1")
     assert len([line for line in (runs / "online-round2" / "metrics.jsonl").read_text().splitlines() if '"split"' not in line]) == 4
+    code, _, err = cli("pipeline", path, "--run-dir", tmp_path / "straight")  # the same pipeline, never interrupted
+    assert code == 0, err
+    for name in ("online-round1", "online-round2"):
+        assert_same_run(runs / name, tmp_path / "straight" / name)  # the resume was exact
+    pairs = lambda root: [(r["prompt"], r["chosen"], r["rejected"]) for r in map(json.loads, (root / "online-round2-prefs" / "prefs.jsonl").read_text().splitlines())]  # noqa: E731
+    assert pairs(runs) == pairs(tmp_path / "straight")
 
 
 def test_bad_rounds(tmp_path, cli, pipeline_file):

@@ -60,7 +60,8 @@ def path_cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_cost(summary: dict[str, Any]) -> dict[str, Any]:
     """One stage run's cost, from its summary.json: also the models it held while training (its `models`:
-    policy, reference, critic, reward model) and the responses it sampled to learn from (PPO's episodes)."""
+    policy, reference, critic, reward model) and the responses it sampled to learn from (PPO's episodes,
+    collect-prefs's samples, whose sampling FLOPs its `compute` holds)."""
     return {
         "wall_time_s": summary.get("wall_time_s", 0.0),
         "train_time_s": summary.get("train_time_s", 0.0),
@@ -69,7 +70,7 @@ def run_cost(summary: dict[str, Any]) -> dict[str, Any]:
         "flops": estimate_flops(summary["compute"]) if summary.get("compute") else 0.0,
         "devices": [summary["device"]] if summary.get("device") else [],
         "models": list(summary.get("models", [])),
-        "samples": summary.get("episodes", 0),
+        "samples": summary.get("episodes", summary.get("samples", 0)),  # PPO's episodes; collect-prefs's sampled responses
     }
 
 

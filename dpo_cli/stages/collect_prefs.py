@@ -17,6 +17,7 @@ from dpo_cli.data.encoding import prompt_ids_for_generation
 from dpo_cli.core.errors import UserError
 from dpo_cli.models.generate import generate
 from dpo_cli.data.human import label_by_hand, label_thumbs_by_hand, require_terminal, resolve_annotator
+from dpo_cli.eval.costs import estimate_flops, model_shape
 from dpo_cli.eval.judges import Judge, bradley_terry_choice, build_judge, reward_model_judge, score_in_shards
 from dpo_cli.data.labels import LabelLog, now
 from dpo_cli.data.tokenization import chat_template_notes
@@ -76,8 +77,20 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
         for index, prompt in enumerate(kept)
     ]
     if runtime.is_main:
+        tokens = sum(len(g.prompt_ids) + len(g.response_ids) for g in generations)  # forward passes, KV-cached
+        compute = {**model_shape(bundle.model), "context": tokens / max(len(generations), 1), "train_tokens": 0, "forward_tokens": tokens}
+        atomic_write_json(run.path / "sampling.json", {"samples": len(generations), "compute": compute})  # what compare counts as its cost
         atomic_write_jsonl(path, candidates)
     return candidates
+
+
+def sampling_cost(run: RunDir) -> dict[str, Any]:
+    """The sampling's share of the summary: responses sampled, the policy held, and the FLOPs of sampling."""
+    path = run.path / "sampling.json"
+    if not path.is_file():
+        return {}
+    sampling = json.loads(path.read_text())
+    return {"samples": sampling["samples"], "models": ["policy"], "compute": sampling["compute"], "estimated_flops": estimate_flops(sampling["compute"])}
 
 
 def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime, judge: Judge | None) -> Judge:
@@ -168,7 +181,7 @@ def finish(run: RunDir, status: str, started: float, stats: dict, report: DataRe
     thumbs = "items" in stats
     highlights = thumb_highlights(stats) if thumbs else pair_highlights(stats)
     counted = {"examples": stats["records"], "desirable": stats["desirable"]} if thumbs else {"pairs": stats["pairs"]}
-    results = {**counted, "records": stats["records"], "prefs": str(run.path / "prefs.jsonl"), "stats": str(run.path / "stats.json")}
+    results = {**counted, "records": stats["records"], "prefs": str(run.path / "prefs.jsonl"), "stats": str(run.path / "stats.json"), **sampling_cost(run)}
     summary = write_summary(stage="collect-prefs", run=run, runtime=runtime, started=started, status=status, data=report, results=results, highlights=highlights)
     for row in stats["agreement"]:
         kappa = row["cohen_kappa"]

@@ -194,6 +194,10 @@ def test_thumbs_by_a_judge_write_kto_examples_that_dpo_trains_on(tmp_path, cli, 
     assert "thumbs up at a score of" in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["examples"] == len(records)
+    assert summary["samples"] == 10 * 3 and summary["models"] == ["policy"] and summary["estimated_flops"] > 0  # compare's cost of sampling
+    from dpo_cli.eval.costs import run_cost
+
+    assert run_cost(summary)["samples"] == 30 and run_cost(summary)["flops"] == summary["estimated_flops"]
     assert len(datasets.load_dataset("json", data_files=str(run / "prefs.jsonl"), split="train")) == len(records)
     # labelled again with a fixed bar: already-labelled responses stand (the log is append-only and kept)
     code, _, err = cli("collect-prefs", recipe, "--run-dir", run)
