@@ -4,11 +4,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SubsetMean:
+    """A metric averaged over some of a batch's items only (KTO's desirable examples): the training loop adds
+    `total` and `count` over micro-batches and processes before dividing, so the mean is the whole batch's
+    whatever its split (0 where it has none). `minus`: another such mean, subtracted after both are divided."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+    minus: SubsetMean | None = None
+
+    def value(self) -> torch.Tensor:
+        own = self.total / self.count.clamp(min=1)
+        return own - self.minus.value() if self.minus is not None else own
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -217,7 +233,7 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | SubsetMean]]:
     """KTO (Ethayarajh et al. 2024, eq. 7) on unpaired examples: with r = log pi(y|x) - log pi_ref(y|x) and
     the reference point z = max(0, kl),
 
@@ -225,7 +241,8 @@ def kto_loss(
         undesirable  w_u * (1 - s(beta (z - r)))
 
     averaged over the batch. policy_logps, ref_logps: (B,) sequence log-probs; desirable: (B,) bool; kl: ()
-    from kto_kl. Metrics are TRL's KTOTrainer names; a class absent from the batch gives 0 for its means."""
+    from kto_kl. Metrics are TRL's KTOTrainer names; the per-kind means are SubsetMeans (a kind absent from
+    the whole batch gives 0)."""
     z = kl.clamp(min=0)
     logratios = policy_logps - ref_logps  # (B,)
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - z)))  # (B,)
@@ -233,15 +250,15 @@ def kto_loss(
     losses = torch.where(desirable, desirable_losses, undesirable_losses)
     rewards = beta * logratios.detach()  # (B,)
     chosen, rejected = desirable.float(), (~desirable).float()
-    mean_of = lambda values, which: (values.detach() * which).sum() / which.sum().clamp(min=1)  # noqa: E731
-    metrics = {
+    mean_of = lambda values, which: SubsetMean((values.detach() * which).sum(), which.sum())  # noqa: E731
+    metrics: dict[str, torch.Tensor | SubsetMean] = {
         "kl": z,
         "rewards/chosen": mean_of(rewards, chosen),
         "rewards/rejected": mean_of(rewards, rejected),
         "logps/chosen": mean_of(policy_logps, chosen),
         "logps/rejected": mean_of(policy_logps, rejected),
     }
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    metrics["rewards/margins"] = SubsetMean(metrics["rewards/chosen"].total, metrics["rewards/chosen"].count, metrics["rewards/rejected"])  # type: ignore[union-attr]
     return losses.mean(), metrics
 
 

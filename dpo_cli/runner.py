@@ -2,7 +2,7 @@
 that a run dir holds this recipe and this data, --fresh, running the stage on every process, and what a
 failure leaves behind (a run holding work is kept and marked failed; one holding nothing is cleared).
 
-    cli/, pipeline.py  ->  runner.py  ->  stages/  ->  loop, models, data, losses, ...
+    cli/, pipeline/  ->  runner.py  ->  stages/  ->  loop, models, data, losses, ...
 """
 
 from __future__ import annotations

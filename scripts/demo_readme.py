@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dpo_cli.core.atomic import atomic_write_text
 from dpo_cli.core.ui import human_count
-from dpo_cli.pipeline import expand, load_pipeline, order
+from dpo_cli.pipeline import expand, load_pipeline, order, run_names
 from dpo_cli.eval.report import HEADERS, _fmt, _interval, _train_time, _markdown_table, _rows, _trajectory_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ PLOTS = {"frontier.png": "demo-frontier.png", "over-optimisation.png": "demo-ove
 def section(run_dir: Path) -> str:
     result = json.loads((run_dir / "compare" / "report.json").read_text())
     pipeline = load_pipeline(ROOT / "recipes" / "demo" / "pipeline.yaml")  # its runs only, not older layouts' dirs beside them
-    runs = [r.name for rs in expand(pipeline, order(pipeline), smoke=run_dir.name.endswith("-smoke")).values() for r in rs]
+    runs = run_names(pipeline, expand(pipeline, order(pipeline), smoke=run_dir.name.endswith("-smoke")))
     summaries = [json.loads((run_dir / name / "summary.json").read_text()) for name in runs if (run_dir / name / "summary.json").is_file()]
     minutes = sum(s.get("wall_time_s", 0.0) for s in summaries) / 60
     seeds = sorted({s["seeds"] for s in result["policies"].values()})

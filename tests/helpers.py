@@ -66,9 +66,10 @@ def train_records(run: Path) -> list[dict]:
     return [m for m in read_jsonl(run / "metrics.jsonl") if m.get("split") != "eval"]
 
 
-def assert_equivalent(two: Path, one: Path, names: tuple[str, ...]) -> None:
+def assert_equivalent(two: Path, one: Path, names: tuple[str, ...], eval_loss: bool = True) -> None:
     """Two runs that must train alike up to float reordering (two processes with batch b, one with 2b): the
-    same rows in the same steps, close metrics `names`, eval loss and final weights."""
+    same rows in the same steps, close metrics `names`, eval loss (unless it depends on how the eval rows are
+    batched, as KTO's reference point does) and final weights."""
     got, want = train_records(two), train_records(one)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want):
@@ -77,7 +78,7 @@ def assert_equivalent(two: Path, one: Path, names: tuple[str, ...]) -> None:
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), (a["step"], name)
     evals = [m for m in read_jsonl(two / "metrics.jsonl") if m.get("split") == "eval"]
     expected = [m for m in read_jsonl(one / "metrics.jsonl") if m.get("split") == "eval"]
-    assert evals[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-4)  # eval rows sharded, then reduced
+    assert not eval_loss or evals[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-4)  # eval rows sharded, then reduced
     final, reference = final_weights(two), final_weights(one)
     assert final.keys() == reference.keys()
     for name in reference:

@@ -274,9 +274,9 @@ def test_kto_hand_computed():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert loss.item() == pytest.approx(((1 - sig(0.5 * 0.7)) + (1 - sig(0.5 * 1.3))) / 2)
     assert metrics["kl"].item() == pytest.approx(0.3)
-    assert metrics["rewards/chosen"].item() == pytest.approx(0.5) and metrics["rewards/rejected"].item() == pytest.approx(-0.5)
-    assert metrics["rewards/margins"].item() == pytest.approx(1.0)
-    assert metrics["logps/chosen"].item() == -4.0 and metrics["logps/rejected"].item() == -6.0
+    assert metrics["rewards/chosen"].value().item() == pytest.approx(0.5) and metrics["rewards/rejected"].value().item() == pytest.approx(-0.5)
+    assert metrics["rewards/margins"].value().item() == pytest.approx(1.0)
+    assert metrics["logps/chosen"].value().item() == -4.0 and metrics["logps/rejected"].value().item() == -6.0
     # a negative KL estimate is clamped to 0; the weights scale each kind's losses
     weighted, metrics = kto_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.0]), torch.tensor(-2.0), torch.tensor([True, False]), 0.5, 2.0, 0.5)
     assert metrics["kl"].item() == 0.0
@@ -297,10 +297,10 @@ def test_kto_against_a_loop_over_examples():
     loss, metrics = kto_loss(policy, ref, kto_kl(policy_kl, ref_kl), desirable, beta, wd, wu)
     assert loss.item() == pytest.approx(total / 7, rel=1e-12)
     chosen = [beta * float(policy[i] - ref[i]) for i in range(7) if desirable[i]]
-    assert metrics["rewards/chosen"].item() == pytest.approx(sum(chosen) / len(chosen), rel=1e-12)
+    assert metrics["rewards/chosen"].value().item() == pytest.approx(sum(chosen) / len(chosen), rel=1e-12)
     # a batch without undesirable examples: their means are 0, not NaN
     _, only = kto_loss(policy[:1], ref[:1], torch.tensor(0.0), desirable[:1], beta)
-    assert only["rewards/rejected"].item() == 0.0 and math.isfinite(only["rewards/margins"].item())
+    assert only["rewards/rejected"].value().item() == 0.0 and math.isfinite(only["rewards/margins"].value().item())
 
 
 def test_kto_gradient_reaches_the_policy_only_through_its_own_completions():
@@ -310,3 +310,25 @@ def test_kto_gradient_reaches_the_policy_only_through_its_own_completions():
     loss.backward()
     assert policy.grad[0] < 0 < policy.grad[1]  # desirable pushed up, undesirable down
     assert policy_kl.grad is None  # the reference point is detached (KTO's z_ref)
+
+
+def test_subset_means_are_the_whole_batchs_whatever_the_micro_batches():
+    """KTO's per-kind means over micro-batches of any split (one with no undesirable example, eval batches of
+    one) equal the means over the batch they make up, as the loop reduces them."""
+    from dpo_cli.train.loop import reduce_metrics
+
+    torch.manual_seed(2)
+    policy, ref = torch.randn(6) - 5, torch.randn(6) - 5
+    desirable = torch.tensor([True, True, True, False, True, False])
+    whole = kto_loss(policy, ref, torch.tensor(0.0), desirable, 0.5)[1]
+    for splits in ([3, 3], [1] * 6, [2, 4]):
+        per_batch, start = [], 0
+        for size in splits:
+            per_batch.append((kto_loss(policy[start : start + size], ref[start : start + size], torch.tensor(0.0), desirable[start : start + size], 0.5)[1], size))
+            start += size
+        items, reduced = reduce_metrics(per_batch, 6)
+        assert items == 6
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/rejected"):
+            assert reduced[key] == pytest.approx(whole[key].value().item(), rel=1e-6), (splits, key)
+    rewards = 0.5 * (policy - ref)
+    assert reduced["rewards/margins"] == pytest.approx((rewards[desirable].mean() - rewards[~desirable].mean()).item(), rel=1e-6)

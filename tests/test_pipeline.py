@@ -304,12 +304,20 @@ def test_online_rounds_expand_to_collect_and_dpo_runs_each_starting_from_the_las
     trained = steps["online-seed1-round2"].recipe_object
     assert trained.model.name_or_path == str(runs / "online-seed1-round1") and trained.seed == 1
     assert trained.dpo.ref_model == str(runs / "sft")  # reference: initial
+    assert steps["online-seed1-round1"].recipe_object.dpo.ref_model is None  # round 1 starts from it: no second copy
     mixture = [(source.path, source.weight) for source in trained.data.train]
     assert mixture == [(str(runs / "online-seed1-round2-prefs"), 0.75), (str(runs / "prefs"), 0.25)]
     assert set(steps["online-seed1-round2"].inputs) == {"sft", "prefs", "online-seed1-round1", "online-seed1-round2-prefs"}
     compare = steps["compare"].recipe_object
     assert compare.policies == {"sft": "placeholder", "online": [str(runs / "online-seed1-round2"), str(runs / "online-seed2-round2")]}
     assert compare.costs == {"online": [[str(runs / n), str(runs / n.replace("seed1", "seed2"))] for n in seed1]}  # every round counted
+    # a --set for every stage reaches the rounds' collect recipe too; the keys the rounds wire are refused
+    steps = {step.name: step for step in plan(load_pipeline(path), None, None, smoke=False, extra=["generation.max_new_tokens=5"])}
+    assert steps["online-seed2-round2-prefs"].recipe_object.generation.max_new_tokens == 5
+    with pytest.raises(Exception, match="data.train is another stage's output"):
+        plan(load_pipeline(path), None, None, smoke=False, extra=["data.train=x.jsonl"])
+    with pytest.raises(Exception, match="no such stage or run.*runs like it: .*online-seed1-round2"):
+        plan(load_pipeline(path), None, "online-round2", smoke=False)
 
 
 def test_online_dpo_runs_its_rounds_and_resumes_mid_round(tmp_path, cli, pipeline_file, monkeypatch):
@@ -325,6 +333,8 @@ def test_online_dpo_runs_its_rounds_and_resumes_mid_round(tmp_path, cli, pipelin
     assert code == 0 and "resuming from" in err, err
     for r in (1, 2):
         assert json.loads((runs / f"online-round{r}" / "summary.json").read_text())["status"] == "completed"
+        steps = [m for m in map(json.loads, (runs / f"online-round{r}" / "metrics.jsonl").read_text().splitlines()) if "split" not in m]
+        assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"] == 0  # each round learns its own fresh pairs
         assert json.loads((runs / f"online-round{r}-prefs" / "summary.json").read_text())["pairs"] > 0
     assert yaml.safe_load((runs / "online-round2" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(runs / "online-round1")
     assert yaml.safe_load((runs / "online-round2-prefs" / "recipe.yaml").read_text())["model"]["name_or_path"] == str(runs / "online-round1")
@@ -339,12 +349,18 @@ def test_online_dpo_runs_its_rounds_and_resumes_mid_round(tmp_path, cli, pipelin
 
 def test_bad_rounds(tmp_path, cli, pipeline_file):
     stages = online_stages(tmp_path, {"count": 2})
+    collect = yaml.safe_load((tmp_path / "collect.yaml").read_text())
+    write_recipe(tmp_path / "thumbs.yaml", {**collect, "collect": {"mode": "thumbs", "samples_per_prompt": 2}})
     for change, message in [
         (lambda s: s["online"]["rounds"].update(offline="nowhere"), "stages.online.rounds.offline: no stage named 'nowhere'"),
         (lambda s: s["online"].update(stage="sft", recipe="sft.yaml"), "rounds are online DPO; online is a sft stage"),
         (lambda s: s["online"].update(inputs={}), "wire the starting policy with inputs"),
         (lambda s: s["online"]["rounds"].update(collect="missing.yaml"), "rounds.collect: "),
-        (lambda s: s["online"]["rounds"].update(count=0), "rounds.count"),
+        (lambda s: s["online"]["rounds"].update(count=0), "stages.online.rounds.count: must be >= 1"),
+        (lambda s: s["online"]["inputs"].update({"data.train": "prefs"}), "data.train is set by the rounds"),
+        (lambda s: s["prefs"].update(sweep={"collect.import_format": ["trl", "auto"]}) or s["online"]["rounds"].update(offline="prefs"), "rounds read a stage with one run"),
+        (lambda s: s["online"]["rounds"].update(collect="thumbs.yaml"), "only dpo.loss: kto trains on"),
+        (lambda s: s["online"]["rounds"].update(collect="import.yaml"), "each round samples its policy and labels the samples itself"),
     ]:
         broken = json.loads(json.dumps(stages))
         change(broken)

@@ -417,6 +417,13 @@ class CollectPrefsRecipe(RecipeBase):
             raise ValueError("collect.samples_per_prompt: pairs need at least 2 responses per prompt (or set collect.mode: thumbs)")
         if self.collect.mode == "thumbs" and self.collect.source == "import":
             raise ValueError("collect.mode: thumbs labels sampled responses; an imported dataset is converted as it is (collect.source: generate)")
+        if self.collect.mode == "pairs" and self.label.threshold is not None:
+            raise ValueError("label.threshold is the bar of a thumbs up (collect.mode: thumbs); pairs compare two scores")
+        if self.collect.mode == "thumbs":
+            unused = [key for key, value, default in (("label.tie_margin", self.label.tie_margin, 0.0), ("label.ties", self.label.ties, "drop"),
+                      ("collect.pairs_per_prompt", self.collect.pairs_per_prompt, None)) if value != default]  # fmt: skip
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: pairs only; collect.mode: thumbs judges each response alone")
         return self
 
     def reopens_complete_run(self) -> bool:

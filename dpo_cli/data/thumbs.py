@@ -85,6 +85,7 @@ def build_thumb_records(
                 "annotator": ",".join(sorted({g["annotator"] for g in group})),
                 "votes": len(group),
                 "score": scores[0] if scores else None,
+                "threshold": scores[1] if scores and len(scores) > 1 else None,  # a machine's bar for a thumbs up
                 **provenance,
                 "timestamp": max(g["time"] for g in group),
             })  # fmt: skip
@@ -108,4 +109,5 @@ def thumb_stats(items: list[Item], standing: list[dict[str, Any]], records: list
         "per_annotator": {name: dict(counts) for name, counts in sorted(per_annotator.items())},
         "agreement": agreement(standing),
         "length_bias": {"desirable_mean_words": mean_or_none(words(True)), "undesirable_mean_words": mean_or_none(words(False))},
+        "thresholds": sorted({label["scores"][1] for label in standing if label.get("scores") and len(label["scores"]) > 1}),
     }

@@ -4,13 +4,14 @@ each pair gives its chosen completion as desirable and its rejected one as undes
 unpair_preference_dataset).
 
 KTO's reference point needs the policy's KL to the reference on mismatched pairs: each row is given the
-completion of another row (a seeded cycle over the rows), its `kl_completion`. Encoded rows reuse the pair
+completion of a row with another prompt (a seeded cycle over the rows, `mismatched`), its `kl_completion`. Encoded rows reuse the pair
 columns so the pair machinery (shared-prompt rows, precomputed and cached reference log-probs) serves as is:
 `chosen_*` holds the row's own completion and `rejected_*` the mismatched one, plus a `desirable` flag.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -91,15 +92,29 @@ def prepare_examples(rows: Dataset, what: str, report: DataReport, key: str, see
     if len({isinstance(completions[i], list) for i in usable}) > 1:
         raise UserError(f"{what}: text and message completions are mixed; KTO scores each prompt with another row's completion, so use one kind")
     kl_completions = list(completions)
-    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed)).tolist()
-    for k, position in enumerate(order):  # a cycle: each row takes the next row's completion
-        kl_completions[usable[position]] = completions[usable[order[(k + 1) % len(order)]]]
+    for row, other in mismatched(usable, [json.dumps(prompts[i], sort_keys=True) for i in usable], seed).items():
+        kl_completions[row] = completions[other]
     empty = type(completions[usable[0]])() if usable else ""
     fill = lambda values: [empty if value is None or not isinstance(value, (str, list)) else value for value in values]  # noqa: E731
     return Dataset.from_dict({
         "prompt": fill(prompts), "completion": fill(completions), "kl_completion": fill(kl_completions),
         "label": [label if isinstance(label, bool) else False for label in labels], PROBLEM: list(problems), ROW_NUMBER: list(numbers),
     })  # fmt: skip
+
+
+def mismatched(rows: list[int], prompts: list[str], seed: int) -> dict[int, int]:
+    """Each row -> the row whose completion it is scored with for the KL estimate: the prompts' groups in a
+    seeded order, rows shuffled within them, then each row takes the row as many places on as the largest
+    group has rows. No row gets a completion of its own prompt unless one prompt holds more than half the
+    rows (a pair unpaired, or k samples of a prompt, share one); every completion is used once."""
+    generator = torch.Generator().manual_seed(seed)
+    groups: dict[str, list[int]] = {}
+    for row, prompt in zip(rows, prompts):
+        groups.setdefault(prompt, []).append(row)
+    keys = list(groups)
+    ordered = [groups[keys[g]][i] for g in torch.randperm(len(keys), generator=generator).tolist() for i in torch.randperm(len(groups[keys[g]]), generator=generator).tolist()]
+    shift = max((len(group) for group in groups.values()), default=1) % max(len(ordered), 1) or 1
+    return {row: ordered[(k + shift) % len(ordered)] for k, row in enumerate(ordered)}
 
 
 def example_encoder(tokenizer: Any, max_length: int, max_prompt_length: int | None) -> Callable[[dict], dict]:
@@ -111,7 +126,11 @@ def example_encoder(tokenizer: Any, max_length: int, max_prompt_length: int | No
         out.update(problem=row[PROBLEM], truncated=False, emptied=False)
         if row[PROBLEM]:
             return out
-        return encode_sides(out, tokenizer, row["prompt"], {"chosen": row["completion"], "rejected": row["kl_completion"]}, max_length, max_prompt_length)
+        encode_sides(out, tokenizer, row["prompt"], {"chosen": row["completion"]}, max_length, max_prompt_length)
+        # the mismatched completion is only a KL probe: cut to fit, never a reason to refuse or drop the row
+        probe = encode_sides({"truncated": False, "emptied": False}, tokenizer, row["prompt"], {"rejected": row["kl_completion"]}, max_length, max_prompt_length)
+        out["rejected_input_ids"], out["rejected_labels"] = probe["rejected_input_ids"], probe["rejected_labels"]
+        return out
 
     return encode
 
@@ -138,8 +157,9 @@ def weight_note(desirable: int, undesirable: int, desirable_weight: float, undes
     ]
 
 
-def load_example_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_length: int | None) -> PreferenceSets:
-    """KTO's data: rows read (pairs unpaired), checked, given their mismatched completions, tokenised, truncated."""
+def load_example_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_length: int | None, weights: tuple[float, float]) -> PreferenceSets:
+    """KTO's data: rows read (pairs unpaired), checked, given their mismatched completions, tokenised, truncated;
+    a training set needs both kinds (`weights`: desirable and undesirable, for the balance note)."""
     train_rows, eval_rows = load_splits(recipe.data, recipe.seed, report)
     train_rows = prepare_examples(train_rows, "data.train", report, "train", recipe.seed)
     eval_rows = prepare_examples(eval_rows, report.eval_source, report, "eval", recipe.seed) if eval_rows is not None else None
@@ -148,7 +168,8 @@ def load_example_sets(recipe: TrainingRecipe, report: DataReport, max_prompt_len
     notes = report.notes + notes + chat_template_notes(tokenizer, recipe.tokenizer.chat_template, prompts)
     encoder = example_encoder(tokenizer, recipe.data.max_length, max_prompt_length)
     train_set = encode_rows(train_rows, encoder, "data.train", recipe.data, report, "train")
-    class_counts(train_set, "data.train")
+    if recipe.train.max_steps != 0:  # an evaluation-only run reads the eval rows alone
+        notes += weight_note(*class_counts(train_set, "data.train"), *weights)
     eval_set = encode_rows(eval_rows, encoder, report.eval_source, recipe.data, report, "eval") if eval_rows is not None else None
     readable = lambda rows: rows.filter(lambda row: not row[PROBLEM]) if rows is not None else rows  # noqa: E731
     return PreferenceSets(readable(train_rows), readable(eval_rows), train_set, eval_set, tokenizer, notes)

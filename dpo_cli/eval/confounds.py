@@ -27,9 +27,10 @@ def training_length(recipe: dict[str, Any]) -> int | None:
     return (recipe.get("generation") or {}).get("max_new_tokens")
 
 
-def confounds(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]], max_new_tokens: int) -> list[str]:
+def confounds(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]], max_new_tokens: int, budgets: dict[str, float] | None = None) -> list[str]:
     """`runs`: policy -> (its first run's saved recipe, its summary), for the trained policies (dpo, ppo, ...)
-    only; `max_new_tokens`: the evaluation's length cap."""
+    only; `max_new_tokens`: the evaluation's length cap; `budgets`: policy -> training FLOPs where the run's own
+    summary tells only part (online DPO's last round: the rounds before it trained the model it started from)."""
     warnings = []
     kinds = {name: parametrisation(recipe) for name, (recipe, _) in runs.items()}
     if len(set(kinds.values())) > 1:
@@ -42,6 +43,7 @@ def confounds(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]], max_new_to
             + f"; evaluated at {max_new_tokens}): a difference may be the length's"
         )
     flops = {name: estimate_flops(summary["compute"]) for name, (_, summary) in runs.items() if summary.get("compute")}
+    flops.update({name: value for name, value in (budgets or {}).items() if name in flops})
     if len(flops) > 1 and min(flops.values()) > 0 and max(flops.values()) / min(flops.values()) > BUDGET_RATIO:
         low, high = min(flops, key=flops.get), max(flops, key=flops.get)
         warnings.append(

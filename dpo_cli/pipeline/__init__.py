@@ -16,11 +16,11 @@ from dpo_cli.core.errors import UserError
 from dpo_cli.core.atomic import atomic_write_json
 from dpo_cli.core.rundir import RunDir
 from dpo_cli.pipeline.files import PipelineFile, PipelineStage, RoundsSection, load_pipeline, order
-from dpo_cli.pipeline.plan import Step, expand, plan, print_plan, split_overrides
+from dpo_cli.pipeline.plan import Step, expand, plan, print_plan, run_names, split_overrides
 from dpo_cli.pipeline.runs import identity
 from dpo_cli.runner import run_recipe
 
-__all__ = ["PipelineFile", "PipelineStage", "RoundsSection", "Step", "expand", "load_pipeline", "order", "plan", "run_pipeline", "split_overrides"]
+__all__ = ["PipelineFile", "PipelineStage", "RoundsSection", "Step", "expand", "load_pipeline", "order", "plan", "run_names", "run_pipeline", "split_overrides"]
 
 
 def run_pipeline(

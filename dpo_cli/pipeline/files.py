@@ -109,13 +109,25 @@ def check_rounds(path: Path, pipeline: PipelineFile, name: str, kind: str) -> No
         raise UserError(f"{where}: rounds are online DPO; {name} is a {kind} stage")
     if stage.sweep:
         raise UserError(f"{where}: a stage runs as rounds or as a sweep, not both; make one stage per sweep point")
-    if "model.name_or_path" not in stage.inputs:
+    if not isinstance(stage.inputs.get("model.name_or_path"), str):
         raise UserError(f"{where}: wire the starting policy with inputs: {{model.name_or_path: STAGE}} (e.g. sft); later rounds start from the last")
+    for key, hint in ROUND_KEYS.items():
+        if key in stage.inputs or key in stage.set:
+            raise UserError(f"stages.{name}: {key} is set by the rounds ({hint}); leave it out of the stage's inputs and set")
     if not Path(rounds.collect).is_file():
         raise UserError(f"{where}.collect: {rounds.collect} does not exist")
     for key, source in [*rounds.collect_inputs.items(), *([("offline", rounds.offline)] if rounds.offline else [])]:
+        where_key = f"{where}.{'collect_inputs.' + key if key != 'offline' else key}"
         if source not in pipeline.stages:
-            raise UserError(f"{where}.{'collect_inputs.' + key if key != 'offline' else key}: no stage named {source!r}")
+            raise UserError(f"{where_key}: no stage named {source!r}")
+        if pipeline.stages[source].sweep or pipeline.stages[source].rounds:
+            raise UserError(f"{where_key}: {source} is a {'sweep' if pipeline.stages[source].sweep else 'stage with rounds'}; rounds read a stage with one run (per seed)")
+
+
+ROUND_KEYS = {  # the dpo recipe keys each round sets itself, and where to say what they should be
+    "data.train": "each round's own pairs; mix in others with rounds.offline",
+    "dpo.ref_model": "see rounds.reference",
+}
 
 
 def dependencies(stage: PipelineStage) -> set[str]:

@@ -3,6 +3,7 @@ what to do with each (run, resume, skip, re-run)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from itertools import product
@@ -14,7 +15,7 @@ from dpo_cli.core.recipe_loader import REMOVE, Value, load_recipe, recipe_diff, 
 from dpo_cli.core.recipes import RecipeBase
 from dpo_cli.core.rundir import RunDir
 from dpo_cli.pipeline.files import PipelineFile, dependencies, order
-from dpo_cli.pipeline.rounds import round_names, round_steps
+from dpo_cli.pipeline.rounds import check_round_recipes, round_names, round_steps
 from dpo_cli.pipeline.runs import Planned, Run, identity, keys_of, point_suffix, read_runs
 
 
@@ -73,11 +74,18 @@ def expand(pipeline: PipelineFile, names: list[str], smoke: bool = False) -> dic
         ]  # fmt: skip
     taken: dict[str, str] = {}
     for name, stage_runs in runs.items():
-        for run in stage_runs:
-            if run.name in taken:
-                raise UserError(f"stages.{name}: its run {run.name} has the name of a run of {taken[run.name]}; rename a stage")
-            taken[run.name] = name
+        rounds = pipeline.stages[name].rounds
+        for run_name in [n for run in stage_runs for n in (round_names(run.name, rounds.count) if rounds else [run.name])]:
+            if run_name in taken:
+                raise UserError(f"stages.{name}: its run {run_name} has the name of a run of {taken[run_name]}; rename a stage")
+            taken[run_name] = name
     return runs
+
+
+def run_names(pipeline: PipelineFile, runs: dict[str, list[Run]]) -> list[str]:
+    """Every run dir the planned runs use, in order (an online stage's every round)."""
+    rounds = lambda name: pipeline.stages[name].rounds  # noqa: E731
+    return [n for name, stage_runs in runs.items() for run in stage_runs for n in (round_names(run.name, rounds(name).count) if rounds(name) else [run.name])]
 
 
 def wiring(
@@ -123,11 +131,12 @@ def wiring(
 def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: bool, extra: list[str] | None = None) -> list[Step]:
     names = order(pipeline)
     runs = expand(pipeline, names, smoke)
-    every_run = {r.name: r for rs in runs.values() for r in rs}
-    every_run.update({n: r for name in names if pipeline.stages[name].rounds for r in runs[name] for n in round_names(r.name, pipeline.stages[name].rounds.count)})
+    every_run = run_names(pipeline, runs)
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names and value not in every_run:
-            raise UserError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
+            close = difflib.get_close_matches(value, every_run, n=3)
+            hint = f"; runs like it: {', '.join(close)}" if close else f"; runs: {', '.join(every_run[:12])}{', ...' if len(every_run) > 12 else ''}"
+            raise UserError(f"{flag} {value}: no such stage or run; stages: {', '.join(names)}{hint}")
     extra_by_stage = split_overrides(extra or [], {name: pipeline.stages[name].stage or name for name in names})
     for name, stage_overrides in extra_by_stage.items():
         for override in stage_overrides:  # one value for all of a stage's runs would make them the same run under other names
@@ -137,7 +146,8 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
                 raise UserError(f"--set {override}: {name} {what}; change the pipeline file's {'sweep' if key != 'seed' else 'seeds'} instead")
     for override in extra or []:
         key = override.split("=", 1)[0]
-        wired = [name for name in names if key in pipeline.stages[name].inputs and ":" not in key]
+        rewired = lambda stage: key in stage.inputs or (stage.rounds is not None and key in ("model.name_or_path", "data.train", "dpo.ref_model"))  # noqa: E731
+        wired = [name for name in names if rewired(pipeline.stages[name]) and ":" not in key]
         if wired:  # an override for every stage would silently cut the wiring of these
             raise UserError(f"--set {override}: in {', '.join(wired)}, {key} is another stage's output (inputs:); set it for one stage with --set STAGE:{override}")
     root = Path(pipeline.run_dir + ("-smoke" if smoke else ""))
@@ -155,7 +165,10 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
             wired, read = wiring(name, kind, run, stage.inputs, runs, root, {n: s.rounds.count for n, s in pipeline.stages.items() if s.rounds})
             planned = [Planned(run.name, kind, Path(stage.recipe), values + wired, extra_by_stage[name], read)]
             if stage.rounds is not None:
-                planned = round_steps(stage, run, planned[0], runs, root)
+                takes = lambda key: key.split("=", 1)[0].split(".", 1)[0] in schema_for("collect-prefs").model_fields  # noqa: E731
+                collect_set = [(keys_of(k), v) for k, v in pipeline.set.items() if takes(k)]
+                collect_overrides = [o for o in extra or [] if ":" not in o.split("=", 1)[0] and takes(o)]  # --set KEY=VALUE for every stage
+                planned = round_steps(stage, run, planned[0], runs, root, collect_set, collect_overrides)
             for item in planned:
                 step = Step(item.name, item.kind, item.recipe, root / item.name, item.values, item.overrides, {s: identity(root / s) for s in sorted(set(item.read))})
                 step.stage = name
@@ -169,6 +182,9 @@ def plan(pipeline: PipelineFile, only: str | None, start: str | None, smoke: boo
                 if step.action != "skip" and step.recipe_object is None:
                     step.recipe_object = step.load(smoke)  # a bad key or --set fails now, not hours later
                 steps.append(step)
+            if stage.rounds is not None:
+                first_collect, first_dpo = steps[-len(planned)], steps[-len(planned) + 1]
+                check_round_recipes(name, stage, first_collect.recipe_object or first_collect.load(smoke), first_dpo.recipe_object or first_dpo.load(smoke))
     return steps
 
 

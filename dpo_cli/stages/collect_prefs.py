@@ -85,12 +85,17 @@ def sample_candidates(recipe: CollectPrefsRecipe, run: RunDir, runtime: Runtime,
 
 
 def sampling_cost(run: RunDir) -> dict[str, Any]:
-    """The sampling's share of the summary: responses sampled, the policy held, and the FLOPs of sampling."""
+    """The sampling's share of the summary: responses sampled, the policy held, and the FLOPs of sampling and
+    of a reward model's labelling passes (a judge's cost is not counted)."""
     path = run.path / "sampling.json"
     if not path.is_file():
         return {}
     sampling = json.loads(path.read_text())
-    return {"samples": sampling["samples"], "models": ["policy"], "compute": sampling["compute"], "estimated_flops": estimate_flops(sampling["compute"])}
+    compute = dict(sampling["compute"])
+    labelling = run.path / "labelling.json"
+    if labelling.is_file():  # the reward model read every sample once: about the tokens sampling processed
+        compute["extra"] = [{**json.loads(labelling.read_text())["reward_model"], "context": compute["context"], "tokens": compute["forward_tokens"]}]
+    return {"samples": sampling["samples"], "models": ["policy"], "compute": compute, "estimated_flops": estimate_flops(compute)}
 
 
 def machine_judge(recipe: CollectPrefsRecipe, runtime: Runtime, judge: Judge | None) -> Judge:
@@ -254,7 +259,11 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
             status = "completed" if outcome == "done" else "partial"
             ui.note(f"{annotator}: {done} / {len(units)} labelled" + ("" if status == "completed" else "; run the same command to continue"))
         else:
-            left_out.update(label_by_machine(recipe, machine_judge(recipe, runtime, judge), units, log, runtime))
+            machine = machine_judge(recipe, runtime, judge)
+            left_out.update(label_by_machine(recipe, machine, units, log, runtime))
+            scorer = getattr(machine, "scorer", None)  # a reward model: its passes are part of the labelling's cost
+            if scorer is not None:
+                atomic_write_json(run.path / "labelling.json", {"reward_model": model_shape(scorer.model)})
             status = "completed"
         standing = log.active_events()
     finally:
@@ -301,7 +310,7 @@ def label_thumbs_by_scores(recipe: CollectPrefsRecipe, judge: Judge, items: list
                 ui.note(f"response {item.item_id} skipped: {all_scores.errors.get(index)}")
             continue
         choice = thumb_choice(score, threshold, recipe.label.noise, random.Random(f"{recipe.seed}:thumb:{item.item_id}"))
-        log.label(item.item_id, judge.name, choice, judge.name, scores=(score,), sync=False)
+        log.label(item.item_id, judge.name, choice, judge.name, scores=(score, threshold), sync=False)  # the bar it was held to, logged
     log.sync()
     ui.note(f"thumbs up at a score of {threshold:.4g} or more" + (" (the median score)" if recipe.label.threshold is None else " (label.threshold)"))
     return {"judge_failed": failed} if failed else {}

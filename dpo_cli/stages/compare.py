@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from dpo_cli.core import ui
 from dpo_cli.eval.comparison import SCORES, differences, length_controlled, length_slope, policy_summary, quality_key, reward_hacking, trajectory_hacking
 from dpo_cli.eval.confounds import confounds
-from dpo_cli.eval.costs import add_costs, mean_cost, path_cost
+from dpo_cli.eval.costs import add_costs, estimate_flops, mean_cost, path_cost
 from dpo_cli.data.loading import DataReport, load_prompts
 from dpo_cli.core.errors import UserError
 from dpo_cli.eval.stats import mean_ci
@@ -97,6 +97,21 @@ def trained_runs(runs: dict[str, list[str]]) -> dict[str, tuple[dict[str, Any], 
         if saved and saved.get("stage") in ("dpo", "ppo"):
             found[name] = (saved, _stage_summary(paths[0]))
     return found
+
+
+def lineage_flops(path: str) -> float:
+    """The training FLOPs of a run and of the preference runs (dpo, ppo) it started from, followed back through
+    model.name_or_path: online DPO's last round started from the round before it."""
+    total, seen = 0.0, set()
+    while _is_run(path) and path not in seen:
+        seen.add(path)
+        saved = RunDir(Path(path)).saved_recipe() or {}
+        if saved.get("stage") not in ("dpo", "ppo"):
+            break
+        summary = _stage_summary(path)
+        total += estimate_flops(summary["compute"]) if summary.get("compute") else 0.0
+        path = str((saved.get("model") or {}).get("name_or_path") or "")
+    return total
 
 
 def labelling_judge(path: str) -> str | None:
@@ -220,7 +235,8 @@ def run_compare(recipe: CompareRecipe, run: RunDir) -> dict:
         human = human_win_rate(recipe, run, prompts, responses)
 
     costs = {path_name: training_cost(entries) for path_name, entries in recipe.costs.items()}
-    warnings = confounds(trained_runs(runs), recipe.generation.max_new_tokens)
+    trained = trained_runs(runs)
+    warnings = confounds(trained, recipe.generation.max_new_tokens, {name: lineage_flops(runs[name][0]) for name in trained})
     for warning in warnings:
         ui.note(f"compare: the policies are not like for like: {warning}")
 

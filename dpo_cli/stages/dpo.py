@@ -22,7 +22,7 @@ from dpo_cli.losses import REFERENCE_FREE_LOSSES, dpo_loss, kto_kl, kto_loss, me
 from dpo_cli.models.io import save_final_model
 from dpo_cli.models.build import ModelBundle, build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, collate_shared_pairs, load_preference_sets
-from dpo_cli.data.unpaired import class_counts, load_example_sets, weight_note
+from dpo_cli.data.unpaired import load_example_sets
 from dpo_cli.core.recipes import DpoRecipe, DpoSection
 from dpo_cli.models.roles import Reference, build_reference
 from dpo_cli.core.rundir import RunDir
@@ -90,8 +90,7 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     # Data: preference records -> chosen/rejected token ids with labels on the completions only.
     report = DataReport()
     if recipe.dpo.loss == "kto":  # unpaired examples, each with another's completion for the KL estimate
-        data = load_example_sets(recipe, report, recipe.dpo.max_prompt_length)
-        data.notes += weight_note(*class_counts(data.train_set, "data.train"), recipe.dpo.desirable_weight, recipe.dpo.undesirable_weight)
+        data = load_example_sets(recipe, report, recipe.dpo.max_prompt_length, (recipe.dpo.desirable_weight, recipe.dpo.undesirable_weight))
     else:
         data = load_preference_sets(recipe, report, recipe.dpo.max_prompt_length)
     train_rows, eval_rows, train_set, eval_set, tokenizer = data.train_rows, data.eval_rows, data.train_set, data.eval_set, data.tokenizer
@@ -109,7 +108,9 @@ def run_dpo(recipe: DpoRecipe, run: RunDir) -> dict:
     ui.notes(data.notes + bundle.notes + [reference_note] + layout_notes)
 
     source = eval_rows if eval_rows is not None else train_rows
-    prompts = [source[i]["prompt"] for i in range(min(recipe.dpo.show_samples, len(source)))]
+    first = source.select(range(min(4 * recipe.dpo.show_samples, len(source))))["prompt"]
+    distinct = list({json.dumps(p, sort_keys=True): p for p in first}.values())  # kto: a pair's two rows share a prompt
+    prompts = distinct[: recipe.dpo.show_samples]
     before_path = run.path / "samples_before.jsonl"
     if distributed.main_has(before_path):
         before = [json.loads(line)["response"] for line in before_path.read_text().splitlines()]

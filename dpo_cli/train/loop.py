@@ -27,6 +27,7 @@ from dpo_cli.core.rundir import RunDir
 from dpo_cli.core.runtime import Runtime
 from dpo_cli.train.session import TrainingSession
 from dpo_cli.core.ui import note
+from dpo_cli.losses import SubsetMean
 
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 Collate = Callable[[list[dict]], dict[str, Any]]
@@ -152,6 +153,43 @@ def _scalar(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _metric_parts(value: Any, items: int) -> list[Any]:
+    """What a micro-batch adds to a metric's totals: value x items (an item-weighted mean), or a SubsetMean's
+    own total and count (and those of the mean it subtracts). Tensors stay on the device (no sync per
+    micro-batch); reduce_metrics reads them once."""
+    if isinstance(value, SubsetMean):
+        return [value.total.detach().float(), value.count.float()] + (_metric_parts(value.minus, items) if value.minus is not None else [])
+    return [(value.detach().float() if isinstance(value, torch.Tensor) else value) * items]
+
+
+def _metric_value(template: Any, parts: list[float], items: float) -> float:
+    """A metric from its totals over every micro-batch and process (`template`: one micro-batch's value)."""
+    if isinstance(template, SubsetMean):
+        own = parts[0] / parts[1] if parts[1] else 0.0
+        return own - _metric_value(template.minus, parts[2:], items) if template.minus is not None else own
+    return parts[0] / max(items, 1)
+
+
+def reduce_metrics(per_batch: list[tuple[dict[str, Any], int]], local_items: int) -> tuple[float, dict[str, float]]:
+    """Metrics of micro-batches (each with its item count) as one batch holding all of them on every
+    process: the global item count and each metric (keys as the first micro-batch gives them)."""
+    templates: dict[str, Any] = {}
+    sums: dict[str, list[Any]] = {}
+    for metrics, items in per_batch:
+        for key, value in metrics.items():
+            parts = _metric_parts(value, items)
+            templates.setdefault(key, value)
+            sums[key] = [a + b for a, b in zip(sums[key], parts)] if key in sums else parts
+    keys = sorted(sums)
+    flat = reduce_sum([float(local_items)] + [_scalar(part) for key in keys for part in sums[key]])
+    items, position, result = flat[0], 1, {}
+    for key in keys:
+        width = len(sums[key])
+        result[key] = _metric_value(templates[key], flat[position : position + width], items)
+        position += width
+    return items, result
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runtime: Runtime) -> dict[str, float]:
     """Item-weighted means of the loss and metrics over the whole eval set (every process scores its share
@@ -159,20 +197,14 @@ def evaluate(model: torch.nn.Module, stream: BatchStream, step_fn: StepFn, runti
 
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = {}
-    weight = 0.0
+    per_batch: list[tuple[dict[str, Any], int]] = []
     for batch in eval_batches(stream.dataset, stream.batch_size, stream.collate) or []:
         with runtime.accelerator.autocast():
             loss, metrics = step_fn(model, _to_device(batch, runtime.device))
-        n = batch["num_items"]
-        weight += n
-        for key, value in {"loss": loss, **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + _scalar(value) * n
+        per_batch.append(({"loss": loss, **metrics}, batch["num_items"]))
     model.train(was_training)
-    keys = sorted(set(sums) | {"loss"})
-    totals = reduce_sum([weight] + [sums.get(key, 0.0) for key in keys])
-    result = {key: value / max(totals[0], 1) for key, value in zip(keys, totals[1:])}
-    if totals[0] and not math.isfinite(result["loss"]):
+    items, result = reduce_metrics(per_batch or [({"loss": 0.0}, 0)], sum(n for _, n in per_batch))
+    if items and not math.isfinite(result["loss"]):
         raise UserError(f"the eval loss became {result['loss']}: the model is broken; nothing is written as final/ (the newest checkpoint is the last one saved)")
     return result
 
@@ -361,8 +393,7 @@ def accumulate_gradients(
     accelerator, world = runtime.accelerator, runtime.world_size
     local_items = sum(batch["num_items"] for batch in window)
     global_items = reduce_sum([local_items])[0]
-    step_loss = torch.zeros((), device=runtime.device)  # summed on the device: one sync per step, not per micro-batch
-    sums: dict[str, Any] = {}
+    per_batch: list[tuple[dict[str, Any], int]] = []
     for index, batch in enumerate(window):
         share = batch["num_items"] / max(global_items, 1) * world
         last = index == len(window) - 1
@@ -370,13 +401,9 @@ def accumulate_gradients(
             with accelerator.autocast():
                 loss, metrics = step_fn(model, _to_device(batch, runtime.device))
             accelerator.backward(loss * share)
-        step_loss += loss.detach().float() * batch["num_items"]
-        for key, value in metrics.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else value
-            sums[key] = sums.get(key, 0.0) + value * batch["num_items"]
-    keys = sorted(sums)
-    totals = reduce_sum([_scalar(step_loss)] + [_scalar(sums[key]) for key in keys])
-    return totals[0] / max(global_items, 1), {key: value / max(global_items, 1) for key, value in zip(keys, totals[1:])}
+        per_batch.append(({"loss": loss.detach(), **metrics}, batch["num_items"]))
+    _, result = reduce_metrics(per_batch, local_items)
+    return result.pop("loss"), result
 
 
 def _log_extra(record: dict[str, Any] | None, step: int, session: TrainingSession) -> None:

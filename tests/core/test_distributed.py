@@ -48,6 +48,21 @@ def test_dpo_lora_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, dp
     assert torch.allclose(ref_two, ref_one, atol=1e-5)  # scored in shards, gathered in the data's order
 
 
+@pytest.mark.slow  # two processes (CI runs the slow tests)
+def test_kto_two_processes_equal_one_with_twice_the_batch(tmp_path, cli, dpo_recipe, tiny_model_dir):
+    """KTO's reference point is averaged over the processes and its per-kind means added up before dividing:
+    the logged numbers and the updates are those of one process holding the whole batch."""
+    model = {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "dropout": 0.0}}
+    dpo = {"loss": "kto", "beta": 0.5, "show_samples": 0}
+    train = {"max_steps": 4, "log_every": 1, "save_every": None, "learning_rate": 5e-3}
+    two = dpo_recipe("two.yaml", model=model, dpo=dpo, train={**train, "batch_size": 4})
+    one = dpo_recipe("one.yaml", model=model, dpo=dpo, train={**train, "batch_size": 8})
+    assert cli("dpo", one, "--run-dir", tmp_path / "one")[0] == 0
+    done = torchrun("dpo", two, "--run-dir", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_equivalent(tmp_path / "two", tmp_path / "one", ("loss", "grad_norm", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"), eval_loss=False)
+
+
 @pytest.mark.slow  # 18 s on two processes (CI runs the slow tests)
 def test_fsdp_full_shard_trains_like_one_process_and_resumes_from_its_shards(tmp_path, cli, sft_recipe):
     """FSDP on CPU (gloo): the same steps as one process with the global batch; its checkpoints are the

@@ -28,6 +28,8 @@ def test_each_example_is_given_another_rows_completion_by_a_seeded_cycle():
     assert completions == [r["completion"] for r in rows] and prepared["label"] == [r["label"] for r in rows]
     assert all(k != c for k, c in zip(kl, completions))  # never its own
     assert sorted(kl) == sorted(completions)  # a cycle: every completion used once
+    owner = {r["completion"]: r["prompt"] for r in rows}
+    assert all(owner[k] != r["prompt"] for k, r in zip(kl, rows))  # always another prompt's
     again = prepare_examples(Dataset.from_list(rows), "data.train", DataReport(), "train", seed=3)
     other = prepare_examples(Dataset.from_list(rows), "data.train", DataReport(), "train", seed=4)
     assert again["kl_completion"] == kl and other["kl_completion"] != kl
@@ -39,6 +41,26 @@ def test_pairs_become_a_desirable_and_an_undesirable_example():
     assert len(prepared) == 8 and sum(prepared["label"]) == 4
     assert prepared["completion"][:2] == [pairs[0]["chosen"], pairs[0]["rejected"]] and prepared["label"][:2] == [True, False]
     assert prepared["__row__"][:4] == [1, 1, 2, 2]  # an error names the pair's row in the file
+    prompt_of = {c: p for p, c in zip(prepared["prompt"], prepared["completion"])}
+    assert all(prompt_of[k] != p for p, k in zip(prepared["prompt"], prepared["kl_completion"]))  # not the same pair's other side
+
+
+def test_the_mismatch_avoids_a_prompts_own_samples_and_degrades_gracefully():
+    from dpo_cli.data.unpaired import mismatched
+
+    prompts = ["a"] * 3 + ["b"] * 3 + ["c"] * 2 + ["d"]  # k samples per prompt, as thumbs labels them
+    for seed in range(5):
+        partner = mismatched(list(range(9)), prompts, seed)
+        assert sorted(partner.values()) == list(range(9)) and all(prompts[r] != prompts[o] for r, o in partner.items())
+    assert mismatched([0, 1, 2], ["a"] * 3, 0) != {0: 0, 1: 1, 2: 2}  # one prompt: another sample of it, never itself
+    assert all(r != o for r, o in mismatched([0, 1, 2], ["a"] * 3, 0).items())
+    assert mismatched([7], ["a"], 0) == {7: 7}
+
+
+def test_a_long_mismatched_completion_never_refuses_its_row(tiny_tokenizer):
+    row = {"prompt": "A film.", "completion": " Fine.", "kl_completion": " word" * 200, "label": True, "__problem__": ""}
+    out = example_encoder(tiny_tokenizer, 32, None)(row)
+    assert not out["truncated"] and not out["emptied"] and len(out["rejected_input_ids"]) == 32
 
 
 def test_conversational_examples_use_the_chat_template(zoo):

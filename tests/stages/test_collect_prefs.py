@@ -89,6 +89,8 @@ def test_reward_model_labeler(tmp_path, cli, prefs_recipe, tiny_reward_model_dir
     records = read_jsonl(tmp_path / "run" / "prefs.jsonl")
     assert records and all(r["scores"]["chosen"] > r["scores"]["rejected"] for r in records)
     assert records[0]["labeler"].startswith("reward-model:")
+    compute = json.loads((tmp_path / "run" / "summary.json").read_text())["compute"]
+    assert compute["extra"][0]["tokens"] == compute["forward_tokens"] > 0  # the reward model's passes are counted in the cost
 
 
 def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path, cli, prefs_recipe, tiny_model_dir):
@@ -188,7 +190,7 @@ def test_thumbs_by_a_judge_write_kto_examples_that_dpo_trains_on(tmp_path, cli, 
     assert {"prompt", "completion", "label", "score", "labeler"} <= set(records[0]) and isinstance(records[0]["label"], bool)
     scores = sorted(r["score"] for r in records)
     median = (scores[len(scores) // 2] + scores[(len(scores) - 1) // 2]) / 2
-    assert all(r["label"] == (r["score"] >= median) for r in records)  # the length judge against the median
+    assert all(r["label"] == (r["score"] >= median) and r["threshold"] == median for r in records)  # the length judge against the median
     assert stats["records"] == len(records) == len(items) == stats["items"] and stats["left_out"].get("empty_responses")  # left out, counted
     assert stats["desirable"] + stats["undesirable"] == len(records) and stats["desirable"] >= len(records) / 2
     assert "thumbs up at a score of" in err
@@ -199,9 +201,7 @@ def test_thumbs_by_a_judge_write_kto_examples_that_dpo_trains_on(tmp_path, cli, 
 
     assert run_cost(summary)["samples"] == 30 and run_cost(summary)["flops"] == summary["estimated_flops"]
     assert len(datasets.load_dataset("json", data_files=str(run / "prefs.jsonl"), split="train")) == len(records)
-    # labelled again with a fixed bar: already-labelled responses stand (the log is append-only and kept)
-    code, _, err = cli("collect-prefs", recipe, "--run-dir", run)
-    assert code == 0 and read_jsonl(run / "prefs.jsonl") == records
+    assert stats["thresholds"] == [median]
 
     dpo = dpo_recipe(data={"train": str(run), "eval": None, "max_length": 64}, dpo={"loss": "kto", "show_samples": 0}, train={"max_steps": 2})
     code, _, err = cli("dpo", dpo, "--run-dir", tmp_path / "kto")
@@ -213,6 +213,8 @@ def test_thumbs_options_are_checked(cli, prefs_recipe):
     for sections, message in [
         ({"collect": {"samples_per_prompt": 1}}, "pairs need at least 2 responses per prompt"),
         ({"collect": {"mode": "thumbs", "source": "import"}, "data": {"train": "x.jsonl"}}, "collect.mode: thumbs labels sampled responses"),
+        ({"label": {"by": "judge", "threshold": 0.5}}, "label.threshold is the bar of a thumbs up"),
+        ({"collect": {"mode": "thumbs"}, "label": {"by": "judge", "tie_margin": 0.1}}, "label.tie_margin: pairs only"),
     ]:
         code, _, err = cli("validate", prefs_recipe(**sections))
         assert code == 1 and message in err, err

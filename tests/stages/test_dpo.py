@@ -441,7 +441,7 @@ def test_kto_one_batch_against_an_independent_float64_computation(tiny_model_dir
         expected.append(1.5 * (1 - sig(0.3 * (r - z))) if row["label"] else 1 - sig(0.3 * (z - r)))
     assert z > 0 and metrics["kl"].item() == pytest.approx(z, abs=1e-6)
     assert loss.item() == pytest.approx(sum(expected) / 3, abs=1e-6)
-    assert metrics["rewards/rejected"].item() == pytest.approx(0.3 * (logps(policy, 1) - logps(reference, 1)), abs=1e-6)
+    assert metrics["rewards/rejected"].value().item() == pytest.approx(0.3 * (logps(policy, 1) - logps(reference, 1)), abs=1e-6)
 
 
 def test_kto_learns_from_unpaired_examples_and_a_precomputed_reference_changes_nothing(tmp_path, cli, dpo_recipe):
