@@ -17,6 +17,7 @@ from dpo_cli.cli.options import (
     AllowDataOpt, DebugOpt, EvalOnlyOpt, FreshOpt, RecipeArg, ResumeFromOpt, RunDirOpt, SetOpt, SmokeOpt, StageOpt, guarded,
 )  # fmt: skip
 from dpo_cli.core import ui
+from dpo_cli.core.errors import UserError
 from dpo_cli.data.files import check_data_paths
 from dpo_cli.core.recipe_loader import load_recipe, read_recipe_file, recipe_to_yaml, schema_for, stage_of
 from dpo_cli.core.recipes import ALL_STAGES
@@ -64,6 +65,7 @@ STAGE_EXAMPLES = {
     "Writes RUN/report.md, RUN/report.json, frontier.png, costs.png and curves.png.",
     "collect-prefs": "Example: dpo-cli collect-prefs recipes/demo/collect-prefs.yaml\n\n"
     "Label by hand: dpo-cli collect-prefs RECIPE --set label.by=human --annotator alice\n\n"
+    "Label in browsers, as a team: dpo-cli collect-prefs RECIPE --serve --annotators alice,bob,carol\n\n"
     "Every label is saved the moment it is given; the same command continues where labelling stopped.",
 }
 
@@ -98,13 +100,28 @@ def collect_prefs(
     annotator: Annotated[
         Optional[str], typer.Option("--annotator", help="Your name, for human labelling (default: $DPO_CLI_ANNOTATOR, $USER).")
     ] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Label in browsers: print one secret link per annotator and an admin link, and serve until Ctrl-C.")] = False,
+    host: Annotated[Optional[str], typer.Option("--host", help="With --serve: the address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=0, max=65535, help="With --serve: the port (default 8080; 0: any free one).")] = None,
+    annotators: Annotated[Optional[str], typer.Option("--annotators", help="With --serve: the annotators' names, comma-separated (a,b,c).")] = None,
     fresh: FreshOpt = False,
     allow_data_change: AllowDataOpt = False,
     smoke: SmokeOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     extra = [f"label.annotator={annotator}"] if annotator else []
-    guarded(debug, lambda: run_stage("collect-prefs", recipe, run_dir, [*(overrides or []), *extra], fresh, smoke, allow_data_change))
+    if serve:
+        extra += ["label.by=human", "label.serve=true"]
+    extra += [f"label.host={host}"] if host is not None else []
+    extra += [f"label.port={port}"] if port is not None else []
+    extra += ["label.annotators=[" + ", ".join(name.strip() for name in annotators.split(",")) + "]"] if annotators is not None else []
+
+    def run() -> None:
+        if (host is not None or port is not None or annotators is not None) and not serve:
+            raise UserError("--host, --port and --annotators go with --serve")
+        run_stage("collect-prefs", recipe, run_dir, [*(overrides or []), *extra], fresh, smoke, allow_data_change)
+
+    guarded(debug, run)
 
 
 collect_prefs.__doc__ = f"{STAGE_HELP['collect-prefs']}\n\n{STAGE_EXAMPLES['collect-prefs']}"

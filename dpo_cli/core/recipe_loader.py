@@ -33,6 +33,10 @@ RESUME_SAFE_KEYS = (
     "dpo.ref_cache",  # cached reference log-probs are those the pass would give
     "generation.batch_size",
     "label.annotator",  # several people label into one run
+    "label.serve",  # at the terminal or in browsers, into the same log
+    "label.host",
+    "label.port",
+    "label.annotators",
     "label.batch_size",
 )
 

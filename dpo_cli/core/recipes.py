@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -86,6 +88,11 @@ class LabelSection(Section):
         "majority", description="Several annotators on one pair: one record with the majority choice, or one record per label."
     )
     annotator: str | None = Field(None, description="Name of the human annotator (default: --annotator, $DPO_CLI_ANNOTATOR, $USER).")
+    serve: bool = Field(False, description="Label in browsers (--serve): a web server with one secret link per annotator and one for the admin.")
+    host: str = Field("127.0.0.1", description="With serve: the address to listen on (loopback unless told otherwise).")
+    port: int = Field(8080, ge=0, le=65535, description="With serve: the port (0: any free one).")
+    annotators: list[str] | None = Field(None, description="With serve: the annotators' names, each getting a link (default: label.annotator).")
+    overlap: float = Field(0.1, ge=0.0, le=1.0, description="With serve and several annotators: the share of pairs two annotators label, for agreement.")
     batch_size: int = Field(16, ge=1, description="Responses per reward-model forward pass.")
 
     _judge = field_validator("judge")(lambda value: check_builtin_judge(value, "label.python"))
@@ -95,10 +102,22 @@ class LabelSection(Section):
     def _needs(self) -> LabelSection:
         if self.by == "reward-model" and self.reward_model is None:
             raise ValueError("label.by: reward-model needs label.reward_model (an rm-train run or a sequence classifier)")
+        if self.serve and self.by != "human":
+            raise ValueError(f"label.serve: the web labeller is for people (label.by: human), not label.by: {self.by}")
         if self.python is not None and self.by != "judge":
             raise ValueError(f"label.python is the judge of label.by: judge, not of label.by: {self.by}")
         self.chosen_judge()
         return self
+
+    @field_validator("annotators")
+    @classmethod
+    def _names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+                raise ValueError(f"annotator name {name!r}: use letters, digits, '.', '_' or '-'")
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("name each annotator once")
+        return value
 
     def chosen_judge(self) -> JudgeSpec | None:
         return judge_spec(self.judge, "label.judge", "sentiment", self.python, "label.python")

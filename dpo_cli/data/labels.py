@@ -6,7 +6,7 @@ are appended to RUN/labels.quarantine (once).
 
 Events:
     {"event": "label", "id": "ann-7", "pair_id": "12-0-1", "annotator": "ann", "choice": "A"|"B"|"tie"|"skip",
-     "swapped": false, "labeler": "human", "scores": [sA, sB] | null, "time": "..."}
+     "swapped": false, "labeler": "human", "scores": [sA, sB] | null, "time": "...", "reason": "..." (optional)}
     {"event": "undo", "id": "ann-8", "target": "ann-7", "annotator": "ann", "time": "..."}
 Choices are in the pair's own order (A = the pair's first response), whatever side it was shown on.
 """
@@ -126,8 +126,9 @@ class LabelLog:
         choice: str,
         labeler: str,
         swapped: bool = False,
-        scores: tuple[float, float] | None = None,
+        scores: tuple[float, ...] | None = None,
         sync: bool = True,
+        reason: str | None = None,
     ) -> dict[str, Any]:
         event = {
             "event": "label",
@@ -139,6 +140,7 @@ class LabelLog:
             "labeler": labeler,
             "scores": list(scores) if scores is not None else None,
             "time": now(),
+            **({"reason": reason} if reason else {}),
         }
         return self._append(event, sync)
 

@@ -6,6 +6,7 @@ Phases: prompts -> candidates (sampled once, saved) -> pairs -> labels (an fsync
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -226,7 +227,14 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
     if recipe.label.by == "human":
         if runtime.world_size > 1:
             raise UserError("label.by: human labelling runs in one process; start it without torchrun / accelerate launch")
-        require_terminal()  # refuse before sampling, not after
+        if recipe.label.serve and recipe.collect.mode == "thumbs":
+            raise UserError("label.serve: the web labeller shows pairs; thumbs up / down is labelled at the terminal for now")
+        if recipe.label.serve:
+            from dpo_cli.data.web import require_web
+
+            require_web()
+        else:
+            require_terminal()  # refuse before sampling, not after
     judge = build_judge(recipe.label.chosen_judge()) if recipe.label.by == "judge" else None  # user code: said before sampling
     candidates = sample_candidates(recipe, run, runtime, prompts, report)
     thumbs = recipe.collect.mode == "thumbs"
@@ -244,11 +252,21 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
     if not (run.path / units_file).exists():
         atomic_write_jsonl(run.path / units_file, [u.as_dict() for u in units])
 
+    provenance = {
+        "generation": {
+            "model": recipe.model.name_or_path,
+            **recipe.generation.model_dump(exclude={"batch_size"}),
+            "samples_per_prompt": recipe.collect.samples_per_prompt,
+            "seed": recipe.seed,
+        }
+    }
     log = LabelLog(run.path / "labels.jsonl")
     for problem in log.problems():
         ui.note(problem)
     try:
-        if recipe.label.by == "human":
+        if recipe.label.serve:
+            status = serve_pairs(recipe, run, units, log, provenance)
+        elif recipe.label.by == "human":
             annotator = resolve_annotator(recipe.label.annotator)
             if thumbs:
                 outcome = label_thumbs_by_hand(units, log, annotator, ui.console)
@@ -268,14 +286,6 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         standing = log.active_events()
     finally:
         log.close()
-    provenance = {
-        "generation": {
-            "model": recipe.model.name_or_path,
-            **recipe.generation.model_dump(exclude={"batch_size"}),
-            "samples_per_prompt": recipe.collect.samples_per_prompt,
-            "seed": recipe.seed,
-        }
-    }
     if thumbs:
         records, counts = build_thumb_records(units, standing, recipe.label.aggregate, provenance)
         stats = thumb_stats(units, standing, records, {**left_out, **counts})
@@ -314,3 +324,26 @@ def label_thumbs_by_scores(recipe: CollectPrefsRecipe, judge: Judge, items: list
     log.sync()
     ui.note(f"thumbs up at a score of {threshold:.4g} or more" + (" (the median score)" if recipe.label.threshold is None else " (label.threshold)"))
     return {"judge_failed": failed} if failed else {}
+
+
+def serve_pairs(recipe: CollectPrefsRecipe, run: RunDir, pairs: list[Pair], log: LabelLog, provenance: dict[str, Any]) -> str:
+    """Label in browsers until the server is stopped (Ctrl-C, SIGTERM): 'completed' when every annotator
+    labelled every pair given them, else 'partial' (the same command serves each one from where they stopped)."""
+    from dpo_cli.data.assignment import assign
+    from dpo_cli.data.web import ADMIN, Desk, load_tokens, records_of, serve
+
+    annotators = recipe.label.annotators or [resolve_annotator(recipe.label.annotator)]
+    queues = assign([p.pair_id for p in pairs], annotators, recipe.label.overlap, recipe.seed)
+    tokens = load_tokens(run.path / "serve-tokens.json", annotators)
+    admin_token = next(token for token, name in tokens.items() if name == ADMIN)
+    hint = [f"dpo-cli rm-train RECIPE --set data.train={run.path}", f"dpo-cli dpo RECIPE --set data.train={run.path}"]
+    desk = Desk(
+        pairs={p.pair_id: p for p in pairs}, queues=queues, log=log, seed=recipe.seed, tokens=tokens,
+        csrf_key=hashlib.sha256(f"csrf:{admin_token}".encode()).digest(), records=records_of(pairs, log, recipe.label.aggregate, recipe.label.ties, provenance),
+        train_hint=hint,
+    )  # fmt: skip
+    serve(desk, recipe.label.host, recipe.label.port, lambda line: ui.console.print(line, markup=False, highlight=False, soft_wrap=True))
+    standing = log.active()
+    done = all((pair_id, name) in standing for name, queue in queues.items() for pair_id in queue)
+    ui.note(f"labelling server stopped: {sum(1 for key in standing if key[1] in queues)} labels stand" + ("" if done else "; the same command serves the rest"))
+    return "completed" if done else "partial"

@@ -1,0 +1,335 @@
+"""The web labeller (`collect-prefs --serve`): a team labels the run's pairs in their browsers.
+
+One secret link per annotator and one for the admin; the link's token is held in an HttpOnly, SameSite
+cookie after the first visit. Pages are rendered on the server (Jinja2, escaped: model text is text), with
+one small static script for the keys. Every label goes through the same fsynced LabelLog as the terminal
+labeller before the page moves on; handlers run one at a time on the event loop, so concurrent annotators
+append whole lines, never interleaved ones. State changes only by POST with a CSRF token; bodies are
+size-limited; failed tokens are rate-limited per client; no path or file name comes from a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from dpo_cli.data.labels import LabelLog
+from dpo_cli.data.prefs import Pair, agreement, build_records, preference_stats, shown_swapped
+
+COOKIE = "dpo_cli_token"
+MAX_BODY = 16 * 1024  # a label form is a few hundred bytes; a reason at most MAX_REASON characters
+MAX_REASON = 1000
+FAILED_TOKENS = 20  # per client and minute, then 429
+HERE = Path(__file__).parent
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",  # the first request carries the token in its URL
+    "cache-control": "no-store",
+}
+CHOICES = {"left", "right", "tie", "skip"}
+
+
+@dataclass
+class Desk:
+    """What the server serves: the pairs, each annotator's queue, the label log, and who holds which token."""
+
+    pairs: dict[str, Pair]
+    queues: dict[str, list[str]]  # annotator -> pair ids, in their order
+    log: LabelLog
+    seed: int
+    tokens: dict[str, str]  # token -> annotator name; ADMIN for the admin
+    csrf_key: bytes
+    records: Any  # () -> (records, counts): prefs.jsonl as the labels stand now
+    train_hint: list[str]  # the commands that train on this run dir
+    failures: dict[str, deque] = field(default_factory=dict)
+
+
+ADMIN = "\x00admin"  # no annotator name can be this (names are [A-Za-z0-9._-])
+
+
+def load_tokens(path: Path, annotators: list[str]) -> dict[str, str]:
+    """token -> name, kept in RUN/serve-tokens.json (mode 600) so links survive a restart; new names get new
+    tokens, from `secrets`."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    by_name = {name: token for token, name in saved.items()}
+    for name in [ADMIN, *annotators]:
+        by_name.setdefault(name, secrets.token_urlsafe(24))
+    tokens = {token: name for name, token in by_name.items() if name == ADMIN or name in annotators}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(tokens))
+    temporary.chmod(0o600)
+    temporary.replace(path)
+    return tokens
+
+
+def csrf_for(desk: Desk, token: str) -> str:
+    return hmac.new(desk.csrf_key, token.encode(), hashlib.sha256).hexdigest()
+
+
+def who(desk: Desk, token: str | None) -> str | None:
+    """The holder of a token, compared in constant time against every token; None when it is nobody's."""
+    found = None
+    for known, name in desk.tokens.items():
+        if token is not None and secrets.compare_digest(known.encode(), token.encode()):
+            found = name
+    return found
+
+
+def too_many_failures(desk: Desk, client: str) -> bool:
+    recent = desk.failures.setdefault(client, deque())
+    while recent and recent[0] < time.monotonic() - 60:
+        recent.popleft()
+    return len(recent) >= FAILED_TOKENS
+
+
+def progress(desk: Desk, name: str) -> tuple[int, int, str | None]:
+    """Labelled, assigned, and the next pair this annotator has not labelled (None: done)."""
+    standing = desk.log.active()
+    queue = desk.queues.get(name, [])
+    pending = [pair_id for pair_id in queue if (pair_id, name) not in standing]
+    return len(queue) - len(pending), len(queue), pending[0] if pending else None
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    return {key: values[0] for key, values in parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).items()}
+
+
+def admin_view(desk: Desk) -> dict[str, Any]:
+    """The admin page's numbers: progress and rate per annotator, agreement, tie / skip rates, biases, and the
+    pairs two annotators decided differently."""
+    standing = desk.log.active_events()
+    records, counts = desk.records()
+    stats = preference_stats(list(desk.pairs.values()), standing, records, counts)
+    hour_ago = time.time() - 3600
+    rows = []
+    for name, queue in desk.queues.items():
+        labels = [e for e in standing if e["annotator"] == name]
+        recent = [e for e in labels if _epoch(e["time"]) >= hour_ago]
+        done, total, _ = progress(desk, name)
+        rows.append({"name": name, "done": done, "total": total, "last_hour": len(recent)})
+    by_pair: dict[str, dict[str, str]] = {}
+    for event in standing:
+        if event["choice"] != "skip":
+            by_pair.setdefault(event["pair_id"], {})[event["annotator"]] = event["choice"]
+    disagreements = [
+        {"pair": desk.pairs[pair_id], "choices": choices}
+        for pair_id, choices in by_pair.items() if len(set(choices.values())) > 1 and pair_id in desk.pairs
+    ]  # fmt: skip
+    return {"annotators": rows, "stats": stats, "agreement": agreement(standing), "disagreements": disagreements[:50], "hint": desk.train_hint}
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def build_app(desk: Desk) -> Any:
+    """The Starlette app: / (a link's token -> its cookie), /label, /undo, /admin, /admin/prefs.jsonl and the
+    two static files."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from starlette.applications import Starlette
+    from starlette.datastructures import MutableHeaders
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+    from starlette.routing import Route
+
+    pages = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True, default_for_string=True))
+    static = {name: (HERE / "static" / name).read_bytes() for name in ("label.js", "style.css")}
+
+    def page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
+        return HTMLResponse(pages.get_template(template).render(**values), status_code=status)
+
+    def refused(request: Request, status: int, message: str) -> Response:
+        return page("message.html", status, title="Not allowed" if status in (401, 403) else "Error", message=message)
+
+    def holder(request: Request) -> str | None:
+        return who(desk, request.cookies.get(COOKIE))
+
+    async def read_form(request: Request) -> dict[str, str] | None:
+        """The POSTed form, or None when it is too large or not the holder's (CSRF)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            return None
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return None
+        form = parse_form(body)
+        token = request.cookies.get(COOKIE) or ""
+        return form if secrets.compare_digest(form.get("csrf", "").encode(), csrf_for(desk, token).encode()) else None
+
+    async def enter(request: Request) -> Response:
+        client = request.client.host if request.client else "?"
+        if too_many_failures(desk, client):
+            return refused(request, 429, "Too many wrong links from this address; wait a minute.")
+        token = request.query_params.get("token")
+        name = who(desk, token) if token else holder(request)
+        if name is None:
+            if token:
+                desk.failures[client].append(time.monotonic())
+            return refused(request, 401, "This link is not valid. Ask for your own link.")
+        response = RedirectResponse("/admin" if name == ADMIN else "/label", status_code=303)
+        if token:
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/")
+        return response
+
+    async def label_page(request: Request) -> Response:
+        name = holder(request)
+        if name is None or name == ADMIN:
+            return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
+        done, total, next_id = progress(desk, name)
+        if next_id is None:
+            return page("done.html", done=done, total=total, name=name, csrf=csrf_for(desk, request.cookies[COOKIE]))
+        pair = desk.pairs[next_id]
+        swapped = shown_swapped(desk.seed, pair.pair_id, name)
+        left, right = (pair.b, pair.a) if swapped else (pair.a, pair.b)
+        turns = pair.prompt if isinstance(pair.prompt, list) else [{"role": "prompt", "content": pair.prompt}]
+        return page("label.html", name=name, done=done, total=total, pair_id=pair.pair_id, turns=turns, left=left.strip(), right=right.strip(),
+                    csrf=csrf_for(desk, request.cookies[COOKIE]), message=request.query_params.get("m", "")[:200])  # fmt: skip
+
+    async def label_post(request: Request) -> Response:
+        name = holder(request)
+        if name is None or name == ADMIN:
+            return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
+        form = await read_form(request)
+        if form is None:
+            return refused(request, 403, "The form was refused (too large, or not from your page): reload the page.")
+        pair_id, choice, reason = form.get("pair_id", ""), form.get("choice", ""), form.get("reason", "").strip()[:MAX_REASON]
+        if choice not in CHOICES or pair_id not in desk.queues.get(name, []):
+            return refused(request, 400, "That is not one of your pairs or choices: reload the page.")
+        if (pair_id, name) not in desk.log.active():  # a resent form labels once
+            swapped = shown_swapped(desk.seed, pair_id, name)
+            pick = {"left": "B" if swapped else "A", "right": "A" if swapped else "B"}.get(choice, choice)
+            desk.log.label(pair_id, name, pick, "human", swapped=swapped, reason=reason or None)  # fsynced before the reply
+        return RedirectResponse("/label", status_code=303)
+
+    async def undo(request: Request) -> Response:
+        name = holder(request)
+        if name is None or name == ADMIN:
+            return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
+        if await read_form(request) is None:
+            return refused(request, 403, "The form was refused (too large, or not from your page): reload the page.")
+        undone = desk.log.undo_last(name)
+        return RedirectResponse("/label?m=" + ("undone" if undone else "nothing+to+undo"), status_code=303)
+
+    async def admin(request: Request) -> Response:
+        if holder(request) != ADMIN:
+            return refused(request, 403 if holder(request) else 401, "This page is for the admin link.")
+        return page("admin.html", **admin_view(desk))
+
+    async def download(request: Request) -> Response:
+        if holder(request) != ADMIN:
+            return refused(request, 403 if holder(request) else 401, "This page is for the admin link.")
+        records, _ = desk.records()
+        body = "".join(json.dumps(record) + "\n" for record in records)
+        return Response(body, media_type="application/jsonl", headers={"content-disposition": 'attachment; filename="prefs.jsonl"'})
+
+    def asset(name: str, media_type: str) -> Any:
+        async def serve(request: Request) -> Response:
+            return Response(static[name], media_type=media_type)
+
+        return serve
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    class SecurityHeaders:
+        """Adds SECURITY_HEADERS to every response (a plain ASGI middleware)."""
+
+        def __init__(self, app: Any):
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            async def send_with_headers(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    headers = MutableHeaders(scope=message)
+                    for key, value in SECURITY_HEADERS.items():
+                        headers[key] = value
+                await send(message)
+
+            await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+    return Starlette(middleware=[Middleware(SecurityHeaders)], routes=[
+        Route("/", enter), Route("/label", label_page), Route("/label", label_post, methods=["POST"]), Route("/undo", undo, methods=["POST"]),
+        Route("/admin", admin), Route("/admin/prefs.jsonl", download), Route("/health", health),
+        Route("/static/label.js", asset("label.js", "text/javascript")), Route("/static/style.css", asset("style.css", "text/css")),
+    ])  # fmt: skip
+
+
+def records_of(pairs: list[Pair], log: LabelLog, aggregate: str, ties: str, provenance: dict[str, Any]) -> Any:
+    """prefs.jsonl as the labels stand at the moment of the call."""
+    return lambda: build_records(pairs, log.active_events(), aggregate, ties, provenance)
+
+
+def require_web() -> None:
+    """The web extra, or one line saying how to get it (said before sampling, not after)."""
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn", "jinja2") if importlib.util.find_spec(name) is None]
+    if missing:
+        from dpo_cli.core.errors import UserError
+
+        raise UserError(f"label.serve needs {', '.join(missing)}: pip install 'dpo-cli[web]'")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(desk: Desk, host: str, port: int, say: Any) -> None:
+    """Bind (port 0: any free one), print the links, and serve until Ctrl-C or SIGTERM; `say(line)` prints."""
+    import signal
+    import socket
+    import threading
+
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    if not is_loopback(host):
+        say(f"warning: serving on {host}: anyone who can reach port {bound} can try the links; put it behind a reverse proxy with TLS")
+    by_name = {name: token for token, name in desk.tokens.items()}
+    for name in desk.queues:
+        say(f"link for {name}: http://{shown}:{bound}/?token={by_name[name]}")
+    say(f"admin link: http://{shown}:{bound}/?token={by_name[ADMIN]}")
+    config = uvicorn.Config(build_app(desk), log_level="warning", access_log=False, timeout_keep_alive=5, server_header=False)
+    server = uvicorn.Server(config)
+    # The server runs in a thread and this one waits for Ctrl-C or SIGTERM: uvicorn's own handlers would
+    # raise the signal again once it has stopped, killing the process before the records are written.
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread.start()
+        while not stop.wait(0.5) and thread.is_alive():
+            pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
