@@ -114,7 +114,7 @@ def collect_prefs(
         extra += ["label.by=human", "label.serve=true"]
     extra += [f"label.host={host}"] if host is not None else []
     extra += [f"label.port={port}"] if port is not None else []
-    extra += ["label.annotators=[" + ", ".join(name.strip() for name in annotators.split(",")) + "]"] if annotators is not None else []
+    extra += ["label.annotators=" + json.dumps([name.strip() for name in annotators.split(",") if name.strip()])] if annotators is not None else []
 
     def run() -> None:
         if (host is not None or port is not None or annotators is not None) and not serve:

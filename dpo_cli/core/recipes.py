@@ -115,7 +115,9 @@ class LabelSection(Section):
         for name in value or []:
             if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
                 raise ValueError(f"annotator name {name!r}: use letters, digits, '.', '_' or '-'")
-        if value is not None and (not value or len(set(value)) != len(value)):
+        if value is not None and not value:
+            raise ValueError("name at least one annotator")
+        if value is not None and len(set(value)) != len(value):
             raise ValueError("name each annotator once")
         return value
 

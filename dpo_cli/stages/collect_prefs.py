@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shlex
 import time
 from typing import Any
 
@@ -230,9 +231,10 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         if recipe.label.serve and recipe.collect.mode == "thumbs":
             raise UserError("label.serve: the web labeller shows pairs; thumbs up / down is labelled at the terminal for now")
         if recipe.label.serve:
-            from dpo_cli.data.web import require_web
+            from dpo_cli.data.web import check_address, require_web
 
             require_web()
+            check_address(recipe.label.host, recipe.label.port)  # a port in use is said now, not after sampling
         else:
             require_terminal()  # refuse before sampling, not after
     judge = build_judge(recipe.label.chosen_judge()) if recipe.label.by == "judge" else None  # user code: said before sampling
@@ -333,10 +335,13 @@ def serve_pairs(recipe: CollectPrefsRecipe, run: RunDir, pairs: list[Pair], log:
     from dpo_cli.data.web import ADMIN, Desk, load_tokens, records_of, serve
 
     annotators = recipe.label.annotators or [resolve_annotator(recipe.label.annotator)]
-    queues = assign([p.pair_id for p in pairs], annotators, recipe.label.overlap, recipe.seed)
+    labelled: dict[str, set[str]] = {}
+    for pair_id, name in log.active():  # labels given before (a restart, the terminal) stay with their labellers
+        labelled.setdefault(pair_id, set()).add(name)
+    queues = assign([p.pair_id for p in pairs], annotators, recipe.label.overlap, recipe.seed, labelled)
     tokens = load_tokens(run.path / "serve-tokens.json", annotators)
     admin_token = next(token for token, name in tokens.items() if name == ADMIN)
-    hint = [f"dpo-cli rm-train RECIPE --set data.train={run.path}", f"dpo-cli dpo RECIPE --set data.train={run.path}"]
+    hint = [f"dpo-cli rm-train RECIPE --set data.train={shlex.quote(str(run.path))}", f"dpo-cli dpo RECIPE --set data.train={shlex.quote(str(run.path))}"]
     desk = Desk(
         pairs={p.pair_id: p for p in pairs}, queues=queues, log=log, seed=recipe.seed, tokens=tokens,
         csrf_key=hashlib.sha256(f"csrf:{admin_token}".encode()).digest(), records=records_of(pairs, log, recipe.label.aggregate, recipe.label.ties, provenance),

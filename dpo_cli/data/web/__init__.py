@@ -37,6 +37,7 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 CHOICES = {"left", "right", "tie", "skip"}
+MESSAGES = {"undone": "your last label was undone", "nothing": "nothing to undo"}  # the only texts a URL can put on a page
 
 
 @dataclass
@@ -60,15 +61,25 @@ ADMIN = "\x00admin"  # no annotator name can be this (names are [A-Za-z0-9._-])
 def load_tokens(path: Path, annotators: list[str]) -> dict[str, str]:
     """token -> name, kept in RUN/serve-tokens.json (mode 600) so links survive a restart; new names get new
     tokens, from `secrets`."""
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    by_name = {name: token for token, name in saved.items()}
+    import os
+
+    from dpo_cli.core.errors import UserError
+
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        by_name = {str(name): str(token) for token, name in saved.items()}
+    except (ValueError, AttributeError):
+        raise UserError(f"{path}: not a tokens file dpo-cli wrote; delete it to issue new links (the old ones stop working)") from None
     for name in [ADMIN, *annotators]:
         by_name.setdefault(name, secrets.token_urlsafe(24))
     tokens = {token: name for name, token in by_name.items() if name == ADMIN or name in annotators}
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(tokens))
-    temporary.chmod(0o600)
-    temporary.replace(path)
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even for a moment
+    with os.fdopen(handle, "w") as out:
+        out.write(json.dumps(tokens))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
     return tokens
 
 
@@ -86,10 +97,16 @@ def who(desk: Desk, token: str | None) -> str | None:
 
 
 def too_many_failures(desk: Desk, client: str) -> bool:
+    for known in [c for c, times in desk.failures.items() if not times or times[-1] < time.monotonic() - 60]:
+        del desk.failures[known]  # a minute without a failure: forgotten
     recent = desk.failures.setdefault(client, deque())
     while recent and recent[0] < time.monotonic() - 60:
         recent.popleft()
     return len(recent) >= FAILED_TOKENS
+
+
+def failed(desk: Desk, client: str) -> None:
+    desk.failures.setdefault(client, deque()).append(time.monotonic())
 
 
 def progress(desk: Desk, name: str) -> tuple[int, int, str | None]:
@@ -116,7 +133,9 @@ def admin_view(desk: Desk) -> dict[str, Any]:
         labels = [e for e in standing if e["annotator"] == name]
         recent = [e for e in labels if _epoch(e["time"]) >= hour_ago]
         done, total, _ = progress(desk, name)
-        rows.append({"name": name, "done": done, "total": total, "last_hour": len(recent)})
+        counts = stats["per_annotator"].get(name, {})
+        rate = lambda choice: f"{counts.get(choice, 0) / len(labels):.0%}" if labels else "-"  # noqa: E731
+        rows.append({"name": name, "done": done, "total": total, "last_hour": len(recent), "ties": rate("tie"), "skips": rate("skip")})
     by_pair: dict[str, dict[str, str]] = {}
     for event in standing:
         if event["choice"] != "skip":
@@ -157,8 +176,21 @@ def build_app(desk: Desk) -> Any:
     def refused(request: Request, status: int, message: str) -> Response:
         return page("message.html", status, title="Not allowed" if status in (401, 403) else "Error", message=message)
 
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
     def holder(request: Request) -> str | None:
-        return who(desk, request.cookies.get(COOKIE))
+        """Who the cookie belongs to; a cookie that is nobody's counts as a wrong token (rate-limited too)."""
+        cookie = request.cookies.get(COOKIE)
+        name = who(desk, cookie)
+        if cookie is not None and name is None:
+            failed(desk, client_of(request))
+        return name
+
+    def limited(request: Request) -> Response | None:
+        if too_many_failures(desk, client_of(request)):
+            return refused(request, 429, "Too many wrong links from this address; wait a minute.")
+        return None
 
     async def read_form(request: Request) -> dict[str, str] | None:
         """The POSTed form, or None when it is too large or not the holder's (CSRF)."""
@@ -175,21 +207,22 @@ def build_app(desk: Desk) -> Any:
         return form if secrets.compare_digest(form.get("csrf", "").encode(), csrf_for(desk, token).encode()) else None
 
     async def enter(request: Request) -> Response:
-        client = request.client.host if request.client else "?"
-        if too_many_failures(desk, client):
-            return refused(request, 429, "Too many wrong links from this address; wait a minute.")
+        if (stop := limited(request)) is not None:
+            return stop
         token = request.query_params.get("token")
         name = who(desk, token) if token else holder(request)
         if name is None:
             if token:
-                desk.failures[client].append(time.monotonic())
+                failed(desk, client_of(request))
             return refused(request, 401, "This link is not valid. Ask for your own link.")
         response = RedirectResponse("/admin" if name == ADMIN else "/label", status_code=303)
-        if token:
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/")
+        if token:  # Lax, not Strict: a link clicked in a mail or chat page must arrive with its cookie (POSTs need the CSRF token)
+            response.set_cookie(COOKIE, token, httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/")
         return response
 
     async def label_page(request: Request) -> Response:
+        if (stop := limited(request)) is not None:
+            return stop
         name = holder(request)
         if name is None or name == ADMIN:
             return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
@@ -201,9 +234,11 @@ def build_app(desk: Desk) -> Any:
         left, right = (pair.b, pair.a) if swapped else (pair.a, pair.b)
         turns = pair.prompt if isinstance(pair.prompt, list) else [{"role": "prompt", "content": pair.prompt}]
         return page("label.html", name=name, done=done, total=total, pair_id=pair.pair_id, turns=turns, left=left.strip(), right=right.strip(),
-                    csrf=csrf_for(desk, request.cookies[COOKIE]), message=request.query_params.get("m", "")[:200])  # fmt: skip
+                    csrf=csrf_for(desk, request.cookies[COOKIE]), message=MESSAGES.get(request.query_params.get("m", ""), ""))  # fmt: skip
 
     async def label_post(request: Request) -> Response:
+        if (stop := limited(request)) is not None:
+            return stop
         name = holder(request)
         if name is None or name == ADMIN:
             return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
@@ -220,22 +255,28 @@ def build_app(desk: Desk) -> Any:
         return RedirectResponse("/label", status_code=303)
 
     async def undo(request: Request) -> Response:
+        if (stop := limited(request)) is not None:
+            return stop
         name = holder(request)
         if name is None or name == ADMIN:
             return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
         if await read_form(request) is None:
             return refused(request, 403, "The form was refused (too large, or not from your page): reload the page.")
         undone = desk.log.undo_last(name)
-        return RedirectResponse("/label?m=" + ("undone" if undone else "nothing+to+undo"), status_code=303)
+        return RedirectResponse("/label?m=" + ("undone" if undone else "nothing"), status_code=303)
 
     async def admin(request: Request) -> Response:
-        if holder(request) != ADMIN:
-            return refused(request, 403 if holder(request) else 401, "This page is for the admin link.")
+        if (stop := limited(request)) is not None:
+            return stop
+        if (name := holder(request)) != ADMIN:
+            return refused(request, 403 if name else 401, "This page is for the admin link.")
         return page("admin.html", **admin_view(desk))
 
     async def download(request: Request) -> Response:
-        if holder(request) != ADMIN:
-            return refused(request, 403 if holder(request) else 401, "This page is for the admin link.")
+        if (stop := limited(request)) is not None:
+            return stop
+        if (name := holder(request)) != ADMIN:
+            return refused(request, 403 if name else 401, "This page is for the admin link.")
         records, _ = desk.records()
         body = "".join(json.dumps(record) + "\n" for record in records)
         return Response(body, media_type="application/jsonl", headers={"content-disposition": 'attachment; filename="prefs.jsonl"'})
@@ -309,6 +350,7 @@ def serve(desk: Desk, host: str, port: int, say: Any) -> None:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(128)  # a link followed the moment it is printed finds the port open
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     if not is_loopback(host):
@@ -317,7 +359,7 @@ def serve(desk: Desk, host: str, port: int, say: Any) -> None:
     for name in desk.queues:
         say(f"link for {name}: http://{shown}:{bound}/?token={by_name[name]}")
     say(f"admin link: http://{shown}:{bound}/?token={by_name[ADMIN]}")
-    config = uvicorn.Config(build_app(desk), log_level="warning", access_log=False, timeout_keep_alive=5, server_header=False)
+    config = uvicorn.Config(build_app(desk), log_level="warning", access_log=False, timeout_keep_alive=5, server_header=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     # The server runs in a thread and this one waits for Ctrl-C or SIGTERM: uvicorn's own handlers would
     # raise the signal again once it has stopped, killing the process before the records are written.
@@ -333,3 +375,23 @@ def serve(desk: Desk, host: str, port: int, say: Any) -> None:
         thread.join(timeout=30)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if not stop.is_set() or thread.is_alive():
+        from dpo_cli.core.errors import UserError
+
+        raise UserError("the labelling server stopped by itself (see the lines above); every label given is in labels.jsonl: start it again")
+
+
+def check_address(host: str, port: int) -> None:
+    """One clear line, before sampling, when the server could not listen there."""
+    import socket
+
+    from dpo_cli.core.errors import UserError
+
+    if not host:
+        raise UserError("label.host is empty: give an address, e.g. 127.0.0.1 (or 0.0.0.0 for every interface, behind a TLS proxy)")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"label.host / label.port: cannot listen on {host}:{port} ({exc.strerror or exc}); pick another with --port (0: any free one) or --host") from None
