@@ -228,8 +228,6 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
     if recipe.label.by == "human":
         if runtime.world_size > 1:
             raise UserError("label.by: human labelling runs in one process; start it without torchrun / accelerate launch")
-        if recipe.label.serve and recipe.collect.mode == "thumbs":
-            raise UserError("label.serve: the web labeller shows pairs; thumbs up / down is labelled at the terminal for now")
         if recipe.label.serve:
             from dpo_cli.data.web import check_address, require_web
 
@@ -267,7 +265,7 @@ def run_collect_prefs(recipe: CollectPrefsRecipe, run: RunDir) -> dict:
         ui.note(problem)
     try:
         if recipe.label.serve:
-            status = serve_pairs(recipe, run, units, log, provenance)
+            status = serve_units(recipe, run, units, log, provenance)
         elif recipe.label.by == "human":
             annotator = resolve_annotator(recipe.label.annotator)
             if thumbs:
@@ -328,27 +326,32 @@ def label_thumbs_by_scores(recipe: CollectPrefsRecipe, judge: Judge, items: list
     return {"judge_failed": failed} if failed else {}
 
 
-def serve_pairs(recipe: CollectPrefsRecipe, run: RunDir, pairs: list[Pair], log: LabelLog, provenance: dict[str, Any]) -> str:
+def serve_units(recipe: CollectPrefsRecipe, run: RunDir, units: list[Pair] | list[Item], log: LabelLog, provenance: dict[str, Any]) -> str:
     """Label in browsers until the server is stopped (Ctrl-C, SIGTERM): 'completed' when every annotator
-    labelled every pair given them, else 'partial' (the same command serves each one from where they stopped)."""
+    labelled everything given them, else 'partial' (the same command serves each one from where they stopped).
+    `units`: pairs, or single responses for a thumbs up or down."""
     from dpo_cli.data.assignment import assign
     from dpo_cli.data.web import ADMIN, Desk, load_tokens, records_of, serve
 
     annotators = recipe.label.annotators or [resolve_annotator(recipe.label.annotator)]
     labelled: dict[str, set[str]] = {}
-    for pair_id, name in log.active():  # labels given before (a restart, the terminal) stay with their labellers
-        labelled.setdefault(pair_id, set()).add(name)
-    queues = assign([p.pair_id for p in pairs], annotators, recipe.label.overlap, recipe.seed, labelled)
+    for unit_id, name in log.active():  # labels given before (a restart, the terminal) stay with their labellers
+        labelled.setdefault(unit_id, set()).add(name)
+    queues = assign([unit_key(u) for u in units], annotators, recipe.label.overlap, recipe.seed, labelled)
     tokens = load_tokens(run.path / "serve-tokens.json", annotators)
     admin_token = next(token for token, name in tokens.items() if name == ADMIN)
-    hint = [f"dpo-cli rm-train RECIPE --set data.train={shlex.quote(str(run.path))}", f"dpo-cli dpo RECIPE --set data.train={shlex.quote(str(run.path))}"]
+    data = f"--set data.train={shlex.quote(str(run.path))}"
+    if recipe.collect.mode == "thumbs":  # unpaired examples: KTO trains on them
+        hint = [f"dpo-cli dpo RECIPE {data} --set dpo.loss=kto"]
+    else:
+        hint = [f"dpo-cli rm-train RECIPE {data}", f"dpo-cli dpo RECIPE {data}"]
     desk = Desk(
-        pairs={p.pair_id: p for p in pairs}, queues=queues, log=log, seed=recipe.seed, tokens=tokens,
-        csrf_key=hashlib.sha256(f"csrf:{admin_token}".encode()).digest(), records=records_of(pairs, log, recipe.label.aggregate, recipe.label.ties, provenance),
+        units={unit_key(u): u for u in units}, queues=queues, log=log, seed=recipe.seed, tokens=tokens,
+        csrf_key=hashlib.sha256(f"csrf:{admin_token}".encode()).digest(), records=records_of(units, log, recipe.label.aggregate, recipe.label.ties, provenance),
         train_hint=hint,
     )  # fmt: skip
     serve(desk, recipe.label.host, recipe.label.port, lambda line: ui.console.print(line, markup=False, highlight=False, soft_wrap=True))
     standing = log.active()
-    done = all((pair_id, name) in standing for name, queue in queues.items() for pair_id in queue)
+    done = all((unit_id, name) in standing for name, queue in queues.items() for unit_id in queue)
     ui.note(f"labelling server stopped: {sum(1 for key in standing if key[1] in queues)} labels stand" + ("" if done else "; the same command serves the rest"))
     return "completed" if done else "partial"

@@ -32,7 +32,7 @@ def make_desk(tmp_path, pairs, annotators, overlap=0.0):
     tokens = load_tokens(tmp_path / "serve-tokens.json", annotators)
     admin = next(t for t, n in tokens.items() if n == ADMIN)
     return Desk(
-        pairs={p.pair_id: p for p in pairs}, queues=assign([p.pair_id for p in pairs], annotators, overlap, 0), log=log, seed=0,
+        units={getattr(p, "pair_id", None) or p.item_id: p for p in pairs}, queues=assign([getattr(p, "pair_id", None) or p.item_id for p in pairs], annotators, overlap, 0), log=log, seed=0,
         tokens=tokens, csrf_key=admin.encode(), records=records_of(pairs, log, "all", "keep", {}), train_hint=["dpo-cli dpo RECIPE"],
     )  # fmt: skip
 
@@ -316,3 +316,25 @@ def test_a_real_browser_labels_with_the_keyboard(tmp_path, server):
     assert [e["event"] for e in events] == ["label", "label", "undo", "label", "label", "label", "label"]
     records, counts = desk.records()
     assert len(records) == 4 and sum(r["tie"] for r in records) == 1 and counts == {"skipped": 1}  # a skip makes no record
+
+
+def test_thumbs_up_and_down_in_the_browser(tmp_path, server):
+    """collect.mode thumbs served: one response a page, up / down / skip, unpaired records for KTO."""
+    from dpo_cli.data.thumbs import Item
+
+    items = [Item(f"{i}-0", f"Review {i}.", EVIL if i == 0 else f" Film {i}.") for i in range(4)]
+    desk = make_desk(tmp_path, items, ["alice"])
+    desk.records = records_of(items, desk.log, "majority", "drop", {})
+    base = server(desk)
+    alice = login(base, desk, "alice")
+    page = alice.get("/label").text
+    assert "Is this a good response" in page and 'value="up"' in page and "<script>alert" not in page
+    assert label(alice, desk, "alice", desk.queues["alice"][0], "left").status_code == 400  # a pair's choice
+    given = dict(zip(desk.queues["alice"], ["up", "down", "skip", "up"]))
+    for item_id, choice in given.items():
+        assert label(alice, desk, "alice", item_id, choice).status_code == 303
+    assert "All done" in alice.get("/label").text
+    records, counts = desk.records()
+    assert {r["id"]: r["label"] for r in records} == {i: c == "up" for i, c in given.items() if c != "skip"} and counts == {"skipped": 1}
+    admin = login(base, desk, ADMIN).get("/admin").text
+    assert "thumbs up: 2, thumbs down: 1" in admin

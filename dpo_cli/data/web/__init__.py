@@ -23,6 +23,7 @@ from urllib.parse import parse_qs
 
 from dpo_cli.data.labels import LabelLog
 from dpo_cli.data.prefs import Pair, agreement, build_records, preference_stats, shown_swapped
+from dpo_cli.data.thumbs import Item, build_thumb_records, thumb_stats
 
 COOKIE = "dpo_cli_token"
 MAX_BODY = 16 * 1024  # a label form is a few hundred bytes; a reason at most MAX_REASON characters
@@ -37,6 +38,7 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 CHOICES = {"left", "right", "tie", "skip"}
+THUMB_CHOICES = {"up", "down", "skip"}
 MESSAGES = {"undone": "your last label was undone", "nothing": "nothing to undo"}  # the only texts a URL can put on a page
 
 
@@ -44,7 +46,7 @@ MESSAGES = {"undone": "your last label was undone", "nothing": "nothing to undo"
 class Desk:
     """What the server serves: the pairs, each annotator's queue, the label log, and who holds which token."""
 
-    pairs: dict[str, Pair]
+    units: dict[str, Pair | Item]  # what is labelled: pairs, or single responses (collect.mode: thumbs), by id
     queues: dict[str, list[str]]  # annotator -> pair ids, in their order
     log: LabelLog
     seed: int
@@ -53,6 +55,11 @@ class Desk:
     records: Any  # () -> (records, counts): prefs.jsonl as the labels stand now
     train_hint: list[str]  # the commands that train on this run dir
     failures: dict[str, deque] = field(default_factory=dict)
+    cookie: str = COOKIE  # serve() names it after the port: servers on one host do not overwrite each other's
+
+    @property
+    def thumbs(self) -> bool:
+        return any(isinstance(unit, Item) for unit in self.units.values())
 
 
 ADMIN = "\x00admin"  # no annotator name can be this (names are [A-Za-z0-9._-])
@@ -126,7 +133,8 @@ def admin_view(desk: Desk) -> dict[str, Any]:
     pairs two annotators decided differently."""
     standing = desk.log.active_events()
     records, counts = desk.records()
-    stats = preference_stats(list(desk.pairs.values()), standing, records, counts)
+    units = list(desk.units.values())
+    stats = thumb_stats(units, standing, records, counts) if desk.thumbs else preference_stats(units, standing, records, counts)  # type: ignore[arg-type]
     hour_ago = time.time() - 3600
     rows = []
     for name, queue in desk.queues.items():
@@ -141,10 +149,10 @@ def admin_view(desk: Desk) -> dict[str, Any]:
         if event["choice"] != "skip":
             by_pair.setdefault(event["pair_id"], {})[event["annotator"]] = event["choice"]
     disagreements = [
-        {"pair": desk.pairs[pair_id], "choices": choices}
-        for pair_id, choices in by_pair.items() if len(set(choices.values())) > 1 and pair_id in desk.pairs
+        {"unit": desk.units[unit_id], "choices": choices}
+        for unit_id, choices in by_pair.items() if len(set(choices.values())) > 1 and unit_id in desk.units
     ]  # fmt: skip
-    return {"annotators": rows, "stats": stats, "agreement": agreement(standing), "disagreements": disagreements[:50], "hint": desk.train_hint}
+    return {"annotators": rows, "stats": stats, "agreement": agreement(standing), "disagreements": disagreements[:50], "hint": desk.train_hint, "thumbs": desk.thumbs}
 
 
 def _epoch(stamp: str) -> float:
@@ -181,7 +189,7 @@ def build_app(desk: Desk) -> Any:
 
     def holder(request: Request) -> str | None:
         """Who the cookie belongs to; a cookie that is nobody's counts as a wrong token (rate-limited too)."""
-        cookie = request.cookies.get(COOKIE)
+        cookie = request.cookies.get(desk.cookie)
         name = who(desk, cookie)
         if cookie is not None and name is None:
             failed(desk, client_of(request))
@@ -203,7 +211,7 @@ def build_app(desk: Desk) -> Any:
             if len(body) > MAX_BODY:
                 return None
         form = parse_form(body)
-        token = request.cookies.get(COOKIE) or ""
+        token = request.cookies.get(desk.cookie) or ""
         return form if secrets.compare_digest(form.get("csrf", "").encode(), csrf_for(desk, token).encode()) else None
 
     async def enter(request: Request) -> Response:
@@ -217,7 +225,7 @@ def build_app(desk: Desk) -> Any:
             return refused(request, 401, "This link is not valid. Ask for your own link.")
         response = RedirectResponse("/admin" if name == ADMIN else "/label", status_code=303)
         if token:  # Lax, not Strict: a link clicked in a mail or chat page must arrive with its cookie (POSTs need the CSRF token)
-            response.set_cookie(COOKIE, token, httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/")
+            response.set_cookie(desk.cookie, token, httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/")
         return response
 
     async def label_page(request: Request) -> Response:
@@ -228,13 +236,16 @@ def build_app(desk: Desk) -> Any:
             return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
         done, total, next_id = progress(desk, name)
         if next_id is None:
-            return page("done.html", done=done, total=total, name=name, csrf=csrf_for(desk, request.cookies[COOKIE]))
-        pair = desk.pairs[next_id]
-        swapped = shown_swapped(desk.seed, pair.pair_id, name)
-        left, right = (pair.b, pair.a) if swapped else (pair.a, pair.b)
-        turns = pair.prompt if isinstance(pair.prompt, list) else [{"role": "prompt", "content": pair.prompt}]
-        return page("label.html", name=name, done=done, total=total, pair_id=pair.pair_id, turns=turns, left=left.strip(), right=right.strip(),
-                    csrf=csrf_for(desk, request.cookies[COOKIE]), message=MESSAGES.get(request.query_params.get("m", ""), ""))  # fmt: skip
+            return page("done.html", done=done, total=total, name=name, csrf=csrf_for(desk, request.cookies[desk.cookie]))
+        unit = desk.units[next_id]
+        turns = unit.prompt if isinstance(unit.prompt, list) else [{"role": "prompt", "content": unit.prompt}]
+        shared = {"name": name, "done": done, "total": total, "pair_id": next_id, "turns": turns, "csrf": csrf_for(desk, request.cookies[desk.cookie]),
+                  "message": MESSAGES.get(request.query_params.get("m", ""), "")}  # fmt: skip
+        if isinstance(unit, Item):
+            return page("thumbs.html", response=unit.response.strip(), **shared)
+        swapped = shown_swapped(desk.seed, unit.pair_id, name)
+        left, right = (unit.b, unit.a) if swapped else (unit.a, unit.b)
+        return page("label.html", left=left.strip(), right=right.strip(), **shared)
 
     async def label_post(request: Request) -> Response:
         if (stop := limited(request)) is not None:
@@ -246,10 +257,10 @@ def build_app(desk: Desk) -> Any:
         if form is None:
             return refused(request, 403, "The form was refused (too large, or not from your page): reload the page.")
         pair_id, choice, reason = form.get("pair_id", ""), form.get("choice", ""), form.get("reason", "").strip()[:MAX_REASON]
-        if choice not in CHOICES or pair_id not in desk.queues.get(name, []):
+        if choice not in (THUMB_CHOICES if desk.thumbs else CHOICES) or pair_id not in desk.queues.get(name, []):
             return refused(request, 400, "That is not one of your pairs or choices: reload the page.")
         if (pair_id, name) not in desk.log.active():  # a resent form labels once
-            swapped = shown_swapped(desk.seed, pair_id, name)
+            swapped = not desk.thumbs and shown_swapped(desk.seed, pair_id, name)
             pick = {"left": "B" if swapped else "A", "right": "A" if swapped else "B"}.get(choice, choice)
             desk.log.label(pair_id, name, pick, "human", swapped=swapped, reason=reason or None)  # fsynced before the reply
         return RedirectResponse("/label", status_code=303)
@@ -313,9 +324,11 @@ def build_app(desk: Desk) -> Any:
     ])  # fmt: skip
 
 
-def records_of(pairs: list[Pair], log: LabelLog, aggregate: str, ties: str, provenance: dict[str, Any]) -> Any:
-    """prefs.jsonl as the labels stand at the moment of the call."""
-    return lambda: build_records(pairs, log.active_events(), aggregate, ties, provenance)
+def records_of(units: list[Pair] | list[Item], log: LabelLog, aggregate: str, ties: str, provenance: dict[str, Any]) -> Any:
+    """prefs.jsonl as the labels stand at the moment of the call (pairs, or thumbs' unpaired examples)."""
+    if units and isinstance(units[0], Item):
+        return lambda: build_thumb_records(units, log.active_events(), aggregate, provenance)  # type: ignore[arg-type]
+    return lambda: build_records(units, log.active_events(), aggregate, ties, provenance)  # type: ignore[arg-type]
 
 
 def require_web() -> None:
@@ -352,6 +365,7 @@ def serve(desk: Desk, host: str, port: int, say: Any) -> None:
     sock.bind((host, port))
     sock.listen(128)  # a link followed the moment it is printed finds the port open
     bound = sock.getsockname()[1]
+    desk.cookie = f"{COOKIE}_{bound}"
     shown = f"[{host}]" if ":" in host else host
     if not is_loopback(host):
         say(f"warning: serving on {host}: anyone who can reach port {bound} can try the links; put it behind a reverse proxy with TLS")
