@@ -214,6 +214,15 @@ def build_app(desk: Desk) -> Any:
         token = request.cookies.get(desk.cookie) or ""
         return form if secrets.compare_digest(form.get("csrf", "").encode(), csrf_for(desk, token).encode()) else None
 
+    def annotator(request: Request) -> tuple[str, Response | None]:
+        """The annotator holding the request's cookie, or the response refusing it (rate limit, 401, 403)."""
+        if (stop := limited(request)) is not None:
+            return "", stop
+        name = holder(request)
+        if name is None or name == ADMIN:
+            return "", refused(request, 401 if name is None else 403, "Open your own labelling link first.")
+        return name, None
+
     async def enter(request: Request) -> Response:
         if (stop := limited(request)) is not None:
             return stop
@@ -229,11 +238,9 @@ def build_app(desk: Desk) -> Any:
         return response
 
     async def label_page(request: Request) -> Response:
-        if (stop := limited(request)) is not None:
+        name, stop = annotator(request)
+        if stop is not None:
             return stop
-        name = holder(request)
-        if name is None or name == ADMIN:
-            return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
         done, total, next_id = progress(desk, name)
         if next_id is None:
             return page("done.html", done=done, total=total, name=name, csrf=csrf_for(desk, request.cookies[desk.cookie]))
@@ -248,11 +255,9 @@ def build_app(desk: Desk) -> Any:
         return page("label.html", left=left.strip(), right=right.strip(), **shared)
 
     async def label_post(request: Request) -> Response:
-        if (stop := limited(request)) is not None:
+        name, stop = annotator(request)
+        if stop is not None:
             return stop
-        name = holder(request)
-        if name is None or name == ADMIN:
-            return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
         form = await read_form(request)
         if form is None:
             return refused(request, 403, "The form was refused (too large, or not from your page): reload the page.")
@@ -266,11 +271,9 @@ def build_app(desk: Desk) -> Any:
         return RedirectResponse("/label", status_code=303)
 
     async def undo(request: Request) -> Response:
-        if (stop := limited(request)) is not None:
+        name, stop = annotator(request)
+        if stop is not None:
             return stop
-        name = holder(request)
-        if name is None or name == ADMIN:
-            return refused(request, 401 if name is None else 403, "Open your own labelling link first.")
         if await read_form(request) is None:
             return refused(request, 403, "The form was refused (too large, or not from your page): reload the page.")
         undone = desk.log.undo_last(name)
