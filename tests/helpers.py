@@ -193,3 +193,11 @@ def lora_run(base_dir: Path, run: Path, quantization: dict | None = None, genera
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run / "summary.json").write_text(json.dumps({"stage": "dpo", "status": "completed"}))
     return run
+
+
+def sequence_logps_float64(model, ids, labels):
+    """Independent: one sequence per forward pass, float64 log-softmax over the whole vocabulary."""
+    keep = labels != -100
+    n = int((ids != -1).sum())
+    logps = torch.log_softmax(model(input_ids=ids[None, :n]).logits[0].double(), -1)
+    return sum(logps[t, labels[t + 1]] for t in range(n - 1) if keep[t + 1])

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpo_cli.stages.dpo
-from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, write_jsonl, write_recipe
+from helpers import model_modes, interrupt_at_call, preference_rows, read_jsonl, sequence_logps_float64, write_jsonl, write_recipe
 from dpo_cli.models.forward import CompletionLogProbs
 from dpo_cli.models.build import build_causal_lm
 from dpo_cli.data.preference_pairs import collate_pairs, pair_encoder
@@ -57,14 +57,6 @@ def test_end_to_end_starts_at_log_2(mode, tmp_path, cli, dpo_recipe, tiny_model_
 def encoded_batch(tokenizer, rows, max_length=128):
     encode = pair_encoder(tokenizer, max_length, None)
     return collate_pairs([encode(r) for r in rows], pad_id=tokenizer.pad_token_id)
-
-
-def sequence_logps_float64(model, ids, labels):
-    """Independent: one sequence per forward pass, float64 log-softmax over the whole vocabulary."""
-    keep = labels != -100
-    n = int((ids != -1).sum())
-    logps = torch.log_softmax(model(input_ids=ids[None, :n]).logits[0].double(), -1)
-    return sum(logps[t, labels[t + 1]] for t in range(n - 1) if keep[t + 1])
 
 
 def test_one_batch_against_an_independent_float64_computation(tiny_model_dir, tiny_tokenizer):

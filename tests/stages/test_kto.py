@@ -12,13 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import lora_run, preference_rows, read_jsonl, write_jsonl, write_recipe
+from helpers import lora_run, preference_rows, read_jsonl, sequence_logps_float64, write_jsonl, write_recipe
 from dpo_cli.core.recipes import DpoSection
 from dpo_cli.data.preference_pairs import collate_pairs
 from dpo_cli.models.forward import CompletionLogProbs
 from dpo_cli.models.roles import Reference
 from dpo_cli.stages.dpo import make_step
-from test_dpo import sequence_logps_float64
 
 
 def test_kto_one_batch_against_an_independent_float64_computation(tiny_model_dir, tiny_tokenizer):
